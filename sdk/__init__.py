@@ -1,0 +1,1 @@
+"""podtrain's SDK: verified checkpoints on any object store and exact resume."""

@@ -1,0 +1,339 @@
+"""What differs between object stores: how to create an object conditionally and with a verified checksum.
+
+:class:`Backend` works on any fsspec filesystem. Three subclasses use what their store offers:
+
+* :class:`LocalBackend` — write to a temporary name, fsync, then ``os.link`` (exclusive: fails if the name
+  exists) or ``os.replace``; a reader never sees a partial file.
+* :class:`S3Backend` — ``PutObject`` with ``x-amz-checksum-crc32c`` (S3 rejects a body that does not match) and
+  ``If-None-Match: *``; large bodies go as parallel multipart parts, each with its CRC32C, completed with the
+  full-object CRC32C. ``HeadObject(ChecksumMode=ENABLED)`` reads the store's own checksum back.
+* :class:`GCSBackend` — a JSON-API multipart upload whose metadata carries ``crc32c`` (GCS rejects a mismatch)
+  and ``ifGenerationMatch=0``; the object's ``crc32c`` is read from its metadata.
+
+On other fsspec backends an exclusive write checks for the object first: not atomic, and logged as such once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import fsspec
+from fsspec.asyn import sync
+
+from sdk import checksum
+from sdk.errors import BackendMissingError
+
+__all__ = ["Backend", "GCSBackend", "LocalBackend", "S3Backend", "connect", "require_backend", "split_url"]
+
+_EXTRAS = {"s3": "podtrain[s3]' (s3fs, boto3)", "gs": "podtrain[gcs]' (gcsfs)", "gcs": "podtrain[gcs]' (gcsfs)"}
+S3_PART_SIZE = 32 * 2**20
+S3_MULTIPART_THRESHOLD = 64 * 2**20
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``(protocol, path)`` of ``url``; a plain path is ``file`` with an absolute path."""
+    if "://" not in url:
+        return "file", str(Path(url).expanduser().absolute())
+    protocol, _, rest = url.partition("://")
+    protocol = protocol.lower()
+    if protocol in ("file", "local"):
+        return "file", str(Path(rest).absolute())
+    return protocol, rest.rstrip("/")
+
+
+def require_backend(url: str, variable: str = "") -> None:
+    """Raise :class:`BackendMissingError` when ``url``'s scheme is unknown or its package is not installed."""
+    protocol, _ = split_url(url)
+    where = f"{variable}={url!r}" if variable else repr(url)
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        extra = _EXTRAS.get(protocol)
+        hint = f"pip install '{extra}" if extra else f"install the fsspec backend for {protocol}://"
+        raise BackendMissingError(f"{where}: the {protocol}:// backend is not installed — {hint} ({exc})") from None
+    except ValueError:
+        raise BackendMissingError(
+            f"{where}: unknown URL scheme {protocol!r} — use s3://, gs://, file://, a local path, "
+            "or any scheme fsspec knows"
+        ) from None
+
+
+def connect(url: str, *, timeout: float) -> tuple[Backend, str]:
+    """A backend for ``url`` and the root path inside it."""
+    require_backend(url)
+    protocol, path = split_url(url)
+    backend: Backend
+    if protocol == "file":
+        return LocalBackend(fsspec.filesystem("file")), path
+    if protocol in ("s3", "s3a"):
+        backend = S3Backend.create(timeout)
+    elif protocol in ("gs", "gcs"):
+        backend = GCSBackend.create(timeout)
+    else:
+        backend = Backend(fsspec.filesystem(protocol))
+    return backend, str(backend.fs._strip_protocol(url)).rstrip("/")
+
+
+class Backend:
+    """Any fsspec filesystem. Methods take backend paths (no scheme)."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def unstrip(self, path: str) -> str:
+        return str(self.fs.unstrip_protocol(path))
+
+    def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
+        if exclusive and self.fs.exists(path):
+            return False
+        self.fs.pipe_file(path, data)
+        return True
+
+    def get(self, path: str) -> bytes:
+        return bytes(self.fs.cat_file(path))
+
+    def exists(self, path: str) -> bool:
+        return bool(self.fs.exists(path))
+
+    def size(self, path: str) -> int:
+        return int(self.fs.size(path))
+
+    def native_crc32c(self, path: str) -> int | None:
+        return None
+
+    def list(self, path: str) -> list[str]:
+        self.invalidate(path)
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        prefix = path.rstrip("/") + "/"
+        return sorted({str(e)[len(prefix) :].split("/", 1)[0] for e in entries if str(e).startswith(prefix)} - {""})
+
+    def find(self, path: str) -> list[str]:
+        self.invalidate(path)
+        found = self.fs.find(path)
+        prefix = path.rstrip("/") + "/"
+        return sorted(str(p)[len(prefix) :] for p in found if str(p).startswith(prefix))
+
+    def delete(self, path: str, *, recursive: bool) -> None:
+        try:
+            self.fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            return
+        self.invalidate(path)
+
+    def check_root(self, root: str) -> None:
+        self.fs.ls(root.split("/", 1)[0] if "/" in root else root)
+
+    def invalidate(self, path: str) -> None:
+        self.fs.invalidate_cache(path)
+
+
+class LocalBackend(Backend):
+    """A local directory: atomic renames and hard links instead of conditional requests."""
+
+    def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            if exclusive:
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
+        return True
+
+    def list(self, path: str) -> list[str]:
+        try:
+            return sorted(p.name for p in Path(path).iterdir() if not p.name.startswith(".") or p.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def check_root(self, root: str) -> None:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK):
+            raise PermissionError(f"{root} is not writable")
+
+
+class S3Backend(Backend):
+    """S3 and S3-compatible stores (endpoint from ``AWS_ENDPOINT_URL``), through s3fs's aiobotocore client."""
+
+    @classmethod
+    def create(cls, timeout: float) -> S3Backend:
+        fs = fsspec.filesystem(
+            "s3",
+            skip_instance_cache=True,
+            config_kwargs={
+                "retries": {"max_attempts": 1, "mode": "standard"},
+                "connect_timeout": timeout,
+                "read_timeout": timeout,
+            },
+        )
+        fs.retries = 1  # one retry loop: ours, with logging and an injectable sleep
+        return cls(fs)
+
+    def _s3(self, method: str, **kwargs: Any) -> Any:
+        return sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
+
+    def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
+        bucket, key, _ = self.fs.split_path(path)
+        crc = checksum.crc32c(data) if crc32c is None else crc32c
+        match = {"IfNoneMatch": "*"} if exclusive else {}
+        try:
+            if len(data) <= S3_MULTIPART_THRESHOLD:
+                self._s3(
+                    "put_object",
+                    Bucket=bucket,
+                    Key=key,
+                    Body=data,
+                    ChecksumAlgorithm="CRC32C",
+                    ChecksumCRC32C=checksum.to_b64(crc),
+                    **match,
+                )
+            else:
+                sync(self.fs.loop, self._multipart, bucket, key, data, crc, match)
+        except FileExistsError:
+            return False
+        finally:
+            self.invalidate(path)
+        return True
+
+    async def _multipart(self, bucket: str, key: str, data: bytes, crc: int, match: dict[str, str]) -> None:
+        call = self.fs._call_s3
+        mpu = await call(
+            "create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32C", ChecksumType="FULL_OBJECT"
+        )
+        upload_id = mpu["UploadId"]
+        limit = asyncio.Semaphore(8)
+
+        async def part(number: int, start: int) -> dict[str, Any]:
+            body = data[start : start + S3_PART_SIZE]  # botocore takes bytes, not memoryview
+            async with limit:
+                out = await call(
+                    "upload_part",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                    ChecksumCRC32C=checksum.to_b64(checksum.crc32c(body)),
+                )
+            return {"PartNumber": number, "ETag": out["ETag"], "ChecksumCRC32C": out.get("ChecksumCRC32C")}
+
+        try:
+            parts = await asyncio.gather(
+                *(part(i + 1, start) for i, start in enumerate(range(0, len(data), S3_PART_SIZE)))
+            )
+            await call(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                ChecksumCRC32C=checksum.to_b64(crc),
+                ChecksumType="FULL_OBJECT",
+                MultipartUpload={"Parts": [{k: v for k, v in p.items() if v is not None} for p in parts]},
+                **match,
+            )
+        except BaseException:
+            try:
+                await call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+            except Exception:  # noqa: S110 - the original error is the one to report
+                pass
+            raise
+
+    def native_crc32c(self, path: str) -> int | None:
+        bucket, key, _ = self.fs.split_path(path)
+        head = self._s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        value = head.get("ChecksumCRC32C")
+        if not value or "-" in value:  # absent, or a composite of part checksums
+            return None
+        return checksum.from_b64(value)
+
+    def check_root(self, root: str) -> None:
+        bucket = root.split("/", 1)[0]
+        self._s3("head_bucket", Bucket=bucket)
+
+    def get(self, path: str) -> bytes:
+        return bytes(self.fs.cat_file(path))
+
+
+class GCSBackend(Backend):
+    """Google Cloud Storage (emulator from ``STORAGE_EMULATOR_HOST``), through gcsfs's session."""
+
+    @classmethod
+    def create(cls, timeout: float) -> GCSBackend:
+        # The plain GCSFileSystem: gcsfs >= 2026.3 exports a subclass that probes every bucket for zonal/HNS
+        # features over gRPC, which stalls for a minute per call against an emulator; podtrain needs neither.
+        from gcsfs.core import GCSFileSystem
+
+        options: dict[str, Any] = {"skip_instance_cache": True, "requests_timeout": timeout}
+        if os.environ.get("STORAGE_EMULATOR_HOST") and not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+            options["token"] = "anon"  # noqa: S105 - the emulator takes no credentials
+        return cls(GCSFileSystem(**options))
+
+    def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
+        bucket, key, _ = self.fs.split_path(path)
+        crc = checksum.crc32c(data) if crc32c is None else crc32c
+        metadata = json.dumps({"name": key, "crc32c": checksum.to_b64(crc)})
+        body = (
+            b'--==0==\nContent-Type: application/json; charset=UTF-8\n\n'
+            + metadata.encode()
+            + b"\n--==0==\nContent-Type: application/octet-stream\n\n"
+            + data
+            + b"\n--==0==--"
+        )
+        kw = {"ifGenerationMatch": "0"} if exclusive else {}
+        try:
+            sync(
+                self.fs.loop,
+                self.fs._call,
+                "POST",
+                f"{self.fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
+                uploadType="multipart",
+                headers={"Content-Type": 'multipart/related; boundary="==0=="'},
+                data=body,
+                json_out=True,
+                **kw,
+            )
+        except FileExistsError:
+            return False
+        finally:
+            self.invalidate(path)
+        return True
+
+    def native_crc32c(self, path: str) -> int | None:
+        self.invalidate(path)
+        value = self.fs.info(path).get("crc32c")
+        return checksum.from_b64(value) if value else None
+
+    def check_root(self, root: str) -> None:
+        bucket = root.split("/", 1)[0]
+        sync(self.fs.loop, self.fs._call, "GET", "b/{}", bucket, json_out=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

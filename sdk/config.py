@@ -1,0 +1,131 @@
+"""The run's configuration: one frozen dataclass, read from arguments first, then ``PODTRAIN_*`` variables.
+
+This is the only place that reads the environment for podtrain's own settings. Object-store credentials are
+not here on purpose: they come from each cloud's own chain (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``,
+``STORAGE_EMULATOR_HOST``). With nothing set, every location is a local directory under ``./.podtrain``,
+so ``python train.py`` runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from sdk.errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "Config", "LogFormat"]
+
+ENV_PREFIX = "PODTRAIN_"
+LogFormat = Literal["auto", "json", "console"]
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything a run needs to know about where it is and what it may do.
+
+    Each field maps to ``PODTRAIN_<FIELD>`` (upper case), except ``rank``/``world_size``, which follow
+    torchrun's ``RANK``/``WORLD_SIZE``.
+    """
+
+    run_id: str = "local"
+    attempt: int | None = None  # None: derived from the checkpoint store (newest attempt seen + 1)
+    rank: int = 0
+    world_size: int = 1
+    data_uri: str | None = None
+    data_dir: str = ""
+    checkpoint_uri: str = ""
+    keep_last: int = 3
+    keep_every: int | None = None  # also keep every K-th step, forever
+    checkpoint_every_steps: int | None = None
+    artifact_uri: str = ""
+    output_dir: str = ""
+    grace_seconds: float = 30.0
+    termination_log: str = "/dev/termination-log"
+    log_format: LogFormat = "auto"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        home = Path.cwd() / ".podtrain" / self.run_id
+        defaults = {
+            "data_dir": str(home / "data"),
+            "checkpoint_uri": str(home / "checkpoints"),
+            "artifact_uri": str(home / "artifacts"),
+            "output_dir": str(home / "output"),
+        }
+        for name, value in defaults.items():
+            if not getattr(self, name):
+                object.__setattr__(self, name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        if not _RUN_ID.match(self.run_id):
+            _fail("run_id", self.run_id, "use 1-128 letters, digits, '.', '_' or '-', starting alphanumeric")
+        if self.attempt is not None and self.attempt < 1:
+            _fail("attempt", self.attempt, "attempts are numbered from 1")
+        if self.world_size < 1:
+            _fail("world_size", self.world_size, "must be at least 1")
+        if not 0 <= self.rank < self.world_size:
+            _fail("rank", self.rank, f"must be in [0, WORLD_SIZE={self.world_size})")
+        if self.keep_last < 1:
+            _fail("keep_last", self.keep_last, "keep at least 1 checkpoint")
+        if self.keep_every is not None and self.keep_every < 1:
+            _fail("keep_every", self.keep_every, "a positive step interval, or unset")
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            _fail("checkpoint_every_steps", self.checkpoint_every_steps, "a positive step interval, or unset")
+        if not self.grace_seconds > 0:
+            _fail("grace_seconds", self.grace_seconds, "set it to the pod's terminationGracePeriodSeconds (> 0)")
+        if self.log_format not in ("auto", "json", "console"):
+            _fail("log_format", self.log_format, "one of auto, json, console")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            _fail("log_level", self.log_level, "one of debug, info, warning, error")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Build a config: explicit ``overrides`` win, then ``PODTRAIN_*`` from ``env`` (default: os.environ)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.name in overrides and overrides[field.name] is not None:
+                values[field.name] = overrides.pop(field.name)
+                continue
+            overrides.pop(field.name, None)
+            variable = _variable(field.name)
+            raw = env.get(variable)
+            if raw is None or raw.strip() == "":
+                continue
+            values[field.name] = _parse(field.name, variable, raw.strip(), str(field.type))
+        if overrides:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(overrides))}")
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> Config:
+        """A copy with some fields replaced, validated again."""
+        return dataclasses.replace(self, **changes)
+
+
+def _variable(name: str) -> str:
+    return name.upper() if name in ("rank", "world_size") else ENV_PREFIX + name.upper()
+
+
+def _fail(name: str, value: object, fix: str) -> None:
+    raise ConfigError(f"{_variable(name)}={value!r} is invalid: {fix}")
+
+
+def _parse(name: str, variable: str, raw: str, type_name: str) -> Any:
+    parser: Callable[[str], Any] = str
+    if "int" in type_name:
+        parser = int
+    elif "float" in type_name:
+        parser = float
+    try:
+        return parser(raw)
+    except ValueError:
+        kind = "an integer" if parser is int else "a number"
+        raise ConfigError(f"{variable}={raw!r} is not {kind}: fix or unset it") from None

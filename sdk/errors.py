@@ -1,0 +1,117 @@
+"""One error tree for podtrain.
+
+Every error says two things a caller needs to decide what to do next:
+
+* ``transient`` — retrying the same operation may succeed (a 503, a reset connection, a timeout);
+  permanent errors will fail the same way again, so they fail fast.
+* ``fault`` — ``"user"`` when the user must change something (a bad variable, a missing bucket, wrong
+  credentials, a corrupt checkpoint they pointed at), ``"platform"`` when the environment failed them
+  (storage down, a node problem). The supervisor maps these onto exit codes.
+
+Messages name the thing that failed (a URL, a variable) and what to do about it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+__all__ = [
+    "BackendMissingError",
+    "CheckpointError",
+    "CommitConflictError",
+    "ConfigError",
+    "InvalidCheckpointError",
+    "NoCheckpointError",
+    "PodtrainError",
+    "StaleAttemptError",
+    "StorageError",
+    "StorageNotFoundError",
+    "StoragePermissionError",
+    "TransientStorageError",
+    "PermanentStorageError",
+    "UnsafeCheckpointError",
+]
+
+Fault = Literal["user", "platform"]
+
+
+class PodtrainError(Exception):
+    """Base of every error podtrain raises on purpose."""
+
+    transient: ClassVar[bool] = False
+    fault: ClassVar[Fault] = "platform"
+
+
+class ConfigError(PodtrainError, ValueError):
+    """A setting is missing, malformed or out of range; the message names the variable and the fix."""
+
+    fault = "user"
+
+
+class BackendMissingError(ConfigError):
+    """A URL's scheme is unknown, or its fsspec backend is not installed; the message names the package."""
+
+
+class StorageError(PodtrainError):
+    """An object-store operation failed. ``url`` is the location involved."""
+
+    def __init__(self, message: str, *, url: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class TransientStorageError(StorageError):
+    """The store failed in a way that may pass: throttling, 5xx, a reset connection, a timeout."""
+
+    transient = True
+    fault = "platform"
+
+
+class PermanentStorageError(StorageError):
+    """The store refused in a way that will not pass by retrying."""
+
+    fault = "user"
+
+
+class StorageNotFoundError(PermanentStorageError, FileNotFoundError):
+    """A bucket or an object that must exist does not."""
+
+
+class StoragePermissionError(PermanentStorageError, PermissionError):
+    """Access denied or bad credentials."""
+
+
+class CheckpointError(PodtrainError):
+    """Base of checkpoint errors."""
+
+    fault = "user"
+
+
+class InvalidCheckpointError(CheckpointError):
+    """A checkpoint failed verification; ``reason`` says which check."""
+
+    def __init__(self, location: str, reason: str) -> None:
+        super().__init__(f"checkpoint {location} is invalid: {reason}")
+        self.location = location
+        self.reason = reason
+
+
+class UnsafeCheckpointError(InvalidCheckpointError):
+    """A checkpoint file would need arbitrary code (a pickle global outside the allow-list) to load."""
+
+
+class NoCheckpointError(CheckpointError):
+    """No valid checkpoint exists where one is required."""
+
+
+class CommitConflictError(CheckpointError):
+    """Another writer already committed this step (its manifest exists); ours was not written."""
+
+    transient = False
+    fault = "platform"
+
+
+class StaleAttemptError(CheckpointError):
+    """A newer attempt of this run owns the checkpoint location; this (older) attempt must not write."""
+
+    fault = "platform"

@@ -1,0 +1,99 @@
+"""Sorting backend exceptions into podtrain's error tree: transient (retry) or permanent (fail fast).
+
+s3fs and gcsfs translate HTTP errors into Python ones (FileNotFoundError, PermissionError, OSError with an
+errno, gcsfs's HttpError with a code); botocore and aiohttp raise their own connection and timeout errors.
+Each is mapped once, here, to an error whose message names the URL and what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+from sdk.errors import (
+    PermanentStorageError,
+    StorageError,
+    StorageNotFoundError,
+    StoragePermissionError,
+    TransientStorageError,
+)
+
+__all__ = ["classify"]
+
+_TRANSIENT_ERRNOS = {
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.EPIPE,
+    errno.EIO,
+    getattr(errno, "EREMOTEIO", errno.EIO),
+}
+_TRANSIENT_NAMES = {
+    # botocore / urllib3 / aiohttp / http.client, matched by class name so no backend must be importable
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "ResponseStreamingError",
+    "IncompleteReadError",
+    "IncompleteRead",
+    "ProtocolError",
+    "ClientConnectionError",
+    "ClientConnectorError",
+    "ClientOSError",
+    "ServerDisconnectedError",
+    "ServerTimeoutError",
+    "ClientPayloadError",
+    "ConnectionError",
+    "ProxyError",
+    "ChecksumError",
+    "ContentLengthError",
+}
+_TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "ServiceUnavailable", "InternalError", "Throttl")
+_TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+
+
+def classify(exc: BaseException, *, url: str, op: str = "access") -> StorageError:
+    """The podtrain error for ``exc``, raised while doing ``op`` on ``url``."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    code = _http_code(exc)
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if isinstance(exc, FileExistsError):
+        return PermanentStorageError(f"{op} {url}: already exists ({text})", url=url)
+    if isinstance(exc, FileNotFoundError) or code == 404:
+        return StorageNotFoundError(
+            f"{op} {url}: not found — check that the bucket exists and the URL is spelled right ({text})", url=url
+        )
+    if isinstance(exc, PermissionError) or code in (401, 403) or "Forbidden" in str(exc):
+        return StoragePermissionError(
+            f"{op} {url}: access denied — check the credentials from the cloud's standard chain "
+            f"(AWS_* / GOOGLE_APPLICATION_CREDENTIALS) and that they may use this bucket ({text})",
+            url=url,
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return PermanentStorageError(f"{op} {url}: no space left on device — free space or use a bigger volume")
+    transient = (
+        isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError))
+        or code in _TRANSIENT_HTTP
+        or (isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS)
+        or bool(names & _TRANSIENT_NAMES)
+        or any(marker in str(exc) for marker in _TRANSIENT_TEXT)
+    )
+    if transient:
+        return TransientStorageError(f"{op} {url}: {text}", url=url)
+    return PermanentStorageError(f"{op} {url} failed: {text}", url=url)
+
+
+def _http_code(exc: BaseException) -> int | None:
+    code = getattr(exc, "code", None) or getattr(exc, "status", None)
+    if isinstance(code, int):
+        return code
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(status, int):
+            return status
+    return None
