@@ -1,1 +1,54 @@
-"""podtrain's SDK: verified checkpoints on any object store and exact resume."""
+"""podtrain's SDK: verified checkpoints on any object store, exact resume.
+
+``import sdk`` is light: names that need torch (checkpoints, RNG, the data position, the run) are imported
+only when first touched, so the supervisor can use config, storage and logs without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "CheckpointInfo",
+    "Checkpointer",
+    "Config",
+    "ResumableLoader",
+    "Run",
+    "Store",
+    "errors",
+    "init",
+    "open_store",
+]
+
+_LAZY = {
+    "CheckpointInfo": "sdk.checkpoint",
+    "Checkpointer": "sdk.checkpoint",
+    "Config": "sdk.config",
+    "ResumableLoader": "sdk.loader",
+    "Run": "sdk.run",
+    "Store": "sdk.storage",
+    "errors": "sdk.errors",
+    "init": "sdk.run",
+    "open_store": "sdk.storage",
+}
+
+if TYPE_CHECKING:
+    from sdk import errors
+    from sdk.checkpoint import Checkpointer, CheckpointInfo
+    from sdk.config import Config
+    from sdk.loader import ResumableLoader
+    from sdk.run import Run, init
+    from sdk.storage import Store, open_store
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sdk' has no attribute {name!r}")
+    value = importlib.import_module(module)
+    return value if name == "errors" else getattr(value, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -31,7 +31,11 @@ from sdk.errors import BackendMissingError
 
 __all__ = ["Backend", "GCSBackend", "LocalBackend", "S3Backend", "connect", "require_backend", "split_url"]
 
-_EXTRAS = {"s3": "podtrain[s3]' (s3fs, boto3)", "gs": "podtrain[gcs]' (gcsfs)", "gcs": "podtrain[gcs]' (gcsfs)"}
+_EXTRAS = {
+    "s3": "podtrain[s3]' (s3fs, boto3)",
+    "gs": "podtrain[gcs]' (gcsfs)",
+    "gcs": "podtrain[gcs]' (gcsfs)",
+}
 S3_PART_SIZE = 32 * 2**20
 S3_MULTIPART_THRESHOLD = 64 * 2**20
 
@@ -56,7 +60,9 @@ def require_backend(url: str, variable: str = "") -> None:
     except ImportError as exc:
         extra = _EXTRAS.get(protocol)
         hint = f"pip install '{extra}" if extra else f"install the fsspec backend for {protocol}://"
-        raise BackendMissingError(f"{where}: the {protocol}:// backend is not installed — {hint} ({exc})") from None
+        raise BackendMissingError(
+            f"{where}: the {protocol}:// backend is not installed — {hint} ({exc})"
+        ) from None
     except ValueError:
         raise BackendMissingError(
             f"{where}: unknown URL scheme {protocol!r} — use s3://, gs://, file://, a local path, "
@@ -114,7 +120,9 @@ class Backend:
         except FileNotFoundError:
             return []
         prefix = path.rstrip("/") + "/"
-        return sorted({str(e)[len(prefix) :].split("/", 1)[0] for e in entries if str(e).startswith(prefix)} - {""})
+        return sorted(
+            {str(e)[len(prefix) :].split("/", 1)[0] for e in entries if str(e).startswith(prefix)} - {""}
+        )
 
     def find(self, path: str) -> list[str]:
         self.invalidate(path)
@@ -218,7 +226,11 @@ class S3Backend(Backend):
     async def _multipart(self, bucket: str, key: str, data: bytes, crc: int, match: dict[str, str]) -> None:
         call = self.fs._call_s3
         mpu = await call(
-            "create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32C", ChecksumType="FULL_OBJECT"
+            "create_multipart_upload",
+            Bucket=bucket,
+            Key=key,
+            ChecksumAlgorithm="CRC32C",
+            ChecksumType="FULL_OBJECT",
         )
         upload_id = mpu["UploadId"]
         limit = asyncio.Semaphore(8)
@@ -293,7 +305,7 @@ class GCSBackend(Backend):
         crc = checksum.crc32c(data) if crc32c is None else crc32c
         metadata = json.dumps({"name": key, "crc32c": checksum.to_b64(crc)})
         body = (
-            b'--==0==\nContent-Type: application/json; charset=UTF-8\n\n'
+            b"--==0==\nContent-Type: application/json; charset=UTF-8\n\n"
             + metadata.encode()
             + b"\n--==0==\nContent-Type: application/octet-stream\n\n"
             + data

@@ -65,7 +65,8 @@ def classify(exc: BaseException, *, url: str, op: str = "access") -> StorageErro
         return PermanentStorageError(f"{op} {url}: already exists ({text})", url=url)
     if isinstance(exc, FileNotFoundError) or code == 404:
         return StorageNotFoundError(
-            f"{op} {url}: not found — check that the bucket exists and the URL is spelled right ({text})", url=url
+            f"{op} {url}: not found — check that the bucket exists and the URL is spelled right ({text})",
+            url=url,
         )
     if isinstance(exc, PermissionError) or code in (401, 403) or "Forbidden" in str(exc):
         return StoragePermissionError(
@@ -74,7 +75,9 @@ def classify(exc: BaseException, *, url: str, op: str = "access") -> StorageErro
             url=url,
         )
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return PermanentStorageError(f"{op} {url}: no space left on device — free space or use a bigger volume")
+        return PermanentStorageError(
+            f"{op} {url}: no space left on device — free space or use a bigger volume"
+        )
     transient = (
         isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError))
         or code in _TRANSIENT_HTTP

@@ -143,7 +143,12 @@ class Store:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
             log.warning(
-                "storage.retry", op=op, url=url, attempt=state.attempt_number, wait_s=round(wait, 3), error=str(exc)
+                "storage.retry",
+                op=op,
+                url=url,
+                attempt=state.attempt_number,
+                wait_s=round(wait, 3),
+                error=str(exc),
             )
 
         policy = self.retry
@@ -165,7 +170,8 @@ class Store:
             ) from exc
 
 
-def open_store(url: str, *, retry: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> Store:
+def open_store(
+    url: str, *, retry: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep
+) -> Store:
     """A :class:`Store` for ``url`` (``s3://``, ``gs://``, ``file://``, a plain path, any fsspec URL)."""
     return Store(url, retry=retry, sleep=sleep)
-

@@ -1,0 +1,157 @@
+"""The ``podtrain`` command.
+
+``podtrain checkpoints list URI`` — valid checkpoints, newest first (``--json`` for machines, ``--all`` to show
+invalid folders and why). ``podtrain checkpoints verify URI [--step N]`` — exit 0 when the newest (or the
+named) checkpoint verifies byte for byte, 1 with the reason when it does not.
+
+Start-up stays light: torch is imported only by the commands that read checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from sdk.errors import ConfigError, PodtrainError, TransientStorageError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 69
+
+EXAMPLES = """examples:
+  podtrain checkpoints list s3://my-bucket/runs/r1
+  podtrain checkpoints list ./.podtrain/local/checkpoints --json
+  podtrain checkpoints verify gs://my-bucket/runs/r1 --step 1200
+"""
+
+
+def _version() -> str:
+    try:
+        return version("podtrain")
+    except PackageNotFoundError:  # running from a source tree without an install
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="podtrain",
+        description="Training runtime for preemptible GPU pods: verified checkpoints, exact resume.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"podtrain {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    checkpoints = commands.add_parser(
+        "checkpoints",
+        help="list and verify checkpoints",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = checkpoints.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="valid checkpoints under URI, newest first")
+    listing.add_argument("uri", help="the run's checkpoint location (s3://, gs://, file://, a path)")
+    listing.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    listing.add_argument("--all", action="store_true", help="also show folders that are not valid, and why")
+    verify = actions.add_parser("verify", help="verify the newest (or --step) checkpoint byte for byte")
+    verify.add_argument("uri", help="the run's checkpoint location")
+    verify.add_argument("--step", type=int, default=None, help="the step to verify (default: newest committed)")
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "checkpoints" and args.action == "list":
+            return _list(args)
+        if args.command == "checkpoints" and args.action == "verify":
+            return _verify(args)
+    except ConfigError as exc:
+        print(f"podtrain: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TransientStorageError as exc:
+        print(f"podtrain: storage unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except PodtrainError as exc:
+        print(f"podtrain: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_USAGE  # pragma: no cover - argparse requires a command
+
+
+def _checkpointer(uri: str) -> Any:
+    from sdk.checkpoint import Checkpointer
+    from sdk.storage import require_backend
+
+    require_backend(uri)
+    return Checkpointer(uri, attempt=1)  # read-only use: no attempt is derived or written
+
+
+def _list(args: argparse.Namespace) -> int:
+    ckpt = _checkpointer(args.uri)
+    valid = {info.step for info in ckpt.list(verify=True)}
+    rows = []
+    for entry in ckpt.scan():
+        ok = entry.step in valid
+        if not ok and not args.all:
+            continue
+        m = entry.manifest
+        problem = entry.problem or (None if ok else "files do not match the manifest (see the log)")
+        rows.append(
+            {
+                "step": entry.step,
+                "valid": ok,
+                "url": entry.url,
+                "attempt": m.attempt if m else None,
+                "created": m.created if m else None,
+                "files": len(m.files) if m else None,
+                "bytes": m.total_bytes if m else None,
+                "problem": problem,
+            }
+        )
+    if args.json:
+        print(json.dumps({"uri": ckpt.url, "checkpoints": rows}, indent=1))
+        return EXIT_OK
+    if not rows:
+        print(f"no valid checkpoints under {ckpt.url}")
+        return EXIT_OK
+    print(f"{'STEP':>10}  {'ATTEMPT':>7}  {'CREATED':<20}  {'FILES':>5}  {'SIZE':>10}  URL")
+    for r in rows:
+        size = _human(r["bytes"]) if r["bytes"] is not None else "-"
+        attempt, created, files = r["attempt"] or "-", r["created"] or "-", r["files"] or "-"
+        line = f"{r['step']:>10}  {attempt:>7}  {created:<20}  {files:>5}  {size:>10}  {r['url']}"
+        print(line + ("" if r["valid"] else f"  INVALID: {r['problem']}"))
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from sdk.errors import InvalidCheckpointError, NoCheckpointError
+
+    ckpt = _checkpointer(args.uri)
+    try:
+        info = ckpt.verify(args.step, download=True)
+    except (InvalidCheckpointError, NoCheckpointError) as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "uri": ckpt.url, "step": args.step, "reason": str(exc)}))
+        else:
+            print(f"FAILED: {exc}")
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({"ok": True, "uri": info.url, "step": info.step, "bytes": info.manifest.total_bytes}))
+    else:
+        print(
+            f"OK: {info.url} (step {info.step}, {len(info.manifest.files)} files, "
+            f"{_human(info.manifest.total_bytes)}) verified: sizes and CRC32C match the manifest"
+        )
+    return EXIT_OK
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover

@@ -1,0 +1,358 @@
+"""Checkpoints that either exist completely and verifiably, or do not exist at all.
+
+A save writes one folder ``step-<10 digits>/``: a writer marker (``.attempt-<n>``), the state files
+(serialized one after another, each uploaded as soon as it is serialized, in parallel), then
+``MANIFEST.json`` — last, and with a conditional create, so two writers can never both commit one step.
+A checkpoint is found by reading manifests, never by trusting folder names, and loading verifies every
+file's size and CRC32C; on any mismatch it logs why and falls back to the previous valid checkpoint.
+
+Everything in ``state`` that has ``state_dict()``/``load_state_dict()`` is saved (a plain dict is saved as is
+and updated in place on load). RNG states (python, numpy, torch CPU and CUDA) are saved without being asked.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sdk import checksum, rng, serialization
+from sdk.config import Config
+from sdk.errors import (
+    CheckpointError,
+    CommitConflictError,
+    InvalidCheckpointError,
+    NoCheckpointError,
+    StorageNotFoundError,
+)
+from sdk.log import get_logger
+from sdk.manifest import MANIFEST_NAME, FileEntry, Manifest, parse, parse_step_dir, step_dir
+from sdk.retention import Committed, Uncommitted, plan_deletions
+from sdk.storage import RetryPolicy, Store, open_store
+
+__all__ = ["CheckpointInfo", "Checkpointer", "ScanEntry"]
+
+log = get_logger("podtrain.checkpoint")
+RNG_STEM = "rng"
+_MARKER = re.compile(r"^\.attempt-(\d+)$")
+_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint: its step, URL and manifest."""
+
+    step: int
+    url: str
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class ScanEntry:
+    """One step folder as found in the store: its manifest when it parses, or why it does not."""
+
+    step: int
+    url: str
+    manifest: Manifest | None
+    problem: str | None
+    attempts: frozenset[int]
+
+
+class Checkpointer:
+    """Save, list, verify, load and prune the checkpoints of one run under ``url``."""
+
+    def __init__(
+        self,
+        url: str | Store,
+        *,
+        run_id: str = "local",
+        attempt: int | None = None,
+        world_size: int = 1,
+        keep_last: int = 3,
+        keep_every: int | None = None,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        max_workers: int = 8,
+        safe_globals: Iterable[Any] = (),
+    ) -> None:
+        self.store = url if isinstance(url, Store) else open_store(url, retry=retry, sleep=sleep)
+        self.run_id = run_id
+        self._attempt = attempt
+        self.world_size = world_size
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.max_workers = max_workers
+        self.safe_globals = list(safe_globals)
+        self.resumed_from: int | None = None
+        self.last_save_seconds: float | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, **kwargs: Any) -> Checkpointer:
+        """A checkpointer for the run ``config`` describes."""
+        return cls(
+            config.checkpoint_uri,
+            run_id=config.run_id,
+            attempt=config.attempt,
+            world_size=config.world_size,
+            keep_last=config.keep_last,
+            keep_every=config.keep_every,
+            **kwargs,
+        )
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    @property
+    def attempt(self) -> int:
+        """This writer's attempt number: as configured, or one more than the newest attempt in the store."""
+        if self._attempt is None:
+            entries = self.scan()
+            seen = [a for entry in entries for a in entry.attempts]
+            seen += [e.manifest.attempt for e in entries if e.manifest]
+            self._attempt = max(seen, default=0) + 1
+            log.info("checkpoint.attempt_derived", attempt=self._attempt, url=self.url)
+        return self._attempt
+
+    # -- save ------------------------------------------------------------------------------------------
+    def save(self, step: int, state: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None) -> CheckpointInfo:
+        """Save ``state`` as the checkpoint of ``step`` and commit it; then apply retention.
+
+        Returns when the checkpoint is committed. Raises :class:`CommitConflictError` when another writer
+        already committed this step.
+        """
+        started = time.monotonic()
+        _check_state_names(state)
+        folder = step_dir(step)
+        attempt = self.attempt
+        location = self.store.url_of(folder)
+        self.store.put(f"{folder}/.attempt-{attempt}", b"")
+        entries: dict[str, FileEntry] = {}
+        with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-upload") as pool:
+            uploads: list[Future[None]] = []
+            for stem, payload in _payloads(state):
+                encoded = serialization.encode(stem, payload)
+                entries[encoded.name] = FileEntry(size=encoded.size, crc32c=checksum.to_hex(encoded.crc32c))
+                uploads.append(
+                    pool.submit(self.store.put, f"{folder}/{encoded.name}", encoded.data, crc32c=encoded.crc32c)
+                )
+                del encoded
+            for upload in uploads:
+                upload.result()
+        manifest = Manifest(
+            run_id=self.run_id,
+            attempt=attempt,
+            step=step,
+            world_size=self.world_size,
+            files=entries,
+            torch=torch.__version__.split("+")[0],
+            meta=dict(meta or {}),
+        )
+        if not self.store.put(f"{folder}/{MANIFEST_NAME}", manifest.to_json(), exclusive=True):
+            raise CommitConflictError(
+                f"checkpoint {location} was already committed by another writer; this save was not committed"
+            )
+        self.last_save_seconds = time.monotonic() - started
+        log.info(
+            "checkpoint.committed",
+            step=step,
+            url=location,
+            bytes=manifest.total_bytes,
+            files=len(entries),
+            seconds=round(self.last_save_seconds, 3),
+        )
+        self.prune()
+        return CheckpointInfo(step=step, url=location, manifest=manifest)
+
+    # -- find ------------------------------------------------------------------------------------------
+    def scan(self) -> list[ScanEntry]:
+        """Every step folder with its manifest or the reason it has none, newest step first."""
+        try:
+            names = self.store.list()
+        except StorageNotFoundError:
+            return []
+        entries = []
+        for name in names:
+            step = parse_step_dir(name)
+            if step is None:
+                continue
+            children = self.store.list(name)
+            attempts = frozenset(int(m.group(1)) for c in children if (m := _MARKER.match(c)))
+            location = self.store.url_of(name)
+            manifest, problem = None, None
+            if MANIFEST_NAME not in children:
+                problem = "no manifest (never committed, or still being written)"
+            else:
+                try:
+                    manifest = parse(self.store.get(f"{name}/{MANIFEST_NAME}"), location=location)
+                    if manifest.step != step:
+                        manifest, problem = None, f"manifest says step {manifest.step}, folder says {step}"
+                except InvalidCheckpointError as exc:
+                    problem = exc.reason
+            entries.append(ScanEntry(step, location, manifest, problem, attempts))
+        return sorted(entries, key=lambda e: e.step, reverse=True)
+
+    def list(self, *, verify: bool = True) -> list[CheckpointInfo]:
+        """Committed checkpoints, newest first; with ``verify``, only those whose files check out in the store."""
+        found = []
+        for entry in self.scan():
+            if entry.manifest is None:
+                continue
+            info = CheckpointInfo(entry.step, entry.url, entry.manifest)
+            if verify:
+                try:
+                    self._check_files(info, download=False)
+                except InvalidCheckpointError as exc:
+                    log.warning("checkpoint.invalid", url=info.url, reason=exc.reason)
+                    continue
+            found.append(info)
+        return found
+
+    def verify(self, step: int | None = None, *, download: bool = True) -> CheckpointInfo:
+        """Check the checkpoint of ``step`` (default: the newest committed) completely; raise why it fails."""
+        entries = self.scan()
+        if step is not None:
+            entries = [e for e in entries if e.step == step]
+        if not entries:
+            what = f"step {step}" if step is not None else "any checkpoint"
+            raise NoCheckpointError(f"no checkpoint folder for {what} under {self.url}")
+        entry = next((e for e in entries if e.manifest), entries[0]) if step is None else entries[0]
+        if entry.manifest is None:
+            raise InvalidCheckpointError(entry.url, entry.problem or "no manifest")
+        info = CheckpointInfo(entry.step, entry.url, entry.manifest)
+        self._check_files(info, download=download)
+        return info
+
+    # -- load ------------------------------------------------------------------------------------------
+    def load(self, state: Mapping[str, Any], *, step: int | None = None) -> int | None:
+        """Restore the newest valid checkpoint (or ``step``) into ``state`` and the RNGs; return its step.
+
+        Invalid checkpoints are skipped with a warning saying why, falling back to the previous one. Returns
+        None when there is no checkpoint at all. With ``step`` given, that checkpoint must be valid.
+        """
+        _check_state_names(state)
+        candidates = [e for e in self.scan() if step is None or e.step == step]
+        if step is not None and not candidates:
+            raise NoCheckpointError(f"no checkpoint for step {step} under {self.url}")
+        for entry in candidates:
+            try:
+                if entry.manifest is None:
+                    raise InvalidCheckpointError(entry.url, entry.problem or "no manifest")
+                info = CheckpointInfo(entry.step, entry.url, entry.manifest)
+                payloads = self._check_files(info, download=True)
+                self._restore(info, state, payloads)
+            except InvalidCheckpointError as exc:
+                if step is not None:
+                    raise
+                log.warning("checkpoint.skipped", url=entry.url, reason=exc.reason)
+                continue
+            self.resumed_from = entry.step
+            log.info("checkpoint.resumed", step=entry.step, url=entry.url, attempt=entry.manifest.attempt)
+            return entry.step
+        if candidates:
+            log.warning("checkpoint.none_valid", url=self.url, folders=len(candidates))
+        return None
+
+    def _check_files(self, info: CheckpointInfo, *, download: bool) -> dict[str, bytes]:
+        """Sizes (and the store's CRC32C where it keeps one) or, with ``download``, the bytes' CRC32C."""
+        folder = step_dir(info.step)
+
+        def check(name: str, entry: FileEntry) -> tuple[str, bytes]:
+            rel = f"{folder}/{name}"
+            try:
+                if download:
+                    data = self.store.get(rel)
+                    if len(data) != entry.size:
+                        raise InvalidCheckpointError(
+                            info.url, f"{name} is {len(data)} bytes, manifest says {entry.size}"
+                        )
+                    actual = checksum.to_hex(checksum.crc32c(data))
+                    if actual != entry.crc32c:
+                        raise InvalidCheckpointError(
+                            info.url, f"{name} has CRC32C {actual}, manifest says {entry.crc32c} (corrupt)"
+                        )
+                    return name, data
+                size = self.store.size(rel)
+                if size != entry.size:
+                    raise InvalidCheckpointError(info.url, f"{name} is {size} bytes, manifest says {entry.size}")
+                native = self.store.native_crc32c(rel)
+                if native is not None and checksum.to_hex(native) != entry.crc32c:
+                    raise InvalidCheckpointError(
+                        info.url,
+                        f"{name}: the store's CRC32C {checksum.to_hex(native)} != manifest {entry.crc32c}",
+                    )
+                return name, b""
+            except StorageNotFoundError:
+                raise InvalidCheckpointError(info.url, f"{name} is listed in the manifest but missing") from None
+
+        with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-download") as pool:
+            return dict(pool.map(lambda item: check(*item), info.manifest.files.items()))
+
+    def _restore(self, info: CheckpointInfo, state: Mapping[str, Any], payloads: Mapping[str, bytes]) -> None:
+        by_stem = {name.rsplit(".", 1)[0]: name for name in payloads}
+        missing = [key for key in state if key not in by_stem]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {info.url} has no state for {', '.join(missing)} (it holds "
+                f"{', '.join(sorted(s for s in by_stem if s != RNG_STEM))}); pass the same state names that were saved"
+            )
+        decoded = {
+            stem: serialization.decode(name, payloads[name], location=info.url, safe_globals=self.safe_globals)
+            for stem, name in by_stem.items()
+            if stem in state or stem == RNG_STEM
+        }
+        for key, obj in state.items():
+            loaded = decoded[key]
+            if hasattr(obj, "load_state_dict"):
+                obj.load_state_dict(loaded)
+            else:
+                obj.clear()
+                obj.update(loaded)
+        if RNG_STEM in decoded:
+            try:
+                rng.restore(decoded[RNG_STEM])
+            except (ValueError, TypeError, KeyError) as exc:
+                raise InvalidCheckpointError(info.url, f"RNG state does not restore: {exc}") from None
+
+    # -- retention ---------------------------------------------------------------------------------------
+    def prune(self) -> list[int]:
+        """Delete what the retention rules allow (see :mod:`sdk.retention`); return the deleted steps."""
+        entries = self.scan()
+        doomed = plan_deletions(
+            [Committed(e.step, e.manifest.attempt) for e in entries if e.manifest],
+            [Uncommitted(e.step, e.attempts) for e in entries if e.manifest is None],
+            attempt=self.attempt,
+            keep_last=self.keep_last,
+            keep_every=self.keep_every,
+            resumed_from=self.resumed_from,
+        )
+        for step in doomed:
+            folder = step_dir(step)
+            # The manifest goes first: a half-deleted folder is then an uncommitted one, never a broken commit.
+            self.store.delete(f"{folder}/{MANIFEST_NAME}")
+            self.store.delete(folder, recursive=True)
+            log.info("checkpoint.deleted", step=step, url=self.store.url_of(folder))
+        return doomed
+
+
+def _payloads(state: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
+    for key, obj in state.items():
+        yield key, obj.state_dict() if hasattr(obj, "state_dict") else dict(obj)
+    yield RNG_STEM, rng.capture()
+
+
+def _check_state_names(state: Mapping[str, Any]) -> None:
+    for key, obj in state.items():
+        if not isinstance(key, str) or not _STEM.match(key) or key == RNG_STEM:
+            raise CheckpointError(
+                f"state name {key!r} is not allowed: use letters, digits, '_', '.', '-' (and not {RNG_STEM!r})"
+            )
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")) and not isinstance(obj, dict):
+            raise CheckpointError(
+                f"state {key!r} ({type(obj).__name__}) has no state_dict()/load_state_dict() and is not a dict"
+            )

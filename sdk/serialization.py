@@ -1,0 +1,121 @@
+"""State to bytes and back, with size and CRC32C computed while writing, and loading that never runs code.
+
+Two formats:
+
+* ``.safetensors`` for a flat ``{name: tensor}`` state (a model's ``state_dict()``). It is written here,
+  streaming header and tensor bytes through a :class:`~sdk.checksum.ChecksumWriter` (no extra copy of the
+  state, no second pass to checksum), and read back with the ``safetensors`` library.
+* ``.pt`` for everything else (optimizer, scheduler, scaler, data position, RNG): ``torch.save`` through the
+  same writer, read back with ``torch.load(weights_only=True)``. Only an explicit allow-list of globals is
+  accepted, so a crafted pickle is refused before any of its code can run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sdk.checksum import ChecksumWriter
+from sdk.errors import InvalidCheckpointError, UnsafeCheckpointError
+
+__all__ = ["EncodedFile", "decode", "encode"]
+
+_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+if hasattr(torch, "float8_e4m3fn"):
+    _SAFETENSORS_DTYPES[torch.float8_e4m3fn] = "F8_E4M3"
+    _SAFETENSORS_DTYPES[torch.float8_e5m2] = "F8_E5M2"
+
+
+@dataclass(frozen=True)
+class EncodedFile:
+    """A serialized state file: its name in the step folder, bytes, size and CRC32C."""
+
+    name: str
+    data: bytes
+    size: int
+    crc32c: int
+
+
+def encode(stem: str, state: Any) -> EncodedFile:
+    """Serialize one state (a ``state_dict()`` result or a plain mapping) to ``<stem>.safetensors``/``.pt``."""
+    sink = io.BytesIO()
+    writer = ChecksumWriter(sink)
+    if _is_flat_tensor_dict(state):
+        name = f"{stem}.safetensors"
+        _write_safetensors(writer, state)
+    else:
+        name = f"{stem}.pt"
+        torch.save(state, writer)
+    data = sink.getvalue()
+    return EncodedFile(name=name, data=data, size=writer.size, crc32c=writer.crc)
+
+
+def decode(name: str, data: bytes, *, location: str, safe_globals: Iterable[Any] = ()) -> Any:
+    """Deserialize a state file without running code; errors become :class:`InvalidCheckpointError`."""
+    if name.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return load_safetensors(data)
+        except Exception as exc:
+            raise InvalidCheckpointError(location, f"{name} is not a readable safetensors file: {exc}") from None
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            location,
+            f"{name} needs code outside the allow-list to load, refused without running it "
+            f"(if you trust it, pass its type in safe_globals): {str(exc).splitlines()[0]}",
+        ) from None
+    except Exception as exc:
+        raise InvalidCheckpointError(location, f"{name} could not be loaded: {type(exc).__name__}: {exc}") from None
+
+
+def _is_flat_tensor_dict(state: Any) -> bool:
+    if not isinstance(state, Mapping) or not state:
+        return False
+    return all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) and v.dtype in _SAFETENSORS_DTYPES and not v.is_sparse
+        for k, v in state.items()
+    )
+
+
+def _write_safetensors(writer: ChecksumWriter, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write the safetensors format: u64 header length, JSON header, then each tensor's raw bytes."""
+    header: dict[str, Any] = {}
+    offset = 0
+    ordered = sorted(tensors.items())
+    for key, tensor in ordered:
+        nbytes = tensor.numel() * tensor.element_size()
+        header[key] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment with spaces
+    writer.write(len(raw).to_bytes(8, "little"))
+    writer.write(raw)
+    for _, tensor in ordered:
+        if tensor.numel():
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            writer.write(flat.numpy().tobytes())
