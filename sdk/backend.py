@@ -189,7 +189,8 @@ class S3Backend(Backend):
             "s3",
             skip_instance_cache=True,
             config_kwargs={
-                "retries": {"max_attempts": 1, "mode": "standard"},
+                # total_max_attempts counts the first try; botocore's max_attempts counts retries only.
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
                 "connect_timeout": timeout,
                 "read_timeout": timeout,
             },
@@ -295,7 +296,12 @@ class GCSBackend(Backend):
         # features over gRPC, which stalls for a minute per call against an emulator; podtrain needs neither.
         from gcsfs.core import GCSFileSystem
 
-        options: dict[str, Any] = {"skip_instance_cache": True, "requests_timeout": timeout}
+        import aiohttp
+
+        # Bound connecting and each read, not the whole request: a plain number would be aiohttp's total
+        # timeout, failing any upload or download that takes longer than ``timeout`` however fast it flows.
+        per_read = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        options: dict[str, Any] = {"skip_instance_cache": True, "requests_timeout": per_read}
         if os.environ.get("STORAGE_EMULATOR_HOST") and not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
             options["token"] = "anon"  # noqa: S105 - the emulator takes no credentials
         return cls(GCSFileSystem(**options))

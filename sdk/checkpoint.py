@@ -1,8 +1,9 @@
 """Checkpoints that either exist completely and verifiably, or do not exist at all.
 
-A save writes one folder ``step-<10 digits>/``: a writer marker (``.attempt-<n>``), the state files
-(serialized one after another, each uploaded as soon as it is serialized, in parallel), then
-``MANIFEST.json`` — last, and with a conditional create, so two writers can never both commit one step.
+A save writes one folder ``step-<10 digits>/``: the state files under ``attempt-<n>/`` (serialized one after
+another, each uploaded as soon as it is serialized, in parallel), then ``MANIFEST.json`` — last, and with a
+conditional create, so two writers can never both commit one step. Because each attempt writes its files under
+its own sub-folder, a stale attempt still writing can never overwrite the files a committed manifest lists.
 A checkpoint is found by reading manifests, never by trusting folder names, and loading verifies every
 file's size and CRC32C; on any mismatch it logs why and falls back to the previous valid checkpoint.
 
@@ -39,7 +40,7 @@ __all__ = ["CheckpointInfo", "Checkpointer", "ScanEntry"]
 
 log = get_logger("podtrain.checkpoint")
 RNG_STEM = "rng"
-_MARKER = re.compile(r"^\.attempt-(\d+)$")
+_ATTEMPT_DIR = re.compile(r"^attempt-(\d+)$")
 _STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -90,6 +91,7 @@ class Checkpointer:
         self.safe_globals = list(safe_globals)
         self.resumed_from: int | None = None
         self.last_save_seconds: float | None = None
+        self._root_checked = False
 
     @classmethod
     def from_config(cls, config: Config, **kwargs: Any) -> Checkpointer:
@@ -131,16 +133,17 @@ class Checkpointer:
         folder = step_dir(step)
         attempt = self.attempt
         location = self.store.url_of(folder)
-        self.store.put(f"{folder}/.attempt-{attempt}", b"")
+        if self.store.exists(f"{folder}/{MANIFEST_NAME}"):
+            raise CommitConflictError(f"checkpoint {location} is already committed; not writing it again")
+        prefix = f"attempt-{attempt}"
         entries: dict[str, FileEntry] = {}
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-upload") as pool:
             uploads: list[Future[None]] = []
             for stem, payload in _payloads(state):
                 encoded = serialization.encode(stem, payload)
-                entries[encoded.name] = FileEntry(size=encoded.size, crc32c=checksum.to_hex(encoded.crc32c))
-                uploads.append(
-                    pool.submit(self.store.put, f"{folder}/{encoded.name}", encoded.data, crc32c=encoded.crc32c)
-                )
+                name = f"{prefix}/{encoded.name}"
+                entries[name] = FileEntry(size=encoded.size, crc32c=checksum.to_hex(encoded.crc32c))
+                uploads.append(pool.submit(self.store.put, f"{folder}/{name}", encoded.data, crc32c=encoded.crc32c))
                 del encoded
             for upload in uploads:
                 upload.result()
@@ -172,17 +175,17 @@ class Checkpointer:
     # -- find ------------------------------------------------------------------------------------------
     def scan(self) -> list[ScanEntry]:
         """Every step folder with its manifest or the reason it has none, newest step first."""
-        try:
-            names = self.store.list()
-        except StorageNotFoundError:
-            return []
+        if not self._root_checked:
+            self.store.ensure_root()  # a missing bucket or denied access fails here, with a message
+            self._root_checked = True
+        names = self.store.list()
         entries = []
         for name in names:
             step = parse_step_dir(name)
             if step is None:
                 continue
             children = self.store.list(name)
-            attempts = frozenset(int(m.group(1)) for c in children if (m := _MARKER.match(c)))
+            attempts = frozenset(int(m.group(1)) for c in children if (m := _ATTEMPT_DIR.match(c)))
             location = self.store.url_of(name)
             manifest, problem = None, None
             if MANIFEST_NAME not in children:
@@ -294,7 +297,7 @@ class Checkpointer:
             return dict(pool.map(lambda item: check(*item), info.manifest.files.items()))
 
     def _restore(self, info: CheckpointInfo, state: Mapping[str, Any], payloads: Mapping[str, bytes]) -> None:
-        by_stem = {name.rsplit(".", 1)[0]: name for name in payloads}
+        by_stem = {name.rsplit("/", 1)[-1].rsplit(".", 1)[0]: name for name in payloads}
         missing = [key for key in state if key not in by_stem]
         if missing:
             raise CheckpointError(

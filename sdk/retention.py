@@ -6,7 +6,7 @@ Rules (they protect against deleting the checkpoint a run stands on):
 * never the checkpoint this run resumed from (a crash before the next commit would leave nothing);
 * never anything a newer attempt committed (a zombie pod of an old attempt must not touch the new one's work);
 * only checkpoints older than the newest committed one are ever candidates;
-* uncommitted folders are removed only when every writer marker in them is from an older attempt than ours,
+* uncommitted folders are removed only when every attempt sub-folder in them is from an older attempt than ours,
   and they are older than our newest commit (a folder being written right now by us is never touched).
 """
 
@@ -27,7 +27,7 @@ class Committed:
 @dataclass(frozen=True)
 class Uncommitted:
     step: int
-    attempts: frozenset[int]  # attempts whose writer markers are in the folder; empty when unknown
+    attempts: frozenset[int]  # attempts with an attempt-<n>/ sub-folder there; empty when unknown
 
 
 def plan_deletions(

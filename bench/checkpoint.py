@@ -1,0 +1,277 @@
+"""Checkpoint save and resume through podtrain, against plain boto3 on the same S3 server, as ratios.
+
+One moto S3 server is started on 127.0.0.1 and both clients talk to it (``AWS_ENDPOINT_URL`` and fake
+credentials in the environment). The state is a model shaped like a real one: a few large float32 matrices
+(an embedding and two per block) and many small vectors (biases, norms), ``--size-mib`` in all.
+
+* **save**: ``Checkpointer(s3://…).save(step, {"model": model})`` — serialize, checksum, upload, commit —
+  against boto3 ``upload_file`` (default ``TransferConfig``) of a file of the same size.
+* **resume**: ``Checkpointer(s3://…).load({"model": model})`` — list, download, verify CRC32C, deserialize,
+  ``load_state_dict`` — against boto3 ``download_file`` of a ``torch.save`` file of the same state, then
+  ``torch.load`` and ``load_state_dict``.
+
+Clients are created, and their connections opened, before the clock starts (a training job does that once).
+The two sides alternate within each repetition (podtrain first on even ones, baseline first on odd ones) and
+the table shows medians. On a small machine the server itself is the bottleneck, so absolute seconds mean
+little; only the ratio is the figure, and nothing here fails on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUCKET = "podtrain-bench"
+MIB = 2**20
+SAVE_GOAL = 1.2
+RESUME_GOAL = 1.3
+
+
+# -- the state -------------------------------------------------------------------------------------------------
+def build_model(size_bytes: int) -> Any:
+    """A float32 model of about ``size_bytes``: 16 ``d×d`` matrices (embedding 2, blocks 7×2) plus vectors."""
+    import torch
+    from torch import nn
+
+    d = max(64, int(math.sqrt(size_bytes / (16 * 4))) // 64 * 64)
+    blocks = 7
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm1 = nn.LayerNorm(d, device="meta")
+            self.attn = nn.Linear(d, d, device="meta")
+            self.norm2 = nn.LayerNorm(d, device="meta")
+            self.mlp = nn.Linear(d, d, device="meta")
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(2 * d, d, device="meta")
+            self.blocks = nn.ModuleList(Block() for _ in range(blocks))
+            self.norm = nn.LayerNorm(d, device="meta")
+
+    model = Model().to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.uniform_(-0.05, 0.05, generator=generator)
+    return model
+
+
+def state_bytes(model: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+# -- measurements ----------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """One comparison: podtrain's and the baseline's seconds per repetition."""
+
+    name: str
+    goal: float
+    baseline_name: str
+    podtrain: list[float] = field(default_factory=list)
+    baseline: list[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.podtrain) / statistics.median(self.baseline)
+
+    @property
+    def met(self) -> bool:
+        return self.ratio <= self.goal
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    gc.collect()
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def alternate(rep: int, podtrain: Callable[[], float], baseline: Callable[[], float]) -> tuple[float, float]:
+    """Run both sides, podtrain first on even repetitions and the baseline first on odd ones."""
+    if rep % 2 == 0:
+        p = podtrain()
+        return p, baseline()
+    b = baseline()
+    return podtrain(), b
+
+
+@contextmanager
+def s3_server() -> Iterator[Any]:
+    """moto's S3 server on 127.0.0.1, with the client environment set for this process."""
+    from tests.servers import MotoS3Server
+
+    server = MotoS3Server()
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def delete_prefix(s3: Any, prefix: str) -> None:
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            s3.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
+
+
+def run(size_mib: int, repeat: int, workdir: Path, say: Callable[[str], None]) -> list[Case]:
+    import boto3
+    import torch
+
+    from sdk.checkpoint import Checkpointer
+
+    say(f"building a {size_mib} MiB float32 model ...")
+    model = build_model(size_mib * MIB)
+    nbytes = state_bytes(model)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    say(f"  {len(reference)} tensors, {nbytes / MIB:.1f} MiB")
+
+    # The baseline's file: the same state, written by torch.save (used for both upload and download).
+    baseline_file = workdir / "state.pt"
+    torch.save(model.state_dict(), baseline_file)
+    download_file = workdir / "download.pt"
+
+    save = Case("save", SAVE_GOAL, "boto3 upload_file")
+    resume = Case("resume", RESUME_GOAL, "boto3 download_file + torch.load + load_state_dict")
+
+    with s3_server() as server:
+        say(f"moto S3 server at {server.endpoint}")
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=BUCKET)
+        s3.head_bucket(Bucket=BUCKET)  # opens the baseline's connection before any clock starts
+
+        def checkpointer(url: str) -> Checkpointer:
+            ckpt = Checkpointer(url)
+            ckpt.store.ensure_root()  # creates the client and opens its connection, as a job does at start
+            return ckpt
+
+        # -- save --------------------------------------------------------------------------------------------
+        for rep in range(repeat):
+            ckpt = checkpointer(f"s3://{BUCKET}/save-{rep}")
+
+            def podtrain_save(ckpt: Checkpointer = ckpt) -> float:
+                return timed(lambda: ckpt.save(1, {"model": model}))
+
+            def baseline_save(rep: int = rep) -> float:
+                return timed(lambda: s3.upload_file(str(baseline_file), BUCKET, f"baseline/save-{rep}.pt"))
+
+            p, b = alternate(rep, podtrain_save, baseline_save)
+            save.podtrain.append(p)
+            save.baseline.append(b)
+            say(f"  save   #{rep + 1}: podtrain {p:7.3f} s   baseline {b:7.3f} s")
+            delete_prefix(s3, f"baseline/save-{rep}.pt")
+            if rep > 0:
+                delete_prefix(s3, f"save-{rep - 1}/")
+
+        # -- resume ------------------------------------------------------------------------------------------
+        url = f"s3://{BUCKET}/save-{repeat - 1}"
+        s3.upload_file(str(baseline_file), BUCKET, "baseline/state.pt")
+
+        def scramble() -> None:
+            with torch.no_grad():
+                for tensor in model.state_dict().values():
+                    tensor.zero_()
+
+        def check(who: str) -> None:
+            loaded = model.state_dict()
+            bad = [k for k, v in reference.items() if not torch.equal(loaded[k], v)]
+            if bad:
+                raise RuntimeError(f"{who} resume restored wrong values for {', '.join(bad[:5])}")
+
+        for rep in range(repeat):
+            ckpt = checkpointer(url)
+
+            def podtrain_resume(ckpt: Checkpointer = ckpt) -> float:
+                scramble()
+                seconds = timed(lambda: ckpt.load({"model": model}))
+                check("podtrain")
+                return seconds
+
+            def baseline_resume() -> None:
+                s3.download_file(BUCKET, "baseline/state.pt", str(download_file))
+                model.load_state_dict(torch.load(download_file, map_location="cpu", weights_only=True))
+
+            def baseline_timed() -> float:
+                scramble()
+                seconds = timed(baseline_resume)
+                check("baseline")
+                download_file.unlink()
+                return seconds
+
+            p, b = alternate(rep, podtrain_resume, baseline_timed)
+            resume.podtrain.append(p)
+            resume.baseline.append(b)
+            say(f"  resume #{rep + 1}: podtrain {p:7.3f} s   baseline {b:7.3f} s")
+
+        delete_prefix(s3, "")
+    return [save, resume]
+
+
+def table(cases: list[Case], size_mib: int, repeat: int) -> str:
+    header = ("case", "podtrain s", "baseline s", "ratio", "goal", "met?")
+    rows = [
+        (
+            c.name,
+            f"{statistics.median(c.podtrain):.3f}",
+            f"{statistics.median(c.baseline):.3f}",
+            f"{c.ratio:.2f}x",
+            f"<= {c.goal:.1f}x",
+            "yes" if c.met else "NO",
+        )
+        for c in cases
+    ]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    line = lambda r: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
+    out = [f"checkpoint of {size_mib} MiB, median of {repeat} (ratio = podtrain / baseline; lower is better)"]
+    out += [line(header), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)]
+    out += [f"  baseline for {c.name}: {c.baseline_name}" for c in cases]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help="size of the model state (default 1024)")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions of each case; median (default 3)")
+    args = parser.parse_args(argv)
+    if args.size_mib < 1 or args.repeat < 1:
+        parser.error("--size-mib and --repeat must be at least 1")
+
+    from sdk import log
+
+    log.configure(level="warning", fmt="console")  # podtrain's info lines would drown the table
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="podtrain-bench-") as tmp:
+        cases = run(args.size_mib, args.repeat, Path(tmp), say)
+    say("")
+    say(table(cases, args.size_mib, args.repeat))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

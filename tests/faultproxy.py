@@ -1,0 +1,328 @@
+"""An HTTP-aware TCP proxy on 127.0.0.1 that injects object-store faults on chosen requests.
+
+It sits in front of a real server (moto, fake-gcs-server), runs its own asyncio loop in a background thread,
+and forwards each request on a fresh upstream connection. Faults are rules; each request is checked against
+them in order and the first that matches and still has shots left fires::
+
+    proxy = FaultProxy(server.port, flavor="s3").start()
+    proxy.fail(503, times=2)                         # the first two requests get a SlowDown 503
+    proxy.reset(after=1000, method="GET")            # the next GET: 1000 body bytes, then a TCP RST
+    proxy.stall(5.0, path=r"/bkt/")                  # accept, send nothing for 5 s, close
+    ...
+    proxy.stop()
+
+Kinds: ``status`` (answer with an error status and the flavour's error body, never reaching the server),
+``reset`` / ``truncate`` (pass ``after`` body bytes, then RST / a clean close), ``flip`` (invert the body byte
+at ``after``), ``stall``. ``skip`` lets that many matching requests through first, so ``skip=N-1, times=1``
+hits the Nth. Response bodies are buffered and re-framed with Content-Length, so body faults are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import json
+import re
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Fault", "FaultProxy", "error_body"]
+
+HOST = "127.0.0.1"
+_S3_CODES = {403: ("AccessDenied", "Access Denied"), 503: ("SlowDown", "Please reduce your request rate.")}
+_GCS_REASONS = {403: "forbidden", 429: "rateLimitExceeded", 503: "backendError"}
+
+
+def error_body(flavor: str, status: int) -> tuple[bytes, str]:
+    """The error body and content type a real ``flavor`` ("s3" or "gcs") server sends with ``status``."""
+    phrase = http.HTTPStatus(status).phrase
+    if flavor == "s3":
+        code, message = _S3_CODES.get(status, (phrase.replace(" ", ""), phrase))
+        xml = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>'
+        return xml.encode(), "application/xml"
+    if flavor == "gcs":
+        reason = _GCS_REASONS.get(status, "backendError")
+        error = {"code": status, "message": phrase, "errors": [{"reason": reason, "message": phrase}]}
+        return json.dumps({"error": error}).encode(), "application/json; charset=UTF-8"
+    raise ValueError(f"unknown error-body flavor {flavor!r}: use 's3' or 'gcs'")
+
+
+@dataclass
+class Fault:
+    """One rule: what to do to which requests, and how often. ``seen``/``hits`` count matches and firings."""
+
+    kind: str  # status | reset | truncate | flip | stall | slow
+    status: int = 503
+    after: int = 0  # reset/truncate: body bytes passed first; flip: offset of the inverted byte; slow: chunk
+    seconds: float = 0.0  # stall: how long; slow: the pause before each chunk
+    body: bytes | None = None  # status: overrides the flavour's error body
+    method: str | None = None
+    path: str | None = None  # regex searched in the request target (path and query)
+    match: Callable[[str, str], bool] | None = None  # (method, target) -> bool
+    skip: int = 0
+    times: int | None = 1  # None: every matching request after ``skip``
+    seen: int = 0
+    hits: int = 0
+
+    def matches(self, method: str, target: str) -> bool:
+        return (
+            (self.method is None or self.method.upper() == method)
+            and (self.path is None or re.search(self.path, target) is not None)
+            and (self.match is None or self.match(method, target))
+        )
+
+    def take(self, method: str, target: str) -> bool:
+        """Whether this rule fires on this request (counting it if it matches)."""
+        if not self.matches(method, target):
+            return False
+        self.seen += 1
+        if self.seen <= self.skip or (self.times is not None and self.hits >= self.times):
+            return False
+        self.hits += 1
+        return True
+
+
+class FaultProxy:
+    """A proxy to ``upstream_port`` on 127.0.0.1; ``flavor`` ("s3"/"gcs") picks the error bodies it sends."""
+
+    def __init__(self, upstream_port: int, *, flavor: str = "s3", upstream_host: str = HOST) -> None:
+        error_body(flavor, 503)  # fail now on a bad flavour
+        self.upstream = (upstream_host, upstream_port)
+        self.flavor = flavor
+        self.port = 0
+        self.faults: list[Fault] = []
+        self.requests: list[tuple[str, str]] = []  # (method, target) of every request, in arrival order
+        self.bytes_in = 0  # request bytes received from clients
+        self.bytes_out = 0  # response bytes sent to clients
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- control (from the test's thread) ----------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, HOST, 0), self._loop
+        ).result(timeout=10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def add(self, kind: str, **options: object) -> Fault:
+        fault = Fault(kind, **options)  # type: ignore[arg-type]
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def fail(self, status: int = 503, **options: object) -> Fault:
+        """Answer matching requests with ``status`` and the flavour's error body (SlowDown for an S3 503)."""
+        return self.add("status", status=status, **options)
+
+    def deny(self, **options: object) -> Fault:
+        """Answer matching requests with 403 AccessDenied."""
+        return self.add("status", status=403, **options)
+
+    def reset(self, after: int = 0, **options: object) -> Fault:
+        """Send the response head and ``after`` body bytes, then reset the connection."""
+        return self.add("reset", after=after, **options)
+
+    def truncate(self, after: int = 0, **options: object) -> Fault:
+        """Send the response head (full Content-Length) and ``after`` body bytes, then close cleanly."""
+        return self.add("truncate", after=after, **options)
+
+    def flip(self, offset: int = 0, **options: object) -> Fault:
+        """Invert the response body byte at ``offset``."""
+        return self.add("flip", after=offset, **options)
+
+    def stall(self, seconds: float, **options: object) -> Fault:
+        """Read the request, send nothing for ``seconds``, then close."""
+        return self.add("stall", seconds=seconds, **options)
+
+    def slow(self, chunk: int, seconds: float, **options: object) -> Fault:
+        """Send the response head, then the body ``chunk`` bytes at a time, each after ``seconds``."""
+        return self.add("slow", after=chunk, seconds=seconds, **options)
+
+    def clear(self) -> None:
+        """Drop every fault and zero the counters."""
+        with self._lock:
+            self.faults.clear()
+            self.requests.clear()
+            self.bytes_in = self.bytes_out = 0
+
+    def count(self, method: str | None = None, path: str | None = None) -> int:
+        """How many requests matched ``method`` and the ``path`` regex."""
+        probe = Fault("count", method=method, path=path)
+        with self._lock:
+            return sum(probe.matches(m, t) for m, t in self.requests)
+
+    def _pick(self, method: str, target: str) -> Fault | None:
+        with self._lock:
+            self.requests.append((method, target))
+            return next((f for f in self.faults if f.take(method, target)), None)
+
+    # -- the proxy (on the loop's thread) ----------------------------------------------------------------
+    async def _shutdown(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            while await self._exchange(reader, writer):
+                pass
+        except (OSError, asyncio.IncompleteReadError, ValueError, asyncio.CancelledError):
+            pass  # a client or server hung up mid-message, or the proxy stops: drop the connection
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Proxy one request; whether the client connection stays open for another."""
+        head = await _read_head(reader)
+        if not head:
+            return False
+        self.bytes_in += len(head)
+        method, target = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")[:2]
+        headers = _headers(head)
+        fault = self._pick(method, target)
+        if fault is not None and fault.kind in ("stall", "status"):
+            if "100-continue" not in headers.get("expect", "").lower():
+                self.bytes_in += len(await _body(reader, headers))  # the whole request arrives, then nothing
+            if fault.kind == "stall":
+                await asyncio.sleep(fault.seconds)
+                return False
+            body, ctype = error_body(self.flavor, fault.status)
+            body, phrase = fault.body or body, http.HTTPStatus(fault.status).phrase
+            head = _head(f"HTTP/1.1 {fault.status} {phrase}", {"content-type": ctype}, body)
+            self._send(writer, head if method == "HEAD" else head + body)
+            await writer.drain()
+            return False
+
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        try:
+            up_writer.write(head)
+            request_body = asyncio.create_task(self._forward_body(reader, up_writer, headers))
+            while True:  # interim 1xx answers (100 Continue) go straight through
+                response = await _read_head(up_reader)
+                if not response:
+                    raise ConnectionResetError("upstream closed without a response")
+                status_line, response_headers = response.split(b"\r\n", 1)[0].decode("latin-1"), _headers(response)
+                status = int(status_line.split(" ")[1])
+                if status >= 200:
+                    break
+                self._send(writer, response)
+            no_body = method == "HEAD" or status in (204, 304)
+            body = b"" if no_body else await _body(up_reader, response_headers, until_eof=True)
+            await request_body
+        finally:
+            up_writer.close()
+        keep = "close" not in response_headers.get("connection", "").lower()
+        if not no_body:
+            response_headers.pop("transfer-encoding", None)
+            response_headers["content-length"] = str(len(body))
+        out_head = _head(status_line, response_headers)
+        if fault is not None and fault.kind == "flip" and fault.after < len(body):
+            body = body[: fault.after] + bytes([body[fault.after] ^ 0xFF]) + body[fault.after + 1 :]
+        if fault is not None and fault.kind in ("reset", "truncate"):
+            self._send(writer, out_head + body[: fault.after])
+            writer.transport.set_write_buffer_limits(0)
+            await writer.drain()
+            if fault.kind == "reset":
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+            return False
+        if fault is not None and fault.kind == "slow":
+            self._send(writer, out_head)
+            for start in range(0, len(body), max(fault.after, 1)):
+                await asyncio.sleep(fault.seconds)
+                self._send(writer, body[start : start + max(fault.after, 1)])
+                await writer.drain()
+            return keep
+        self._send(writer, out_head + body)
+        await writer.drain()
+        return keep
+
+    async def _forward_body(
+        self, reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter, headers: dict[str, str]
+    ) -> None:
+        body = await _body(reader, headers, raw=True)
+        self.bytes_in += len(body)
+        up_writer.write(body)
+        await up_writer.drain()
+
+    def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        self.bytes_out += len(data)
+        writer.write(data)
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """A message head through its blank line, or b"" at a clean end of stream."""
+    try:
+        return await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise
+        return b""
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    pairs = (line.split(":", 1) for line in lines if ":" in line)
+    return {name.strip().lower(): value.strip() for name, value in pairs}
+
+
+def _head(start: str, headers: dict[str, str], body: bytes | None = None) -> bytes:
+    if body is not None:
+        headers = {**headers, "content-length": str(len(body)), "connection": "close"}
+    return (start + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode("latin-1")
+
+
+async def _body(
+    reader: asyncio.StreamReader, headers: dict[str, str], *, raw: bool = False, until_eof: bool = False
+) -> bytes:
+    """A message body by its framing: Content-Length, chunked (decoded unless ``raw``), or to end of stream."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        parts: list[bytes] = []
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                trailer = size_line
+                while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+                    trailer += line
+                parts.append(trailer + b"\r\n" if raw else b"")
+                return b"".join(parts)
+            chunk = await reader.readexactly(size + 2)
+            parts.append(size_line + chunk if raw else chunk[:-2])
+    if "content-length" in headers:
+        return await reader.readexactly(int(headers["content-length"]))
+    return await reader.read() if until_eof else b""

@@ -1,0 +1,84 @@
+"""State files: streaming safetensors/torch formats, CRC on write, loading that never runs code."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+
+from sdk import checksum
+from sdk.errors import InvalidCheckpointError, UnsafeCheckpointError
+from sdk.serialization import decode, encode
+
+
+class _Exploit:
+    """Unpickling this runs a shell command — what a crafted checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_flat_tensor_state_is_written_as_safetensors_readable_by_the_library() -> None:
+    """A model state_dict becomes .safetensors that safetensors itself loads, every dtype intact."""
+    state = {
+        "w": torch.randn(3, 4),
+        "b": torch.randn(4).to(torch.bfloat16),
+        "n": torch.tensor(7, dtype=torch.int64),
+        "mask": torch.tensor([True, False]),
+        "empty": torch.empty(0, 5),
+        "t": torch.arange(12.0).reshape(3, 4).t(),  # non-contiguous
+    }
+    encoded = encode("model", state)
+    assert encoded.name == "model.safetensors"
+    loaded = st_load(encoded.data)
+    assert set(loaded) == set(state)
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+        assert loaded[key].dtype == value.dtype
+
+
+def test_size_and_crc32c_are_those_of_the_written_bytes() -> None:
+    """The CRC computed while writing equals a CRC of the final bytes, for both formats."""
+    for state in ({"w": torch.randn(100)}, {"step": 3, "nested": {"lr": 0.1, "t": torch.ones(2)}}):
+        encoded = encode("x", state)
+        assert encoded.size == len(encoded.data)
+        assert encoded.crc32c == checksum.crc32c(encoded.data)
+
+
+def test_optimizer_state_round_trips_with_weights_only() -> None:
+    """An Adam state_dict (nested dicts, tuples, floats, tensors) saves as .pt and loads back with weights_only."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.9))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    encoded = encode("optimizer", opt.state_dict())
+    assert encoded.name == "optimizer.pt"
+    loaded = decode(encoded.name, encoded.data, location="x")
+    assert loaded["param_groups"][0]["betas"] == (0.8, 0.9)
+    assert torch.equal(loaded["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path: Path) -> None:
+    """A crafted .pt whose unpickling calls os.system is refused before the command runs."""
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save({"model": _Exploit(marker)}, buffer)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        decode("model.pt", buffer.getvalue(), location="file:///ckpt/step-0000000001")
+    assert not marker.exists()
+    assert "allow-list" in info.value.reason
+
+
+def test_garbage_bytes_are_an_invalid_checkpoint_not_a_crash() -> None:
+    """Random bytes in either format raise InvalidCheckpointError with the file's name."""
+    for name in ("model.safetensors", "optimizer.pt"):
+        with pytest.raises(InvalidCheckpointError) as info:
+            decode(name, b"\x00not a checkpoint at all", location="x")
+        assert name in info.value.reason
