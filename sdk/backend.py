@@ -185,9 +185,14 @@ class S3Backend(Backend):
 
     @classmethod
     def create(cls, timeout: float) -> S3Backend:
+        from aiobotocore.session import AioSession
+
+        session = AioSession()
+        session.register("before-send.s3", _drop_expect_continue)
         fs = fsspec.filesystem(
             "s3",
             skip_instance_cache=True,
+            session=session,
             config_kwargs={
                 # total_max_attempts counts the first try; botocore's max_attempts counts retries only.
                 "retries": {"total_max_attempts": 1, "mode": "standard"},
@@ -344,6 +349,14 @@ class GCSBackend(Backend):
     def check_root(self, root: str) -> None:
         bucket = root.split("/", 1)[0]
         sync(self.fs.loop, self.fs._call, "GET", "b/{}", bucket, json_out=True)
+
+
+def _drop_expect_continue(request: Any, **kwargs: Any) -> None:
+    """botocore sends every PutObject/UploadPart with ``Expect: 100-continue``; aiohttp does not apply its read
+    timeout while it waits for the ``100 Continue``, so a store that stalls there would hang the upload for
+    good. Without the header the body goes at once and the read timeout bounds the wait for the answer."""
+    if "Expect" in request.headers:
+        del request.headers["Expect"]
 
 
 def _fsync_dir(path: Path) -> None:

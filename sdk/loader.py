@@ -230,7 +230,9 @@ class ResumableLoader:
 
     def _validated(self, state: Any) -> tuple[int, int, bool, list[torch.Tensor], torch.Tensor | None]:
         if not isinstance(state, dict):
-            raise ValueError(f"loader state must be a dict from ResumableLoader.state_dict(), got {type(state).__name__}")
+            raise ValueError(
+                f"loader state must be a dict from ResumableLoader.state_dict(), got {type(state).__name__}"
+            )
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state has version {state.get('version')!r}, expected {STATE_VERSION}")
         for key in ("epoch", "batches_done", "num_batches"):
@@ -246,7 +248,7 @@ class ResumableLoader:
         if not isinstance(started, bool):
             raise ValueError("loader state epoch_started must be a bool")
         done = state["batches_done"]
-        if started and done >= len(self) or not started and done != 0:
+        if (started and done >= len(self)) or (not started and done != 0):
             raise ValueError(f"loader state batches_done {done} is impossible with epoch_started={started}")
         states = state.get("generator_states")
         if not isinstance(states, list) or len(states) != len(self._generators):
@@ -353,8 +355,4 @@ def _epoch_setters_of(loader: DataLoader[Any]) -> list[Callable[[int], None]]:
 
 
 def _same_kind(value: Any, reference: torch.Tensor) -> bool:
-    return (
-        isinstance(value, torch.Tensor)
-        and value.dtype == reference.dtype
-        and value.shape == reference.shape
-    )
+    return isinstance(value, torch.Tensor) and value.dtype == reference.dtype and value.shape == reference.shape

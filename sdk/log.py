@@ -128,10 +128,10 @@ def bind(**fields: Any) -> None:
 
 
 def get_logger(name: str) -> Any:
-    """A structlog logger tagged with ``logger=name`` (configures defaults on first use if nobody did)."""
+    """A structlog logger tagged with ``logger_name=name`` (configures defaults on first use if nobody did)."""
     if not structlog.is_configured():
         configure()
-    return structlog.get_logger().bind(logger=name)
+    return structlog.get_logger(logger_name=name)
 
 
 def _isatty(stream: IO[str]) -> bool:

@@ -156,7 +156,9 @@ def _int_list(value: Any, name: str, length: int, bound: int) -> list[int]:
 
 def _byte_tensor(value: Any, name: str, numel: int | None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
-        what = f"{value.dtype} tensor of {value.dim()} dims" if isinstance(value, torch.Tensor) else type(value).__name__
+        what = (
+            f"{value.dtype} tensor of {value.dim()} dims" if isinstance(value, torch.Tensor) else type(value).__name__
+        )
         raise ValueError(f"RNG state {name} must be a 1-D uint8 tensor, got {what}")
     if numel is not None and value.numel() != numel:
         raise ValueError(f"RNG state {name} has {value.numel()} bytes, this torch's generator needs {numel}")

@@ -111,9 +111,9 @@ class FaultProxy:
 
     def start(self) -> FaultProxy:
         self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, HOST, 0), self._loop
-        ).result(timeout=10)
+        self._server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._serve, HOST, 0), self._loop).result(
+            timeout=10
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
