@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("uri", help="the run's checkpoint location (s3://, gs://, file://, a path)")
     listing.add_argument("--json", action="store_true", help="one JSON document on stdout")
     listing.add_argument("--all", action="store_true", help="also show folders that are not valid, and why")
+    listing.add_argument(
+        "--deep",
+        action="store_true",
+        help="read every file and check its CRC32C (default: sizes, and the store's CRC32C where it keeps one)",
+    )
     verify = actions.add_parser("verify", help="verify the newest (or --step) checkpoint byte for byte")
     verify.add_argument("uri", help="the run's checkpoint location")
     verify.add_argument("--step", type=int, default=None, help="the step to verify (default: newest committed)")
@@ -91,7 +96,7 @@ def _checkpointer(uri: str) -> Any:
 
 def _list(args: argparse.Namespace) -> int:
     ckpt = _checkpointer(args.uri)
-    valid = {info.step for info in ckpt.list(verify=True)}
+    valid = {info.step for info in ckpt.list(verify=True, download=args.deep)}
     rows = []
     for entry in ckpt.scan():
         ok = entry.step in valid

@@ -7,6 +7,9 @@ its own sub-folder, a stale attempt still writing can never overwrite the files 
 A checkpoint is found by reading manifests, never by trusting folder names, and loading verifies every
 file's size and CRC32C; on any mismatch it logs why and falls back to the previous valid checkpoint.
 
+Listing and verifying need no torch (the ``podtrain checkpoints`` commands start fast); saving and loading
+import it on first use.
+
 Everything in ``state`` that has ``state_dict()``/``load_state_dict()`` is saved (a plain dict is saved as is
 and updated in place on load). RNG states (python, numpy, torch CPU and CUDA) are saved without being asked.
 """
@@ -20,9 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from sdk import checksum, rng, serialization
+from sdk import checksum
 from sdk.config import Config
 from sdk.errors import (
     CheckpointError,
@@ -128,6 +129,10 @@ class Checkpointer:
         Returns when the checkpoint is committed. Raises :class:`CommitConflictError` when another writer
         already committed this step.
         """
+        import torch
+
+        from sdk import serialization
+
         started = time.monotonic()
         _check_state_names(state)
         folder = step_dir(step)
@@ -200,8 +205,12 @@ class Checkpointer:
             entries.append(ScanEntry(step, location, manifest, problem, attempts))
         return sorted(entries, key=lambda e: e.step, reverse=True)
 
-    def list(self, *, verify: bool = True) -> list[CheckpointInfo]:
-        """Committed checkpoints, newest first; with ``verify``, only those whose files check out in the store."""
+    def list(self, *, verify: bool = True, download: bool = False) -> list[CheckpointInfo]:
+        """Committed checkpoints, newest first.
+
+        With ``verify``, only those whose files exist with the manifest's sizes and, where the store records a
+        CRC32C (S3, GCS), the manifest's CRC32C; with ``download`` too, every byte is read and checksummed.
+        """
         found = []
         for entry in self.scan():
             if entry.manifest is None:
@@ -209,7 +218,7 @@ class Checkpointer:
             info = CheckpointInfo(entry.step, entry.url, entry.manifest)
             if verify:
                 try:
-                    self._check_files(info, download=False)
+                    self._check_files(info, download=download)
                 except InvalidCheckpointError as exc:
                     log.warning("checkpoint.invalid", url=info.url, reason=exc.reason)
                     continue
@@ -297,6 +306,8 @@ class Checkpointer:
             return dict(pool.map(lambda item: check(*item), info.manifest.files.items()))
 
     def _restore(self, info: CheckpointInfo, state: Mapping[str, Any], payloads: Mapping[str, bytes]) -> None:
+        from sdk import rng, serialization
+
         by_stem = {name.rsplit("/", 1)[-1].rsplit(".", 1)[0]: name for name in payloads}
         missing = [key for key in state if key not in by_stem]
         if missing:
@@ -344,6 +355,8 @@ class Checkpointer:
 
 
 def _payloads(state: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
+    from sdk import rng
+
     for key, obj in state.items():
         yield key, obj.state_dict() if hasattr(obj, "state_dict") else dict(obj)
     yield RNG_STEM, rng.capture()

@@ -1,26 +1,22 @@
 """An HTTP-aware TCP proxy on 127.0.0.1 that injects object-store faults on chosen requests.
 
-It sits in front of a real server (moto, fake-gcs-server), runs its own asyncio loop in a background thread,
-and forwards each request on a fresh upstream connection. Faults are rules; each request is checked against
-them in order and the first that matches and still has shots left fires::
+It sits in front of a real server (moto, fake-gcs-server), runs an asyncio loop in a background thread, and
+forwards each request on a fresh upstream connection. Faults are rules, checked in order; the first that
+matches the request and has shots left fires (``skip=N-1, times=1`` hits the Nth matching request)::
 
     proxy = FaultProxy(server.port, flavor="s3").start()
-    proxy.fail(503, times=2)                         # the first two requests get a SlowDown 503
-    proxy.reset(after=1000, method="GET")            # the next GET: 1000 body bytes, then a TCP RST
-    proxy.stall(5.0, path=r"/bkt/")                  # accept, send nothing for 5 s, close
-    ...
+    proxy.fail(503, times=2)                    # the first two requests get a SlowDown 503
+    proxy.fail(403, method="PUT", times=None)   # every PUT gets AccessDenied
+    proxy.reset(after=1000, method="GET")       # the next GET: 1000 body bytes, then a TCP RST
+    proxy.stall(5.0, path=r"/bkt/")             # a matching request is read, then nothing for 5 s, then close
     proxy.stop()
 
-Kinds: ``status`` (answer with an error status and the flavour's error body, never reaching the server),
-``reset`` / ``truncate`` (pass ``after`` body bytes, then RST / a clean close), ``flip`` (invert the body byte
-at ``after``), ``stall``. ``skip`` lets that many matching requests through first, so ``skip=N-1, times=1``
-hits the Nth. Response bodies are buffered and re-framed with Content-Length, so body faults are exact.
+Response bodies are buffered and re-framed with Content-Length, so body faults hit exact offsets.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http
 import json
 import re
@@ -33,6 +29,7 @@ from dataclasses import dataclass
 __all__ = ["Fault", "FaultProxy", "error_body"]
 
 HOST = "127.0.0.1"
+_Response = tuple[str, dict[str, str], bytes]  # status line, headers, body
 _S3_CODES = {403: ("AccessDenied", "Access Denied"), 503: ("SlowDown", "Please reduce your request rate.")}
 _GCS_REASONS = {403: "forbidden", 429: "rateLimitExceeded", 503: "backendError"}
 
@@ -68,16 +65,13 @@ class Fault:
     seen: int = 0
     hits: int = 0
 
-    def matches(self, method: str, target: str) -> bool:
-        return (
-            (self.method is None or self.method.upper() == method)
-            and (self.path is None or re.search(self.path, target) is not None)
-            and (self.match is None or self.match(method, target))
-        )
-
     def take(self, method: str, target: str) -> bool:
         """Whether this rule fires on this request (counting it if it matches)."""
-        if not self.matches(method, target):
+        if (
+            (self.method is not None and self.method.upper() != method)
+            or (self.path is not None and re.search(self.path, target) is None)
+            or (self.match is not None and not self.match(method, target))
+        ):
             return False
         self.seen += 1
         if self.seen <= self.skip or (self.times is not None and self.hits >= self.times):
@@ -93,7 +87,7 @@ class FaultProxy:
         error_body(flavor, 503)  # fail now on a bad flavour
         self.upstream = (upstream_host, upstream_port)
         self.flavor = flavor
-        self.port = 0
+        self.port, self.url = 0, ""  # set by start()
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []  # (method, target) of every request, in arrival order
         self.bytes_in = 0  # request bytes received from clients
@@ -102,34 +96,22 @@ class FaultProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
         self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    # -- control (from the test's thread) ----------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
 
     def start(self) -> FaultProxy:
         self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._serve, HOST, 0), self._loop).result(
-            timeout=10
-        )
+        serving = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._serve, HOST, 0), self._loop)
+        self._server = serving.result(timeout=10)
         self.port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://{HOST}:{self.port}"
         return self
 
     def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        """Close the listener and every open connection (a stalled one too); safe to call twice."""
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
 
     def add(self, kind: str, **options: object) -> Fault:
         fault = Fault(kind, **options)  # type: ignore[arg-type]
@@ -138,12 +120,8 @@ class FaultProxy:
         return fault
 
     def fail(self, status: int = 503, **options: object) -> Fault:
-        """Answer matching requests with ``status`` and the flavour's error body (SlowDown for an S3 503)."""
+        """Answer with ``status`` and the flavour's error body (S3: SlowDown for 503, AccessDenied for 403)."""
         return self.add("status", status=status, **options)
-
-    def deny(self, **options: object) -> Fault:
-        """Answer matching requests with 403 AccessDenied."""
-        return self.add("status", status=403, **options)
 
     def reset(self, after: int = 0, **options: object) -> Fault:
         """Send the response head and ``after`` body bytes, then reset the connection."""
@@ -172,36 +150,27 @@ class FaultProxy:
             self.requests.clear()
             self.bytes_in = self.bytes_out = 0
 
-    def count(self, method: str | None = None, path: str | None = None) -> int:
-        """How many requests matched ``method`` and the ``path`` regex."""
-        probe = Fault("count", method=method, path=path)
-        with self._lock:
-            return sum(probe.matches(m, t) for m, t in self.requests)
-
     def _pick(self, method: str, target: str) -> Fault | None:
         with self._lock:
             self.requests.append((method, target))
             return next((f for f in self.faults if f.take(method, target)), None)
 
-    # -- the proxy (on the loop's thread) ----------------------------------------------------------------
+    # -- below: on the proxy's own thread and loop -------------------------------------------------------
     async def _shutdown(self) -> None:
         assert self._server is not None
         self._server.close()
-        for task in list(self._tasks):
+        handlers = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in handlers:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*handlers, return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         try:
             while await self._exchange(reader, writer):
                 pass
         except (OSError, asyncio.IncompleteReadError, ValueError, asyncio.CancelledError):
             pass  # a client or server hung up mid-message, or the proxy stops: drop the connection
         finally:
-            self._tasks.discard(task)
             writer.close()
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -222,66 +191,70 @@ class FaultProxy:
             body, ctype = error_body(self.flavor, fault.status)
             body, phrase = fault.body or body, http.HTTPStatus(fault.status).phrase
             head = _head(f"HTTP/1.1 {fault.status} {phrase}", {"content-type": ctype}, body)
-            self._send(writer, head if method == "HEAD" else head + body)
-            await writer.drain()
+            await self._send(writer, head if method == "HEAD" else head + body)
             return False
-
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        try:
-            up_writer.write(head)
-            request_body = asyncio.create_task(self._forward_body(reader, up_writer, headers))
-            while True:  # interim 1xx answers (100 Continue) go straight through
-                response = await _read_head(up_reader)
-                if not response:
-                    raise ConnectionResetError("upstream closed without a response")
-                status_line, response_headers = response.split(b"\r\n", 1)[0].decode("latin-1"), _headers(response)
-                status = int(status_line.split(" ")[1])
-                if status >= 200:
-                    break
-                self._send(writer, response)
-            no_body = method == "HEAD" or status in (204, 304)
-            body = b"" if no_body else await _body(up_reader, response_headers, until_eof=True)
-            await request_body
-        finally:
-            up_writer.close()
-        keep = "close" not in response_headers.get("connection", "").lower()
-        if not no_body:
-            response_headers.pop("transfer-encoding", None)
-            response_headers["content-length"] = str(len(body))
+        status_line, response_headers, body = await self._fetch(head, reader, writer)
         out_head = _head(status_line, response_headers)
-        if fault is not None and fault.kind == "flip" and fault.after < len(body):
-            body = body[: fault.after] + bytes([body[fault.after] ^ 0xFF]) + body[fault.after + 1 :]
-        if fault is not None and fault.kind in ("reset", "truncate"):
-            self._send(writer, out_head + body[: fault.after])
-            writer.transport.set_write_buffer_limits(0)
-            await writer.drain()
-            if fault.kind == "reset":
+        keep = "close" not in response_headers.get("connection", "").lower()
+        kind, after = (fault.kind, fault.after) if fault is not None else ("", 0)
+        if kind == "flip" and after < len(body):
+            body = body[:after] + bytes([body[after] ^ 0xFF]) + body[after + 1 :]
+        if kind in ("reset", "truncate"):
+            writer.transport.set_write_buffer_limits(0)  # drain() then waits until the kernel has it all
+            await self._send(writer, out_head + body[:after])
+            if kind == "reset":
                 sock = writer.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 writer.transport.abort()
             return False
-        if fault is not None and fault.kind == "slow":
-            self._send(writer, out_head)
-            for start in range(0, len(body), max(fault.after, 1)):
+        if kind == "slow" and fault is not None:
+            await self._send(writer, out_head)
+            for start in range(0, len(body), max(after, 1)):
                 await asyncio.sleep(fault.seconds)
-                self._send(writer, body[start : start + max(fault.after, 1)])
-                await writer.drain()
+                await self._send(writer, body[start : start + max(after, 1)])
             return keep
-        self._send(writer, out_head + body)
-        await writer.drain()
+        await self._send(writer, out_head + body)
         return keep
 
-    async def _forward_body(
-        self, reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter, headers: dict[str, str]
-    ) -> None:
-        body = await _body(reader, headers, raw=True)
-        self.bytes_in += len(body)
-        up_writer.write(body)
-        await up_writer.drain()
+    async def _fetch(self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Response:
+        """Send the request upstream on a fresh connection; the final response, its body re-framed."""
+        headers, method = _headers(head), head.split(b" ", 1)[0].decode("latin-1")
 
-    def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        async def forward_body() -> None:
+            body = await _body(reader, headers, raw=True)
+            self.bytes_in += len(body)
+            up_writer.write(body)  # no drain: done means the whole request arrived (closing flushes the rest)
+
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        try:
+            up_writer.write(head)
+            request_body = asyncio.create_task(forward_body())
+            while True:  # interim 1xx answers (100 Continue) go straight through
+                response = await _read_head(up_reader)
+                if not response:
+                    raise ConnectionResetError("upstream closed without a response")
+                status_line = response.split(b"\r\n", 1)[0].decode("latin-1")
+                status = int(status_line.split(" ")[1])
+                if status >= 200:
+                    break
+                await self._send(writer, response)
+            response_headers = _headers(response)
+            no_body = method == "HEAD" or status in (204, 304)
+            body = b"" if no_body else await _body(up_reader, response_headers, until_eof=True)
+        finally:
+            up_writer.close()
+        if not request_body.done():  # answered before the request body came: this connection is done
+            request_body.cancel()
+            response_headers["connection"] = "close"
+        if not no_body:
+            response_headers.pop("transfer-encoding", None)
+            response_headers["content-length"] = str(len(body))
+        return status_line, response_headers, body
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         self.bytes_out += len(data)
         writer.write(data)
+        await writer.drain()
 
 
 async def _read_head(reader: asyncio.StreamReader) -> bytes:

@@ -100,7 +100,7 @@ class Server:
         if self.running:
             return self
         self.port = free_port()
-        self._log = tempfile.TemporaryFile(prefix=f"podtrain-{self.name}-")
+        self._log = tempfile.TemporaryFile(prefix=f"podtrain-{self.name}-")  # noqa: SIM115 - stop() closes it
         self.proc = subprocess.Popen(
             self.command(),
             stdin=subprocess.DEVNULL,

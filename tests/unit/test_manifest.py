@@ -43,7 +43,12 @@ def test_step_dir_is_ten_digits_so_lexical_order_is_numeric() -> None:
 def test_manifest_round_trips_through_json() -> None:
     """to_json then parse gives back the same manifest, with the design's field names."""
     m = Manifest(
-        run_id="r1", attempt=2, step=5, world_size=1, files={"a.pt": FileEntry(size=3, crc32c="0000abcd")}, torch="2.13.0"
+        run_id="r1",
+        attempt=2,
+        step=5,
+        world_size=1,
+        files={"a.pt": FileEntry(size=3, crc32c="0000abcd")},
+        torch="2.13.0",
     )
     doc = json.loads(m.to_json())
     assert list(doc) == ["format", "run_id", "attempt", "step", "created", "world_size", "files", "torch", "meta"]

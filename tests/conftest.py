@@ -1,0 +1,186 @@
+"""Shared fixtures: real object-store servers, fresh store URLs, a fault proxy, a recording fake sleep, logs.
+
+Nothing here is autouse: a test that asks for none of these fixtures starts no server. The servers start on
+first use and live for the session; every URL fixture resets its server first, so each test sees an empty
+bucket, and points the client environment at it through ``monkeypatch`` so ``open_store(url)`` just works.
+
+* ``s3_server`` / ``gcs_server`` — :class:`tests.servers.MotoS3Server` / :class:`tests.servers.FakeGCSServer`.
+* ``file_url``, ``memory_url``, ``s3_url``, ``gcs_url`` — a fresh, empty location (``str``).
+* ``store_url`` — the same, parametrized over ``file``, ``s3``, ``gcs``.
+* ``fault_proxy`` — ``fault_proxy("s3" | "gcs") -> FaultProxy``: a proxy in front of that server with the
+  environment pointed at it (and a fresh bucket, as the URL fixture gives). Open stores after calling it.
+* ``no_sleep`` — a :class:`RecordedSleep` for ``RetryPolicy``/``open_store(sleep=...)``: records, never sleeps.
+* ``captured_log`` — podtrain's log configured as JSON lines into a buffer; ``.records()`` parses them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faultproxy import FaultProxy
+from tests.servers import FakeGCSServer, MotoS3Server, Server
+
+BUCKET = "podtrain-test"
+BACKENDS = ["file", "s3", "gcs"]
+# Variables that would send a client somewhere else than the test server, or change how it signs in.
+_FOREIGN_VARS = (
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
+
+
+class RecordedSleep:
+    """A stand-in for ``time.sleep``: records every pause asked for and returns at once."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+    def __repr__(self) -> str:
+        return f"RecordedSleep({self.calls})"
+
+
+class CapturedLog:
+    """podtrain's log lines, as written (JSON, one object a line)."""
+
+    def __init__(self, stream: io.StringIO) -> None:
+        self.stream = stream
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def records(self, event: str | None = None) -> list[dict[str, Any]]:
+        """Every line parsed, or only those whose ``event`` is ``event``."""
+        parsed = [json.loads(line) for line in self.text.splitlines() if line.strip()]
+        return [r for r in parsed if event is None or r.get("event") == event]
+
+
+# -- servers -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoS3Server]:
+    """moto's S3 on a free port of 127.0.0.1, for the whole session."""
+    server = MotoS3Server().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[FakeGCSServer]:
+    """fake-gcs-server on a free port of 127.0.0.1, for the whole session."""
+    server = FakeGCSServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _fresh(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    server.reset()
+    server.create_bucket(BUCKET)
+    for name in _FOREIGN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+
+
+# -- locations -----------------------------------------------------------------------------------------------
+@pytest.fixture
+def s3_url(s3_server: MotoS3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An empty location in a fresh moto bucket; the AWS_* environment points at the server."""
+    _fresh(s3_server, monkeypatch)
+    return f"s3://{BUCKET}/root"
+
+
+@pytest.fixture
+def gcs_url(gcs_server: FakeGCSServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An empty location in a fresh fake-gcs bucket; STORAGE_EMULATOR_HOST points at the server."""
+    _fresh(gcs_server, monkeypatch)
+    return f"gs://{BUCKET}/root"
+
+
+@pytest.fixture
+def file_url(tmp_path: Path) -> str:
+    """An empty local directory, as a file:// URL."""
+    return (tmp_path / "store").as_uri()
+
+
+@pytest.fixture
+def memory_url() -> Iterator[str]:
+    """An empty location in fsspec's in-process memory filesystem, removed afterwards."""
+    import fsspec
+
+    root = f"/podtrain-{uuid.uuid4().hex[:12]}"
+    yield f"memory://{root}"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, empty location on each backend in turn (file, s3, gcs); servers start only when needed."""
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+# -- faults, time, logs --------------------------------------------------------------------------------------
+@pytest.fixture
+def fault_proxy(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[str], FaultProxy]]:
+    """``fault_proxy("s3" | "gcs")``: a started FaultProxy in front of that server, the environment pointed at it.
+
+    The backend's URL fixture (``s3_url`` / ``gcs_url``) is set up first, so the bucket exists; stores opened
+    after the call go through the proxy. Every proxy is stopped after the test.
+    """
+    proxies: list[FaultProxy] = []
+
+    def make(backend: str) -> FaultProxy:
+        if backend not in ("s3", "gcs"):
+            raise ValueError(f"fault_proxy({backend!r}): use 's3' or 'gcs'")
+        request.getfixturevalue(f"{backend}_url")
+        server: Server = request.getfixturevalue(f"{backend}_server")
+        proxy = FaultProxy(server.port, flavor=backend).start()
+        proxies.append(proxy)
+        monkeypatch.setenv("AWS_ENDPOINT_URL" if backend == "s3" else "STORAGE_EMULATOR_HOST", proxy.url)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest.fixture
+def no_sleep() -> RecordedSleep:
+    """A fake sleep that records the waits a retry loop asked for."""
+    return RecordedSleep()
+
+
+@pytest.fixture
+def captured_log() -> Iterator[CapturedLog]:
+    """podtrain's log as JSON lines into a buffer (debug and up); the default set-up is restored afterwards."""
+    import sdk.log
+
+    stream = io.StringIO()
+    sdk.log.configure(stream=stream, fmt="json", level="debug")
+    yield CapturedLog(stream)
+    sdk.log.configure()

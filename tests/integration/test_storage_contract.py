@@ -1,0 +1,258 @@
+"""The storage contract, one suite for every backend: ``StoreContract`` subclassed per store.
+
+A subclass provides the ``url`` fixture (a fresh, empty location) and says what its store offers. The S3 and
+GCS runs talk to real servers on 127.0.0.1 (moto, fake-gcs-server); access denied comes from the fault proxy,
+since neither emulator enforces permissions by default.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import boto3
+import pytest
+
+from sdk import backend, checksum
+from sdk.errors import StorageNotFoundError, StoragePermissionError
+from sdk.storage import Store, open_store, split_url
+
+if TYPE_CHECKING:
+    from tests.conftest import RecordedSleep
+    from tests.faultproxy import FaultProxy
+
+
+def _blob(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 31 + seed) % 251 for i in range(size))
+
+
+class StoreContract:
+    """Behaviour every store gives podtrain. Subclasses provide ``url`` and the flags below."""
+
+    backend = "file"  # names the fault proxy's server for the cloud backends
+    native_checksums = False  # the store records a CRC32C per object
+    has_buckets = False  # a missing bucket is an error (a local directory is simply created)
+
+    @pytest.fixture
+    def store(self, url: str, no_sleep: RecordedSleep) -> Store:
+        return open_store(url, sleep=no_sleep)
+
+    # -- reading and writing -----------------------------------------------------------------------------
+    def test_put_then_get_returns_the_same_bytes(self, store: Store) -> None:
+        """An object reads back byte for byte, under a nested path."""
+        data = _blob(100_000)
+        assert store.put("a/b/c.bin", data) is True
+        assert store.get("a/b/c.bin") == data
+
+    def test_empty_object_round_trips(self, store: Store) -> None:
+        """A zero-byte object is stored, exists, has size 0 and reads back empty."""
+        assert store.put("empty", b"") is True
+        assert store.exists("empty")
+        assert store.size("empty") == 0
+        assert store.get("empty") == b""
+
+    def test_plain_put_replaces_an_existing_object(self, store: Store) -> None:
+        """Without ``exclusive``, a put overwrites."""
+        store.put("obj", b"first")
+        assert store.put("obj", b"second version") is True
+        assert store.get("obj") == b"second version"
+
+    def test_exists_and_size_describe_the_object(self, store: Store) -> None:
+        """exists() is True only for a written object; size() is its length in bytes."""
+        store.put("dir/obj", _blob(1234))
+        assert store.exists("dir/obj")
+        assert not store.exists("dir/other")
+        assert store.size("dir/obj") == 1234
+
+    def test_get_of_a_missing_object_is_not_found_at_once(self, store: Store, no_sleep: RecordedSleep) -> None:
+        """Reading an object that is not there is StorageNotFoundError naming its URL, with no retry."""
+        with pytest.raises(StorageNotFoundError) as caught:
+            store.get("nothing/here")
+        assert store.url_of("nothing/here") in str(caught.value)
+        assert caught.value.url == store.url_of("nothing/here")
+        assert no_sleep.calls == []
+
+    # -- conditional create ------------------------------------------------------------------------------
+    def test_exclusive_put_creates_a_new_object(self, store: Store) -> None:
+        """An exclusive put where nothing exists writes the object and returns True."""
+        assert store.put("manifest", b"mine", exclusive=True) is True
+        assert store.get("manifest") == b"mine"
+
+    def test_exclusive_put_over_other_content_returns_false_and_writes_nothing(self, store: Store) -> None:
+        """An exclusive put loses to an existing object with different content, which stays intact."""
+        store.put("manifest", b"theirs", exclusive=True)
+        assert store.put("manifest", b"mine", exclusive=True) is False
+        assert store.get("manifest") == b"theirs"
+
+    def test_exclusive_put_of_identical_content_counts_as_written(self, store: Store) -> None:
+        """Re-sending our own write (a retry after a lost answer) is a success, not a conflict."""
+        store.put("manifest", b"same bytes", exclusive=True)
+        assert store.put("manifest", b"same bytes", exclusive=True) is True
+
+    # -- checksums ---------------------------------------------------------------------------------------
+    def test_native_crc32c_is_the_crc32c_of_the_data(self, store: Store) -> None:
+        """Stores that keep a CRC32C report exactly ours; others report None."""
+        data = _blob(70_000, seed=3)
+        store.put("obj", data)
+        expected = checksum.crc32c(data) if self.native_checksums else None
+        assert store.native_crc32c("obj") == expected
+
+    # -- listing and deleting ----------------------------------------------------------------------------
+    def test_list_gives_the_names_of_direct_children(self, store: Store) -> None:
+        """list() names files and sub-folders one level down, sorted, without their paths."""
+        for rel in ("step-1/a", "step-1/sub/b", "step-2/c", "top"):
+            store.put(rel, b"x")
+        assert store.list() == ["step-1", "step-2", "top"]
+        assert store.list("step-1") == ["a", "sub"]
+
+    def test_list_of_a_missing_folder_is_empty(self, store: Store) -> None:
+        """Listing a prefix with nothing under it gives [] rather than an error."""
+        assert store.list("no-such-folder") == []
+
+    def test_walk_gives_every_object_as_a_path_relative_to_the_folder(self, store: Store) -> None:
+        """walk() descends all levels and yields paths relative to where it started."""
+        for rel in ("run/a", "run/x/b", "run/x/y/c", "other/d"):
+            store.put(rel, b"x")
+        assert sorted(store.walk("run")) == ["a", "x/b", "x/y/c"]
+        assert sorted(store.walk()) == ["other/d", "run/a", "run/x/b", "run/x/y/c"]
+
+    def test_recursive_delete_removes_everything_below_and_nothing_else(self, store: Store) -> None:
+        """delete(recursive=True) empties a folder; its siblings survive."""
+        for rel in ("old/a", "old/deep/b", "keep/c"):
+            store.put(rel, b"x")
+        store.delete("old", recursive=True)
+        assert list(store.walk()) == ["keep/c"]
+        assert not store.exists("old/deep/b")
+
+    def test_delete_of_one_object_leaves_its_neighbours(self, store: Store) -> None:
+        """A plain delete removes just that object."""
+        store.put("d/a", b"x")
+        store.put("d/b", b"y")
+        store.delete("d/a")
+        assert sorted(store.walk("d")) == ["b"]
+
+    def test_delete_of_a_missing_path_is_fine(self, store: Store, no_sleep: RecordedSleep) -> None:
+        """Deleting what is not there succeeds quietly, recursive or not."""
+        store.delete("ghost")
+        store.delete("ghost-folder", recursive=True)
+        assert no_sleep.calls == []
+
+    # -- roots and children ------------------------------------------------------------------------------
+    def test_child_store_reads_and_writes_below_its_parent(self, store: Store) -> None:
+        """child(rel) is rooted at rel: its paths and URLs are the parent's plus rel."""
+        child = store.child("runs/r1")
+        child.put("f", b"data")
+        assert store.get("runs/r1/f") == b"data"
+        assert child.url_of("f") == store.url_of("runs/r1/f")
+        assert child.url == store.url_of("runs/r1")
+
+    def test_ensure_root_accepts_a_usable_location(self, store: Store) -> None:
+        """ensure_root() passes where the bucket (or directory) can be used."""
+        store.ensure_root()
+
+    # -- failures ----------------------------------------------------------------------------------------
+    @pytest.mark.parametrize(
+        "operation",
+        [
+            pytest.param(lambda s: s.ensure_root(), id="ensure_root"),
+            pytest.param(lambda s: s.put("f", b"x"), id="put"),
+            pytest.param(lambda s: s.get("f"), id="get"),
+        ],
+    )
+    def test_missing_bucket_fails_at_once_naming_the_url_and_the_fix(
+        self, url: str, no_sleep: RecordedSleep, operation: Callable[[Store], object]
+    ) -> None:
+        """A bucket that does not exist is StorageNotFoundError naming the URL and what to check, never retried."""
+        if not self.has_buckets:
+            pytest.skip("a local directory is created, not looked up")
+        scheme, path = split_url(url)
+        missing = f"{scheme}://no-such-bucket-{uuid.uuid4().hex[:8]}/{path.split('/', 1)[1]}"
+        store = open_store(missing, sleep=no_sleep)
+        with pytest.raises(StorageNotFoundError) as caught:
+            operation(store)
+        message = str(caught.value)
+        assert missing in message
+        assert "bucket exists" in message
+        assert no_sleep.calls == []
+
+    @pytest.mark.parametrize(
+        "operation",
+        [
+            pytest.param(lambda s: s.ensure_root(), id="ensure_root"),
+            pytest.param(lambda s: s.put("f", b"x"), id="put"),
+            pytest.param(lambda s: s.get("f"), id="get"),
+            pytest.param(lambda s: s.list(), id="list"),
+        ],
+    )
+    def test_access_denied_is_a_permission_error_without_retries(
+        self,
+        url: str,
+        no_sleep: RecordedSleep,
+        fault_proxy: Callable[[str], FaultProxy],
+        operation: Callable[[Store], object],
+    ) -> None:
+        """A 403 is StoragePermissionError naming the URL and the credentials to check, after one request."""
+        if not self.has_buckets:
+            pytest.skip("a local store has no access control to deny through a proxy")
+        proxy = fault_proxy(self.backend)
+        proxy.fail(403, times=None)
+        store = open_store(url, sleep=no_sleep)
+        with pytest.raises(StoragePermissionError) as caught:
+            operation(store)
+        assert store.url in str(caught.value)
+        assert "credentials" in str(caught.value)
+        assert len(proxy.requests) == 1
+        assert no_sleep.calls == []
+
+
+class TestFileStore(StoreContract):
+    @pytest.fixture
+    def url(self, file_url: str) -> str:
+        return file_url
+
+
+class TestS3Store(StoreContract):
+    backend = "s3"
+    native_checksums = True
+    has_buckets = True
+
+    @pytest.fixture
+    def url(self, s3_url: str) -> str:
+        return s3_url
+
+    def test_multipart_upload_stores_the_full_object_crc32c(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Above the threshold a put goes as parts, and S3 keeps the CRC32C of the whole object."""
+        monkeypatch.setattr(backend, "S3_MULTIPART_THRESHOLD", 6 * 2**20)
+        monkeypatch.setattr(backend, "S3_PART_SIZE", 5 * 2**20)  # S3's smallest part but the last
+        data = os.urandom(11 * 2**20)
+        assert store.put("big.bin", data) is True
+        head = boto3.client("s3").head_object(Bucket="podtrain-test", Key="root/big.bin")
+        assert head["ETag"].strip('"').endswith("-3")  # three parts: 5 + 5 + 1 MiB
+        assert store.native_crc32c("big.bin") == checksum.crc32c(data)
+        assert store.get("big.bin") == data
+
+    def test_exclusive_multipart_upload_loses_to_an_existing_object(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The conditional create holds for multipart uploads too; identical content still counts as written."""
+        monkeypatch.setattr(backend, "S3_MULTIPART_THRESHOLD", 6 * 2**20)
+        monkeypatch.setattr(backend, "S3_PART_SIZE", 5 * 2**20)
+        data = os.urandom(7 * 2**20)
+        assert store.put("big.bin", data, exclusive=True) is True
+        assert store.put("big.bin", data[::-1], exclusive=True) is False
+        assert store.get("big.bin") == data
+        assert store.put("big.bin", data, exclusive=True) is True
+
+
+class TestGCSStore(StoreContract):
+    backend = "gcs"
+    native_checksums = True
+    has_buckets = True
+
+    @pytest.fixture
+    def url(self, gcs_url: str) -> str:
+        return gcs_url
