@@ -16,6 +16,7 @@ and updated in place on load). RNG states (python, numpy, torch CPU and CUDA) ar
 
 from __future__ import annotations
 
+import builtins
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -143,7 +144,7 @@ class Checkpointer:
         prefix = f"attempt-{attempt}"
         entries: dict[str, FileEntry] = {}
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-upload") as pool:
-            uploads: list[Future[None]] = []
+            uploads: list[Future[bool]] = []
             for stem, payload in _payloads(state):
                 encoded = serialization.encode(stem, payload)
                 name = f"{prefix}/{encoded.name}"
@@ -192,14 +193,17 @@ class Checkpointer:
             children = self.store.list(name)
             attempts = frozenset(int(m.group(1)) for c in children if (m := _ATTEMPT_DIR.match(c)))
             location = self.store.url_of(name)
-            manifest, problem = None, None
+            manifest: Manifest | None = None
+            problem: str | None = None
             if MANIFEST_NAME not in children:
                 problem = "no manifest (never committed, or still being written)"
             else:
                 try:
-                    manifest = parse(self.store.get(f"{name}/{MANIFEST_NAME}"), location=location)
-                    if manifest.step != step:
-                        manifest, problem = None, f"manifest says step {manifest.step}, folder says {step}"
+                    parsed = parse(self.store.get(f"{name}/{MANIFEST_NAME}"), location=location)
+                    if parsed.step == step:
+                        manifest = parsed
+                    else:
+                        problem = f"manifest says step {parsed.step}, folder says {step}"
                 except InvalidCheckpointError as exc:
                     problem = exc.reason
             entries.append(ScanEntry(step, location, manifest, problem, attempts))
@@ -334,7 +338,7 @@ class Checkpointer:
                 raise InvalidCheckpointError(info.url, f"RNG state does not restore: {exc}") from None
 
     # -- retention ---------------------------------------------------------------------------------------
-    def prune(self) -> list[int]:
+    def prune(self) -> builtins.list[int]:
         """Delete what the retention rules allow (see :mod:`sdk.retention`); return the deleted steps."""
         entries = self.scan()
         doomed = plan_deletions(

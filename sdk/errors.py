@@ -45,7 +45,7 @@ class PodtrainError(Exception):
 class ConfigError(PodtrainError, ValueError):
     """A setting is missing, malformed or out of range; the message names the variable and the fix."""
 
-    fault = "user"
+    fault: ClassVar[Fault] = "user"
 
 
 class BackendMissingError(ConfigError):
@@ -64,13 +64,13 @@ class TransientStorageError(StorageError):
     """The store failed in a way that may pass: throttling, 5xx, a reset connection, a timeout."""
 
     transient = True
-    fault = "platform"
+    fault: ClassVar[Fault] = "platform"
 
 
 class PermanentStorageError(StorageError):
     """The store refused in a way that will not pass by retrying."""
 
-    fault = "user"
+    fault: ClassVar[Fault] = "user"
 
 
 class StorageNotFoundError(PermanentStorageError, FileNotFoundError):
@@ -84,7 +84,7 @@ class StoragePermissionError(PermanentStorageError, PermissionError):
 class CheckpointError(PodtrainError):
     """Base of checkpoint errors."""
 
-    fault = "user"
+    fault: ClassVar[Fault] = "user"
 
 
 class InvalidCheckpointError(CheckpointError):
@@ -108,10 +108,10 @@ class CommitConflictError(CheckpointError):
     """Another writer already committed this step (its manifest exists); ours was not written."""
 
     transient = False
-    fault = "platform"
+    fault: ClassVar[Fault] = "platform"
 
 
 class StaleAttemptError(CheckpointError):
     """A newer attempt of this run owns the checkpoint location; this (older) attempt must not write."""
 
-    fault = "platform"
+    fault: ClassVar[Fault] = "platform"

@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, MutableMapping
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 import structlog
 
@@ -89,7 +89,7 @@ def configure(
     rank: int = 0,
     fmt: str = "auto",
     level: str = "info",
-    stream: IO[str] | None = None,
+    stream: TextIO | None = None,
     redactor: SecretRedactor | None = None,
 ) -> None:
     """Set up structlog for this process.

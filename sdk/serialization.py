@@ -17,7 +17,7 @@ import json
 import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -62,7 +62,7 @@ def encode(stem: str, state: Any) -> EncodedFile:
         _write_safetensors(writer, state)
     else:
         name = f"{stem}.pt"
-        torch.save(state, writer)
+        torch.save(state, cast(IO[bytes], writer))
     data = sink.getvalue()
     return EncodedFile(name=name, data=data, size=writer.size, crc32c=writer.crc)
 
