@@ -326,11 +326,18 @@ class Checkpointer:
         }
         for key, obj in state.items():
             loaded = decoded[key]
-            if hasattr(obj, "load_state_dict"):
-                obj.load_state_dict(loaded)
-            else:
-                obj.clear()
-                obj.update(loaded)
+            try:
+                if hasattr(obj, "load_state_dict"):
+                    obj.load_state_dict(loaded)
+                else:
+                    obj.clear()
+                    obj.update(loaded)
+            except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+                # The bytes verified, so this is a mismatch (another model, dataset or batch size), not damage:
+                # an older checkpoint would not fit either, so this is an error to fix, not a fallback.
+                raise CheckpointError(
+                    f"state {key!r} from checkpoint {info.url} does not fit {type(obj).__name__}: {exc}"
+                ) from exc
         if RNG_STEM in decoded:
             try:
                 rng.restore(decoded[RNG_STEM])

@@ -58,7 +58,7 @@ _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 
 def classify(exc: BaseException, *, url: str, op: str = "access") -> StorageError:
     """The podtrain error for ``exc``, raised while doing ``op`` on ``url``."""
-    text = f"{type(exc).__name__}: {exc}".strip()
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     code = _http_code(exc)
     names = {cls.__name__ for cls in type(exc).__mro__}
     if isinstance(exc, FileExistsError):
@@ -76,7 +76,7 @@ def classify(exc: BaseException, *, url: str, op: str = "access") -> StorageErro
         )
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return PermanentStorageError(
-            f"{op} {url}: no space left on device — free space or use a bigger volume"
+            f"{op} {url}: no space left on device — free space or use a bigger volume ({text})", url=url
         )
     transient = (
         isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError))
@@ -92,6 +92,8 @@ def classify(exc: BaseException, *, url: str, op: str = "access") -> StorageErro
 
 def _http_code(exc: BaseException) -> int | None:
     code = getattr(exc, "code", None) or getattr(exc, "status", None)
+    if isinstance(code, str) and code.isdigit():  # gcsfs's HttpError keeps the code from the JSON body
+        code = int(code)
     if isinstance(code, int):
         return code
     response = getattr(exc, "response", None)

@@ -11,6 +11,7 @@ instance); ours wraps it.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -154,9 +155,7 @@ class Store:
         policy = self.retry
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(policy.attempts),
-            wait=tenacity.wait_exponential_jitter(
-                initial=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter
-            ),
+            wait=_backoff(policy),
             retry=tenacity.retry_if_exception_type(TransientStorageError),
             sleep=self._sleep,
             before_sleep=before_sleep,
@@ -170,8 +169,16 @@ class Store:
             ) from exc
 
 
-def open_store(
-    url: str, *, retry: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep
-) -> Store:
+def _backoff(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:
+    """``initial_wait * 2**(n-1)`` plus up to ``jitter`` seconds, capped at ``max_wait`` (before retry n)."""
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        exponential = policy.initial_wait * 2 ** (state.attempt_number - 1)
+        return float(min(policy.max_wait, exponential + random.uniform(0, policy.jitter)))
+
+    return wait
+
+
+def open_store(url: str, *, retry: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> Store:
     """A :class:`Store` for ``url`` (``s3://``, ``gs://``, ``file://``, a plain path, any fsspec URL)."""
     return Store(url, retry=retry, sleep=sleep)

@@ -1,17 +1,15 @@
 """An HTTP-aware TCP proxy on 127.0.0.1 that injects object-store faults on chosen requests.
 
 It sits in front of a real server (moto, fake-gcs-server), runs an asyncio loop in a background thread, and
-forwards each request on a fresh upstream connection. Faults are rules, checked in order; the first that
-matches the request and has shots left fires (``skip=N-1, times=1`` hits the Nth matching request)::
+forwards each request on a fresh upstream connection. Response bodies are buffered and re-framed with
+Content-Length, so body faults hit exact offsets. Faults are rules, checked in order; the first that matches
+the request and has shots left fires (``skip=N-1, times=1`` hits the Nth matching request)::
 
     proxy = FaultProxy(server.port, flavor="s3").start()
     proxy.fail(503, times=2)                    # the first two requests get a SlowDown 503
     proxy.fail(403, method="PUT", times=None)   # every PUT gets AccessDenied
     proxy.reset(after=1000, method="GET")       # the next GET: 1000 body bytes, then a TCP RST
     proxy.stall(5.0, path=r"/bkt/")             # a matching request is read, then nothing for 5 s, then close
-    proxy.stop()
-
-Response bodies are buffered and re-framed with Content-Length, so body faults hit exact offsets.
 """
 
 from __future__ import annotations
@@ -25,8 +23,6 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-
-__all__ = ["Fault", "FaultProxy", "error_body"]
 
 HOST = "127.0.0.1"
 _Response = tuple[str, dict[str, str], bytes]  # status line, headers, body
@@ -52,7 +48,7 @@ def error_body(flavor: str, status: int) -> tuple[bytes, str]:
 class Fault:
     """One rule: what to do to which requests, and how often. ``seen``/``hits`` count matches and firings."""
 
-    kind: str  # status | reset | truncate | flip | stall | slow
+    kind: str  # status | reset | drop | truncate | flip | stall | slow
     status: int = 503
     after: int = 0  # reset/truncate: body bytes passed first; flip: offset of the inverted byte; slow: chunk
     seconds: float = 0.0  # stall: how long; slow: the pause before each chunk
@@ -85,13 +81,11 @@ class FaultProxy:
 
     def __init__(self, upstream_port: int, *, flavor: str = "s3", upstream_host: str = HOST) -> None:
         error_body(flavor, 503)  # fail now on a bad flavour
-        self.upstream = (upstream_host, upstream_port)
-        self.flavor = flavor
+        self.upstream, self.flavor = (upstream_host, upstream_port), flavor
         self.port, self.url = 0, ""  # set by start()
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []  # (method, target) of every request, in arrival order
-        self.bytes_in = 0  # request bytes received from clients
-        self.bytes_out = 0  # response bytes sent to clients
+        self.bytes_in = self.bytes_out = 0  # bytes received from clients, bytes sent to them
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
@@ -127,6 +121,10 @@ class FaultProxy:
         """Send the response head and ``after`` body bytes, then reset the connection."""
         return self.add("reset", after=after, **options)
 
+    def drop(self, **options: object) -> Fault:
+        """Let the request reach the server, then reset the connection before any byte of the answer."""
+        return self.add("drop", **options)
+
     def truncate(self, after: int = 0, **options: object) -> Fault:
         """Send the response head (full Content-Length) and ``after`` body bytes, then close cleanly."""
         return self.add("truncate", after=after, **options)
@@ -150,12 +148,11 @@ class FaultProxy:
             self.requests.clear()
             self.bytes_in = self.bytes_out = 0
 
-    def _pick(self, method: str, target: str) -> Fault | None:
+    def _pick(self, method: str, target: str) -> Fault | None:  # the rest runs on the proxy's own loop
         with self._lock:
             self.requests.append((method, target))
             return next((f for f in self.faults if f.take(method, target)), None)
 
-    # -- below: on the proxy's own thread and loop -------------------------------------------------------
     async def _shutdown(self) -> None:
         assert self._server is not None
         self._server.close()
@@ -195,14 +192,14 @@ class FaultProxy:
             return False
         status_line, response_headers, body = await self._fetch(head, reader, writer)
         out_head = _head(status_line, response_headers)
-        keep = "close" not in response_headers.get("connection", "").lower()
+        keep = "close" not in (response_headers.get("connection", "") + headers.get("connection", "")).lower()
         kind, after = (fault.kind, fault.after) if fault is not None else ("", 0)
         if kind == "flip" and after < len(body):
             body = body[:after] + bytes([body[after] ^ 0xFF]) + body[after + 1 :]
-        if kind in ("reset", "truncate"):
+        if kind in ("reset", "truncate", "drop"):
             writer.transport.set_write_buffer_limits(0)  # drain() then waits until the kernel has it all
-            await self._send(writer, out_head + body[:after])
-            if kind == "reset":
+            await self._send(writer, b"" if kind == "drop" else out_head + body[:after])
+            if kind != "truncate":
                 sock = writer.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 writer.transport.abort()

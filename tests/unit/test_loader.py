@@ -184,7 +184,7 @@ def test_distributed_sampler_is_told_the_epoch() -> None:
 
     def make() -> ResumableLoader:
         ds = CountingDataset()
-        sampler = DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True, seed=3)
+        sampler: DistributedSampler[int] = DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True, seed=3)
         return ResumableLoader(DataLoader(ds, batch_size=BATCH, sampler=sampler))
 
     per_epoch = len(make())

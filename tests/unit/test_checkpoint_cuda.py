@@ -1,0 +1,51 @@
+"""Checkpoints of CUDA state: tensors on the GPU, a GradScaler, and every CUDA device's RNG. Needs CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdk.checkpoint import Checkpointer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _cuda_state(seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(torch.randn(16, 32, device="cuda")).float().pow(2).mean()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return {"model": model, "optimizer": opt, "scaler": scaler}
+
+
+def test_cuda_model_optimizer_and_scaler_round_trip_onto_the_gpu(tmp_path: Path) -> None:
+    """Weights, AdamW moments and the GradScaler's scale come back equal, and the weights stay on CUDA."""
+    saved = _cuda_state(1)
+    Checkpointer(str(tmp_path), attempt=1).save(3, saved)
+    restored = _cuda_state(2)
+    assert Checkpointer(str(tmp_path), attempt=2).load(restored) == 3
+    for (name, a), b in zip(saved["model"].state_dict().items(), restored["model"].state_dict().values()):
+        assert b.is_cuda, name
+        assert torch.equal(a, b), name
+    a_opt, b_opt = saved["optimizer"].state_dict()["state"], restored["optimizer"].state_dict()["state"]
+    assert all(torch.equal(a_opt[i]["exp_avg"].cpu(), b_opt[i]["exp_avg"].cpu()) for i in a_opt)
+    assert saved["scaler"].get_scale() == restored["scaler"].get_scale()
+
+
+def test_cuda_rng_of_every_device_is_restored(tmp_path: Path) -> None:
+    """Random draws on each CUDA device after a load repeat the draws made right after the save."""
+    torch.cuda.manual_seed_all(123)
+    ckpt = Checkpointer(str(tmp_path), attempt=1)
+    ckpt.save(1, {"extra": {}})
+    expected = [torch.rand(4, device=f"cuda:{d}") for d in range(torch.cuda.device_count())]
+    torch.cuda.manual_seed_all(999)
+    Checkpointer(str(tmp_path), attempt=2).load({"extra": {}})
+    actual = [torch.rand(4, device=f"cuda:{d}") for d in range(torch.cuda.device_count())]
+    assert all(torch.equal(a, b) for a, b in zip(expected, actual))

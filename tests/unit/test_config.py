@@ -1,0 +1,180 @@
+"""Config.from_env: explicit values beat PODTRAIN_* variables, and every bad value names its variable."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sdk.config import Config
+from sdk.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Default locations are relative to the working directory: keep them in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_defaults_put_everything_under_dot_podtrain(tmp_path: Path) -> None:
+    """With nothing set, the run is 'local' and every location is a directory under ./.podtrain/local."""
+    config = Config.from_env({})
+    home = tmp_path / ".podtrain" / "local"
+    assert config.run_id == "local"
+    assert config.attempt is None
+    assert (config.rank, config.world_size) == (0, 1)
+    assert config.checkpoint_uri == str(home / "checkpoints")
+    assert config.artifact_uri == str(home / "artifacts")
+    assert config.data_dir == str(home / "data")
+    assert config.output_dir == str(home / "output")
+
+
+def test_variables_fill_fields_with_their_types() -> None:
+    """PODTRAIN_* variables set fields, parsed as int or float as the field needs."""
+    config = Config.from_env(
+        {
+            "PODTRAIN_RUN_ID": "exp-7",
+            "PODTRAIN_ATTEMPT": "3",
+            "PODTRAIN_CHECKPOINT_URI": "s3://bucket/exp-7",
+            "PODTRAIN_KEEP_LAST": "5",
+            "PODTRAIN_KEEP_EVERY": "1000",
+            "PODTRAIN_GRACE_SECONDS": "12.5",
+            "PODTRAIN_LOG_FORMAT": "json",
+        }
+    )
+    assert config.run_id == "exp-7"
+    assert config.attempt == 3
+    assert config.checkpoint_uri == "s3://bucket/exp-7"
+    assert config.keep_last == 5
+    assert config.keep_every == 1000
+    assert config.grace_seconds == 12.5
+    assert config.log_format == "json"
+
+
+def test_rank_and_world_size_come_from_torchrun_variables() -> None:
+    """RANK and WORLD_SIZE are read as torchrun sets them; PODTRAIN_RANK is not a thing."""
+    config = Config.from_env({"RANK": "2", "WORLD_SIZE": "4", "PODTRAIN_RANK": "3"})
+    assert (config.rank, config.world_size) == (2, 4)
+
+
+def test_explicit_values_beat_the_environment() -> None:
+    """An argument wins over its variable; other fields still come from the environment."""
+    env = {"PODTRAIN_RUN_ID": "from-env", "PODTRAIN_KEEP_LAST": "9", "WORLD_SIZE": "2"}
+    config = Config.from_env(env, run_id="explicit", keep_last=2)
+    assert config.run_id == "explicit"
+    assert config.keep_last == 2
+    assert config.world_size == 2
+
+
+def test_an_explicit_none_falls_back_to_the_environment() -> None:
+    """Passing None for a field means 'not given here', so the variable still applies."""
+    config = Config.from_env({"PODTRAIN_RUN_ID": "from-env"}, run_id=None)
+    assert config.run_id == "from-env"
+
+
+def test_empty_and_blank_variables_count_as_unset() -> None:
+    """An exported-but-empty variable leaves the default; surrounding spaces are ignored."""
+    config = Config.from_env({"PODTRAIN_RUN_ID": "  ", "PODTRAIN_KEEP_LAST": " 4 ", "PODTRAIN_ATTEMPT": ""})
+    assert config.run_id == "local"
+    assert config.keep_last == 4
+    assert config.attempt is None
+
+
+def test_from_env_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an explicit mapping, the process environment is used."""
+    monkeypatch.setenv("PODTRAIN_RUN_ID", "from-os-environ")
+    assert Config.from_env().run_id == "from-os-environ"
+
+
+def test_unknown_explicit_field_is_an_error_naming_it() -> None:
+    """A misspelt keyword fails instead of being silently ignored."""
+    with pytest.raises(ConfigError, match="keep_lsat"):
+        Config.from_env({}, keep_lsat=3)
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "kind"),
+    [
+        ("PODTRAIN_KEEP_LAST", "three", "an integer"),
+        ("PODTRAIN_ATTEMPT", "1.5", "an integer"),
+        ("RANK", "first", "an integer"),
+        ("WORLD_SIZE", "0x4", "an integer"),
+        ("PODTRAIN_GRACE_SECONDS", "30s", "a number"),
+        ("PODTRAIN_CHECKPOINT_EVERY_STEPS", "every 10", "an integer"),
+    ],
+)
+def test_unparsable_numbers_name_the_variable_and_the_value(variable: str, raw: str, kind: str) -> None:
+    """A number that does not parse is a ConfigError quoting VARIABLE='value' and the expected kind."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({variable: raw})
+    assert f"{variable}={raw!r}" in str(caught.value)
+    assert f"is not {kind}" in str(caught.value)
+
+
+INVALID: list[Any] = [
+    ("run_id", "has space", "PODTRAIN_RUN_ID"),
+    ("run_id", "-leading-dash", "PODTRAIN_RUN_ID"),
+    ("run_id", "x" * 129, "PODTRAIN_RUN_ID"),
+    ("attempt", 0, "PODTRAIN_ATTEMPT"),
+    ("world_size", 0, "WORLD_SIZE"),
+    ("rank", -1, "RANK"),
+    ("rank", 1, "RANK"),  # world_size is 1
+    ("keep_last", 0, "PODTRAIN_KEEP_LAST"),
+    ("keep_every", 0, "PODTRAIN_KEEP_EVERY"),
+    ("checkpoint_every_steps", -5, "PODTRAIN_CHECKPOINT_EVERY_STEPS"),
+    ("grace_seconds", 0.0, "PODTRAIN_GRACE_SECONDS"),
+    ("grace_seconds", float("nan"), "PODTRAIN_GRACE_SECONDS"),
+    ("log_format", "xml", "PODTRAIN_LOG_FORMAT"),
+    ("log_level", "loud", "PODTRAIN_LOG_LEVEL"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "variable"), INVALID)
+def test_every_invalid_value_names_its_variable_and_the_fix(field: str, value: Any, variable: str) -> None:
+    """Validation errors say which variable, its value, and what is allowed."""
+    with pytest.raises(ConfigError) as caught:
+        Config(**{field: value})
+    message = str(caught.value)
+    assert message.startswith(f"{variable}=")
+    assert "is invalid: " in message
+    assert len(message.split("is invalid: ", 1)[1]) > 5  # a fix follows
+
+
+@pytest.mark.parametrize(("field", "value", "variable"), INVALID)
+def test_invalid_values_from_the_environment_fail_the_same_way(field: str, value: Any, variable: str) -> None:
+    """A bad value given as a variable is rejected with the same variable name."""
+    with pytest.raises(ConfigError, match=f"^{variable}="):
+        Config.from_env({variable: str(value)})
+
+
+def test_rank_must_be_below_world_size_when_both_come_from_the_environment() -> None:
+    """RANK=4 with WORLD_SIZE=4 is out of range, and the message gives the range."""
+    with pytest.raises(ConfigError, match=r"RANK=4 is invalid: must be in \[0, WORLD_SIZE=4\)"):
+        Config.from_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_config_errors_are_user_faults_and_value_errors() -> None:
+    """ConfigError is something the user fixes, and a ValueError for generic callers."""
+    with pytest.raises(ValueError) as caught:
+        Config(keep_last=0)
+    assert isinstance(caught.value, ConfigError)
+    assert caught.value.fault == "user"
+
+
+def test_with_changes_validates_again() -> None:
+    """A modified copy is checked like a new one; the original is untouched."""
+    config = Config(run_id="r1")
+    assert config.with_changes(keep_last=7).keep_last == 7
+    with pytest.raises(ConfigError, match="PODTRAIN_KEEP_LAST"):
+        config.with_changes(keep_last=0)
+    assert config.keep_last == 3
+
+
+def test_config_is_frozen() -> None:
+    """Fields cannot be reassigned after validation."""
+    config = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.run_id = "other"  # type: ignore[misc]
