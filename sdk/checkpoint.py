@@ -42,6 +42,7 @@ __all__ = ["CheckpointInfo", "Checkpointer", "ScanEntry"]
 
 log = get_logger("podtrain.checkpoint")
 RNG_STEM = "rng"
+_READS = 3  # reads of a file whose bytes do not match the manifest before the checkpoint counts as corrupt
 _ATTEMPT_DIR = re.compile(r"^attempt-(\d+)$")
 _STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -282,17 +283,7 @@ class Checkpointer:
             rel = f"{folder}/{name}"
             try:
                 if download:
-                    data = self.store.get(rel)
-                    if len(data) != entry.size:
-                        raise InvalidCheckpointError(
-                            info.url, f"{name} is {len(data)} bytes, manifest says {entry.size}"
-                        )
-                    actual = checksum.to_hex(checksum.crc32c(data))
-                    if actual != entry.crc32c:
-                        raise InvalidCheckpointError(
-                            info.url, f"{name} has CRC32C {actual}, manifest says {entry.crc32c} (corrupt)"
-                        )
-                    return name, data
+                    return name, self._read_verified(info, name, rel, entry)
                 size = self.store.size(rel)
                 if size != entry.size:
                     raise InvalidCheckpointError(info.url, f"{name} is {size} bytes, manifest says {entry.size}")
@@ -308,6 +299,25 @@ class Checkpointer:
 
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-download") as pool:
             return dict(pool.map(lambda item: check(*item), info.manifest.files.items()))
+
+    def _read_verified(self, info: CheckpointInfo, name: str, rel: str, entry: FileEntry) -> bytes:
+        """The file's bytes, checked against the manifest; a mismatch is read again before it counts.
+
+        A stored object that is intact can still arrive damaged (a proxy, a flaky NIC); reading it again costs
+        one transfer, while falling back to an older checkpoint costs training steps.
+        """
+        problem = ""
+        for read in range(1, _READS + 1):
+            data = self.store.get(rel)
+            if len(data) != entry.size:
+                problem = f"{name} is {len(data)} bytes, manifest says {entry.size}"
+            elif (actual := checksum.to_hex(checksum.crc32c(data))) != entry.crc32c:
+                problem = f"{name} has CRC32C {actual}, manifest says {entry.crc32c} (corrupt)"
+            else:
+                return data
+            if read < _READS:
+                log.warning("checkpoint.reread", url=info.url, file=name, read=read, reason=problem)
+        raise InvalidCheckpointError(info.url, problem)
 
     def _restore(self, info: CheckpointInfo, state: Mapping[str, Any], payloads: Mapping[str, bytes]) -> None:
         from sdk import rng, serialization
