@@ -50,22 +50,26 @@ class SecretRedactor:
         return cls(value for name, value in environ.items() if _SECRET_KEY.search(name))
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        for key in list(event):
-            event[key] = self._clean(key, event[key])
+        cleaned = {self.scrub(str(key)): self._clean(str(key), value) for key, value in event.items()}
+        event.clear()
+        event.update(cleaned)
         return event
 
     def _clean(self, key: str, value: Any) -> Any:
         if _SECRET_KEY.search(key) and value not in (None, "", False):
             return REDACTED
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
         if isinstance(value, str):
             return self.scrub(value)
         if isinstance(value, Mapping):
-            return {k: self._clean(str(k), v) for k, v in value.items()}
+            return {self.scrub(str(k)): self._clean(str(k), v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            return type(value)(self._clean(key, v) for v in value)
-        if isinstance(value, BaseException):
-            return self.scrub(repr(value))
-        return value
+            return [self._clean(key, v) for v in value]
+        if isinstance(value, (bytes, bytearray)):
+            return self.scrub(bytes(value).decode("utf-8", "replace"))
+        # Anything else (objects, sets, exceptions) is rendered here, so its text is scrubbed before output.
+        return self.scrub(repr(value) if isinstance(value, BaseException) else str(value))
 
     def scrub(self, text: str) -> str:
         """Mask every known secret value and URL password in ``text``."""

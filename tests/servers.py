@@ -31,13 +31,14 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, TypeVar
 
 __all__ = ["FakeGCSServer", "MotoS3Server", "Server", "free_port"]
 
 HOST = "127.0.0.1"
 _PR_SET_PDEATHSIG = 1
 _running: weakref.WeakSet[Server] = weakref.WeakSet()
+_S = TypeVar("_S", bound="Server")
 
 
 def free_port() -> int:
@@ -95,7 +96,7 @@ class Server:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self) -> Server:
+    def start(self: _S) -> _S:
         """Start the server and wait until it answers; raises RuntimeError with its log if it does not."""
         if self.running:
             return self
@@ -158,7 +159,7 @@ class Server:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return bytes(resp.read())
 
-    def __enter__(self) -> Server:
+    def __enter__(self: _S) -> _S:
         return self.start()
 
     def __exit__(

@@ -59,7 +59,7 @@ def fast_gcsfs_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=no_wait))
 
 
-def _store(url: str, sleep: RecordedSleep, **policy: float) -> Store:
+def _store(url: str, sleep: Callable[[float], None], **policy: float) -> Store:
     return open_store(url, sleep=sleep, retry=RetryPolicy(**policy))  # type: ignore[arg-type]
 
 

@@ -28,7 +28,7 @@ URL = "s3://bucket/run/step-10/model.safetensors"
 
 def _client_error(code: str, status: int) -> botocore.exceptions.ClientError:
     response = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
-    return botocore.exceptions.ClientError(response, "PutObject")  # type: ignore[arg-type]
+    return botocore.exceptions.ClientError(response, "PutObject")
 
 
 class ReadTimeoutError(Exception):

@@ -54,7 +54,7 @@ class Flaky:
 
 def _flaky(store: Store, *failures: BaseException) -> Flaky:
     flaky = Flaky(store.backend, list(failures))
-    store.backend = flaky
+    store.backend = flaky  # type: ignore[assignment]
     return flaky
 
 
@@ -171,7 +171,7 @@ def test_a_child_store_retries_with_its_parents_policy_and_sleep(store: Store, n
 # -- exclusive put under retries ---------------------------------------------------------------------------------
 def _lose_first_answer(store: Store) -> None:
     """The backend's first put is carried out, but its answer is lost (the connection resets)."""
-    real_put, lost = store.backend.put, []
+    real_put, lost = store.backend.put, list[str]()
 
     def put(path: str, data: bytes, **kwargs: Any) -> bool:
         created = real_put(path, data, **kwargs)
