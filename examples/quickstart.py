@@ -40,9 +40,7 @@ def train(steps: int, stop_at: int | None, every: int, seed: int, report: Path |
             TensorDataset(features, labels), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)
         )
     )
-    model = torch.nn.Sequential(
-        torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 4)
-    )
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 4))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=25, gamma=0.5)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": loader}
@@ -94,14 +92,17 @@ def demo(workdir: Path, steps: int, stop_at: int, every: int) -> int:
 
     def attempt(name: str, uri: str, n: int, stop: int | None) -> dict:
         report = workdir / f"{name}.json"
-        cmd = [sys.executable, str(HERE), "train", "--steps", str(steps), "--every", str(every), "--report", str(report)]
+        cmd = [sys.executable, str(HERE), "train", "--steps", str(steps), "--every", str(every)]
+        cmd += ["--report", str(report)]
         if stop is not None:
             cmd += ["--stop-at", str(stop)]
         began = time.perf_counter()
         subprocess.run(cmd, env={**env, "PODTRAIN_CHECKPOINT_URI": uri, "PODTRAIN_ATTEMPT": str(n)}, check=True)
         result = json.loads(report.read_text())
-        print(f"  {name}: steps {result['start']}→{result['end']} in {time.perf_counter() - began:.1f}s, "
-              f"loss {result['first_loss']:.3f}→{result['last_loss']:.3f}")
+        print(
+            f"  {name}: steps {result['start']}→{result['end']} in {time.perf_counter() - began:.1f}s, "
+            f"loss {result['first_loss']:.3f}→{result['last_loss']:.3f}"
+        )
         return result
 
     uri = f"file://{bucket}/demo"
@@ -119,8 +120,10 @@ def demo(workdir: Path, steps: int, stop_at: int, every: int) -> int:
     reference = torch.load(workdir / "reference.weights.pt", weights_only=True)
     equal = all(torch.equal(resumed[k], reference[k]) for k in reference)
     print("\nsummary")
-    print(f"  steps: {steps}; interrupted after {first['end']}, resumed from {second['start']} "
-          f"({first['end'] - second['start']} steps lost to the interruption)")
+    print(
+        f"  steps: {steps}; interrupted after {first['end']}, resumed from {second['start']} "
+        f"({first['end'] - second['start']} steps lost to the interruption)"
+    )
     print(f"  final loss {second['last_loss']:.4f}; last checkpoint save took {second['save_seconds']:.3f}s")
     print(f"  checkpoints: {uri}")
     print(f"  resumed weights == uninterrupted weights, bitwise: {equal}")

@@ -54,12 +54,12 @@ def test_state_without_state_dict_is_refused(tmp_path: Path) -> None:
 def test_loading_a_state_name_that_was_never_saved_says_what_was(tmp_path: Path) -> None:
     """Asking for 'scheduler' from a checkpoint without it names what the checkpoint holds."""
     Checkpointer(str(tmp_path), attempt=1).save(1, {"model": torch.nn.Linear(2, 2)})
-    with pytest.raises(CheckpointError, match="no state for scheduler.*holds model"):
+    with pytest.raises(CheckpointError, match=r"no state for scheduler.*holds model"):
         Checkpointer(str(tmp_path), attempt=2).load({"model": torch.nn.Linear(2, 2), "scheduler": {}})
 
 
 def test_a_state_that_does_not_fit_the_object_is_an_error_naming_it(tmp_path: Path) -> None:
     """Loading a checkpoint into a differently shaped model raises CheckpointError naming the state, no fallback."""
     Checkpointer(str(tmp_path), attempt=1).save(1, {"model": torch.nn.Linear(2, 2)})
-    with pytest.raises(CheckpointError, match="state 'model' from checkpoint .* does not fit Linear"):
+    with pytest.raises(CheckpointError, match=r"state 'model' from checkpoint .* does not fit Linear"):
         Checkpointer(str(tmp_path), attempt=2).load({"model": torch.nn.Linear(3, 3)})

@@ -31,7 +31,7 @@ def test_cuda_model_optimizer_and_scaler_round_trip_onto_the_gpu(tmp_path: Path)
     Checkpointer(str(tmp_path), attempt=1).save(3, saved)
     restored = _cuda_state(2)
     assert Checkpointer(str(tmp_path), attempt=2).load(restored) == 3
-    for (name, a), b in zip(saved["model"].state_dict().items(), restored["model"].state_dict().values()):
+    for (name, a), b in zip(saved["model"].state_dict().items(), restored["model"].state_dict().values(), strict=True):
         assert b.is_cuda, name
         assert torch.equal(a, b), name
     a_opt, b_opt = saved["optimizer"].state_dict()["state"], restored["optimizer"].state_dict()["state"]
@@ -48,4 +48,4 @@ def test_cuda_rng_of_every_device_is_restored(tmp_path: Path) -> None:
     torch.cuda.manual_seed_all(999)
     Checkpointer(str(tmp_path), attempt=2).load({"extra": {}})
     actual = [torch.rand(4, device=f"cuda:{d}") for d in range(torch.cuda.device_count())]
-    assert all(torch.equal(a, b) for a, b in zip(expected, actual))
+    assert all(torch.equal(a, b) for a, b in zip(expected, actual, strict=True))

@@ -177,8 +177,6 @@ def test_passwords_in_urls_are_masked(configure: Configure, fmt: str) -> None:
     assert f"alice:{REDACTED}@" in text
 
 
-
-
 def test_a_secret_used_as_a_key_is_masked(configure: Configure, secret: str) -> None:
     """A secret that ends up as a field name or a nested key is masked too."""
     out = configure(fmt="json")
