@@ -8,7 +8,9 @@ credentials in the environment). The state is a model shaped like a real one: a 
   against boto3 ``upload_file`` (default ``TransferConfig``) of a file of the same size.
 * **resume**: ``Checkpointer(s3://…).load({"model": model})`` — list, download, verify CRC32C, deserialize,
   ``load_state_dict`` — against boto3 ``download_file`` of a ``torch.save`` file of the same state, then
-  ``torch.load`` and ``load_state_dict``.
+  ``torch.load`` and ``load_state_dict``. The download is one GET (``multipart_threshold`` above the size):
+  moto answers every ranged GET by reading the whole object, so the default ``TransferConfig`` (8 MiB ranges)
+  costs about 128 full reads of a 1 GiB object — some 140 s on two cores — and would flatter podtrain.
 
 Clients are created, and their connections opened, before the clock starts (a training job does that once).
 The two sides alternate within each repetition (podtrain first on even ones, baseline first on odd ones) and
@@ -29,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,7 @@ RESUME_GOAL = 1.3
 
 # -- the state -------------------------------------------------------------------------------------------------
 def build_model(size_bytes: int) -> Any:
-    """A float32 model of about ``size_bytes``: 16 ``d×d`` matrices (embedding 2, blocks 7×2) plus vectors."""
+    """A float32 model of about ``size_bytes``: 16 ``d x d`` matrices (embedding 2, blocks 7 x 2) plus vectors."""
     import torch
     from torch import nn
 
@@ -137,97 +140,102 @@ def delete_prefix(s3: Any, prefix: str) -> None:
             s3.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
 
 
+class Bench:
+    """The state, the reference copy that proves a resume restored it, and both clients of one server."""
+
+    def __init__(self, size_mib: int, workdir: Path, say: Callable[[str], None]) -> None:
+        import boto3
+        import torch
+        from boto3.s3.transfer import TransferConfig
+
+        self.say = say
+        say(f"building a {size_mib} MiB float32 model ...")
+        self.model = build_model(size_mib * MIB)
+        self.reference = {k: v.clone() for k, v in self.model.state_dict().items()}
+        nbytes = state_bytes(self.model)
+        say(f"  {len(self.reference)} tensors, {nbytes / MIB:.1f} MiB")
+        # The baseline's file: the same state, written by torch.save (uploaded, and downloaded on resume).
+        self.file = workdir / "state.pt"
+        torch.save(self.model.state_dict(), self.file)
+        self.downloaded = workdir / "download.pt"
+        # One GET for the baseline's download (see the module docstring); uploads keep the default config.
+        self.one_get = TransferConfig(multipart_threshold=2 * nbytes + 64 * MIB)
+        self.s3 = boto3.client("s3")  # after the server's environment is set: see s3_server()
+
+    def checkpointer(self, url: str) -> Any:
+        from sdk.checkpoint import Checkpointer
+
+        ckpt = Checkpointer(url)
+        ckpt.store.ensure_root()  # creates the client and opens its connection, as a job does at start
+        return ckpt
+
+    def save(self, repeat: int) -> Case:
+        case = Case("save", SAVE_GOAL, "boto3 upload_file (default TransferConfig)")
+        for rep in range(repeat):
+            ckpt = self.checkpointer(f"s3://{BUCKET}/save-{rep}")
+            key = f"baseline/save-{rep}.pt"
+            p, b = alternate(
+                rep,
+                partial(timed, partial(ckpt.save, 1, {"model": self.model})),
+                partial(timed, partial(self.s3.upload_file, str(self.file), BUCKET, key)),
+            )
+            case.podtrain.append(p)
+            case.baseline.append(b)
+            self.say(f"  save   #{rep + 1}: podtrain {p:7.3f} s   baseline {b:7.3f} s")
+            delete_prefix(self.s3, key)
+            if rep + 1 < repeat:  # the last one is resumed from below
+                delete_prefix(self.s3, f"save-{rep}/")
+        return case
+
+    def resume(self, repeat: int) -> Case:
+        import torch
+
+        case = Case("resume", RESUME_GOAL, "boto3 download_file (one GET) + torch.load + load_state_dict")
+        url = f"s3://{BUCKET}/save-{repeat - 1}"
+        self.s3.upload_file(str(self.file), BUCKET, "baseline/state.pt")
+
+        def baseline() -> None:
+            self.s3.download_file(BUCKET, "baseline/state.pt", str(self.downloaded), Config=self.one_get)
+            self.model.load_state_dict(torch.load(self.downloaded, map_location="cpu", weights_only=True))
+
+        for rep in range(repeat):
+            ckpt = self.checkpointer(url)
+            p, b = alternate(
+                rep,
+                partial(self.checked, "podtrain", partial(ckpt.load, {"model": self.model})),
+                partial(self.checked, "baseline", baseline),
+            )
+            self.downloaded.unlink(missing_ok=True)
+            case.podtrain.append(p)
+            case.baseline.append(b)
+            self.say(f"  resume #{rep + 1}: podtrain {p:7.3f} s   baseline {b:7.3f} s")
+        return case
+
+    def checked(self, who: str, load: Callable[[], Any]) -> float:
+        """Zero the model, time ``load``, then check that it restored every tensor exactly."""
+        import torch
+
+        with torch.no_grad():
+            for tensor in self.model.state_dict().values():
+                tensor.zero_()
+        seconds = timed(load)
+        loaded = self.model.state_dict()
+        wrong = [k for k, v in self.reference.items() if not torch.equal(loaded[k], v)]
+        if wrong:
+            raise RuntimeError(f"{who} resume restored wrong values for {', '.join(wrong[:5])}")
+        return seconds
+
+
 def run(size_mib: int, repeat: int, workdir: Path, say: Callable[[str], None]) -> list[Case]:
-    import boto3
-    import torch
-
-    from sdk.checkpoint import Checkpointer
-
-    say(f"building a {size_mib} MiB float32 model ...")
-    model = build_model(size_mib * MIB)
-    nbytes = state_bytes(model)
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
-    say(f"  {len(reference)} tensors, {nbytes / MIB:.1f} MiB")
-
-    # The baseline's file: the same state, written by torch.save (used for both upload and download).
-    baseline_file = workdir / "state.pt"
-    torch.save(model.state_dict(), baseline_file)
-    download_file = workdir / "download.pt"
-
-    save = Case("save", SAVE_GOAL, "boto3 upload_file")
-    resume = Case("resume", RESUME_GOAL, "boto3 download_file + torch.load + load_state_dict")
-
+    """Start moto, run both cases, clean up; the cases come back with every repetition's seconds."""
     with s3_server() as server:
         say(f"moto S3 server at {server.endpoint}")
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket=BUCKET)
-        s3.head_bucket(Bucket=BUCKET)  # opens the baseline's connection before any clock starts
-
-        def checkpointer(url: str) -> Checkpointer:
-            ckpt = Checkpointer(url)
-            ckpt.store.ensure_root()  # creates the client and opens its connection, as a job does at start
-            return ckpt
-
-        # -- save --------------------------------------------------------------------------------------------
-        for rep in range(repeat):
-            ckpt = checkpointer(f"s3://{BUCKET}/save-{rep}")
-
-            def podtrain_save(ckpt: Checkpointer = ckpt) -> float:
-                return timed(lambda: ckpt.save(1, {"model": model}))
-
-            def baseline_save(rep: int = rep) -> float:
-                return timed(lambda: s3.upload_file(str(baseline_file), BUCKET, f"baseline/save-{rep}.pt"))
-
-            p, b = alternate(rep, podtrain_save, baseline_save)
-            save.podtrain.append(p)
-            save.baseline.append(b)
-            say(f"  save   #{rep + 1}: podtrain {p:7.3f} s   baseline {b:7.3f} s")
-            delete_prefix(s3, f"baseline/save-{rep}.pt")
-            if rep > 0:
-                delete_prefix(s3, f"save-{rep - 1}/")
-
-        # -- resume ------------------------------------------------------------------------------------------
-        url = f"s3://{BUCKET}/save-{repeat - 1}"
-        s3.upload_file(str(baseline_file), BUCKET, "baseline/state.pt")
-
-        def scramble() -> None:
-            with torch.no_grad():
-                for tensor in model.state_dict().values():
-                    tensor.zero_()
-
-        def check(who: str) -> None:
-            loaded = model.state_dict()
-            bad = [k for k, v in reference.items() if not torch.equal(loaded[k], v)]
-            if bad:
-                raise RuntimeError(f"{who} resume restored wrong values for {', '.join(bad[:5])}")
-
-        for rep in range(repeat):
-            ckpt = checkpointer(url)
-
-            def podtrain_resume(ckpt: Checkpointer = ckpt) -> float:
-                scramble()
-                seconds = timed(lambda: ckpt.load({"model": model}))
-                check("podtrain")
-                return seconds
-
-            def baseline_resume() -> None:
-                s3.download_file(BUCKET, "baseline/state.pt", str(download_file))
-                model.load_state_dict(torch.load(download_file, map_location="cpu", weights_only=True))
-
-            def baseline_timed() -> float:
-                scramble()
-                seconds = timed(baseline_resume)
-                check("baseline")
-                download_file.unlink()
-                return seconds
-
-            p, b = alternate(rep, podtrain_resume, baseline_timed)
-            resume.podtrain.append(p)
-            resume.baseline.append(b)
-            say(f"  resume #{rep + 1}: podtrain {p:7.3f} s   baseline {b:7.3f} s")
-
-        delete_prefix(s3, "")
-    return [save, resume]
+        bench = Bench(size_mib, workdir, say)
+        bench.s3.create_bucket(Bucket=BUCKET)
+        bench.s3.head_bucket(Bucket=BUCKET)  # opens the baseline's connection before any clock starts
+        cases = [bench.save(repeat), bench.resume(repeat)]
+        delete_prefix(bench.s3, "")
+    return cases
 
 
 def table(cases: list[Case], size_mib: int, repeat: int) -> str:
@@ -244,7 +252,10 @@ def table(cases: list[Case], size_mib: int, repeat: int) -> str:
         for c in cases
     ]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    line = lambda r: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True)))
+
     out = [f"checkpoint of {size_mib} MiB, median of {repeat} (ratio = podtrain / baseline; lower is better)"]
     out += [line(header), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)]
     out += [f"  baseline for {c.name}: {c.baseline_name}" for c in cases]

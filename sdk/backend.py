@@ -283,7 +283,10 @@ class S3Backend(Backend):
         self._s3("head_bucket", Bucket=bucket)
 
     def get(self, path: str) -> bytes:
-        return bytes(self.fs.cat_file(path))
+        # One streaming GET. s3fs's default cat_file first HEADs the object, then splits anything over its
+        # 50 MiB block size into concurrent ranged GETs; S3-compatible servers that read the whole object to
+        # answer each range (moto does) then do ~size/50 MiB full reads: 25 s instead of 2.5 s for 1 GiB.
+        return bytes(self.fs.cat_file(path, max_concurrency=1))
 
 
 class GCSBackend(Backend):

@@ -261,7 +261,7 @@ class Checkpointer:
                 if entry.manifest is None:
                     raise InvalidCheckpointError(entry.url, entry.problem or "no manifest")
                 info = CheckpointInfo(entry.step, entry.url, entry.manifest)
-                payloads = self._check_files(info, download=True)
+                payloads = self._check_files(info, download=True, metadata=False)
                 self._restore(info, state, payloads)
             except InvalidCheckpointError as exc:
                 if step is not None:
@@ -275,25 +275,28 @@ class Checkpointer:
             log.warning("checkpoint.none_valid", url=self.url, folders=len(candidates))
         return None
 
-    def _check_files(self, info: CheckpointInfo, *, download: bool) -> dict[str, bytes]:
-        """Sizes (and the store's CRC32C where it keeps one) or, with ``download``, the bytes' CRC32C."""
+    def _check_files(self, info: CheckpointInfo, *, download: bool, metadata: bool = True) -> dict[str, bytes]:
+        """Check every listed file against the manifest.
+
+        ``metadata``: its size, and the store's own CRC32C where the store keeps one (S3, GCS) — no data read.
+        ``download``: read it and check the bytes' size and CRC32C; returns the bytes.
+        """
         folder = step_dir(info.step)
 
         def check(name: str, entry: FileEntry) -> tuple[str, bytes]:
             rel = f"{folder}/{name}"
             try:
-                if download:
-                    return name, self._read_verified(info, name, rel, entry)
-                size = self.store.size(rel)
-                if size != entry.size:
-                    raise InvalidCheckpointError(info.url, f"{name} is {size} bytes, manifest says {entry.size}")
-                native = self.store.native_crc32c(rel)
-                if native is not None and checksum.to_hex(native) != entry.crc32c:
-                    raise InvalidCheckpointError(
-                        info.url,
-                        f"{name}: the store's CRC32C {checksum.to_hex(native)} != manifest {entry.crc32c}",
-                    )
-                return name, b""
+                if metadata:
+                    size = self.store.size(rel)
+                    if size != entry.size:
+                        raise InvalidCheckpointError(info.url, f"{name} is {size} bytes, manifest says {entry.size}")
+                    native = self.store.native_crc32c(rel)
+                    if native is not None and checksum.to_hex(native) != entry.crc32c:
+                        raise InvalidCheckpointError(
+                            info.url,
+                            f"{name}: the store's CRC32C {checksum.to_hex(native)} != manifest {entry.crc32c}",
+                        )
+                return name, self._read_verified(info, name, rel, entry) if download else b""
             except StorageNotFoundError:
                 raise InvalidCheckpointError(info.url, f"{name} is listed in the manifest but missing") from None
 

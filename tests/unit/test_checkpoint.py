@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdk.checkpoint import Checkpointer
-from sdk.errors import CheckpointError
+from sdk.errors import CheckpointError, InvalidCheckpointError
 from tests.checkpoint_contract import CheckpointContract
 
 
@@ -63,3 +63,12 @@ def test_a_state_that_does_not_fit_the_object_is_an_error_naming_it(tmp_path: Pa
     Checkpointer(str(tmp_path), attempt=1).save(1, {"model": torch.nn.Linear(2, 2)})
     with pytest.raises(CheckpointError, match=r"state 'model' from checkpoint .* does not fit Linear"):
         Checkpointer(str(tmp_path), attempt=2).load({"model": torch.nn.Linear(3, 3)})
+
+
+def test_an_empty_step_folder_is_not_a_checkpoint(tmp_path: Path) -> None:
+    """An empty step-<n>/ directory (a save that died before its first byte) is skipped; verify says why."""
+    Checkpointer(str(tmp_path), attempt=1).save(1, {"model": torch.nn.Linear(2, 2)})
+    (tmp_path / "step-0000000002").mkdir()
+    assert Checkpointer(str(tmp_path), attempt=2).load({"model": torch.nn.Linear(2, 2)}) == 1
+    with pytest.raises(InvalidCheckpointError, match="no manifest"):
+        Checkpointer(str(tmp_path), attempt=2).verify(2)
