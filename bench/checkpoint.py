@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,7 +44,7 @@ RESUME_GOAL = 1.3
 
 # -- the state -------------------------------------------------------------------------------------------------
 def build_model(size_bytes: int) -> Any:
-    """A float32 model of about ``size_bytes``: 16 ``d x d`` matrices (embedding 2, blocks 7 x 2) plus vectors."""
+    """A float32 model of about ``size_bytes``: a ``2d x d`` embedding, 7 blocks of two ``d x d`` layers, 44 vectors."""
     import torch
     from torch import nn
 
@@ -98,7 +99,9 @@ class Case:
 
 
 def timed(fn: Callable[[], Any]) -> float:
+    """Seconds ``fn`` takes, started with no garbage and no dirty pages left by the side that ran before."""
     gc.collect()
+    os.sync()
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
@@ -114,23 +117,32 @@ def alternate(rep: int, podtrain: Callable[[], float], baseline: Callable[[], fl
 
 
 @contextmanager
-def s3_server() -> Iterator[Any]:
-    """moto's S3 server on 127.0.0.1, with the client environment set for this process."""
+def s3_server(while_starting: Callable[[], Any] = lambda: None) -> Iterator[Any]:
+    """moto's S3 server on 127.0.0.1, with the client environment set for this process.
+
+    ``while_starting`` runs in a thread while the server boots (seconds of imports), so the two overlap. The
+    server itself is started from this thread: it is killed when the thread that started it ends.
+    """
     from tests.servers import MotoS3Server
 
     server = MotoS3Server()
-    server.start()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
     try:
-        yield server
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-build") as pool:
+            building = pool.submit(while_starting)
+            server.start()
+            building.result()
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def delete_prefix(s3: Any, prefix: str) -> None:
@@ -144,7 +156,6 @@ class Bench:
     """The state, the reference copy that proves a resume restored it, and both clients of one server."""
 
     def __init__(self, size_mib: int, workdir: Path, say: Callable[[str], None]) -> None:
-        import boto3
         import torch
         from boto3.s3.transfer import TransferConfig
 
@@ -160,7 +171,15 @@ class Bench:
         self.downloaded = workdir / "download.pt"
         # One GET for the baseline's download (see the module docstring); uploads keep the default config.
         self.one_get = TransferConfig(multipart_threshold=2 * nbytes + 64 * MIB)
-        self.s3 = boto3.client("s3")  # after the server's environment is set: see s3_server()
+        self.s3: Any = None
+
+    def connect(self) -> None:
+        """The baseline's client, once the server's environment is set; the bucket, and a first connection."""
+        import boto3
+
+        self.s3 = boto3.client("s3")
+        self.s3.create_bucket(Bucket=BUCKET)
+        self.s3.head_bucket(Bucket=BUCKET)
 
     def checkpointer(self, url: str) -> Any:
         from sdk.checkpoint import Checkpointer
@@ -205,7 +224,6 @@ class Bench:
                 partial(self.checked, "podtrain", partial(ckpt.load, {"model": self.model})),
                 partial(self.checked, "baseline", baseline),
             )
-            self.downloaded.unlink(missing_ok=True)
             case.podtrain.append(p)
             case.baseline.append(b)
             self.say(f"  resume #{rep + 1}: podtrain {p:7.3f} s   baseline {b:7.3f} s")
@@ -219,6 +237,7 @@ class Bench:
             for tensor in self.model.state_dict().values():
                 tensor.zero_()
         seconds = timed(load)
+        self.downloaded.unlink(missing_ok=True)  # now: its dirty pages would be written back during the next run
         loaded = self.model.state_dict()
         wrong = [k for k, v in self.reference.items() if not torch.equal(loaded[k], v)]
         if wrong:
@@ -228,11 +247,11 @@ class Bench:
 
 def run(size_mib: int, repeat: int, workdir: Path, say: Callable[[str], None]) -> list[Case]:
     """Start moto, run both cases, clean up; the cases come back with every repetition's seconds."""
-    with s3_server() as server:
+    built: list[Bench] = []
+    with s3_server(lambda: built.append(Bench(size_mib, workdir, say))) as server:
         say(f"moto S3 server at {server.endpoint}")
-        bench = Bench(size_mib, workdir, say)
-        bench.s3.create_bucket(Bucket=BUCKET)
-        bench.s3.head_bucket(Bucket=BUCKET)  # opens the baseline's connection before any clock starts
+        bench = built[0]
+        bench.connect()
         cases = [bench.save(repeat), bench.resume(repeat)]
         delete_prefix(bench.s3, "")
     return cases

@@ -332,8 +332,17 @@ class Checkpointer:
                 f"checkpoint {info.url} has no state for {', '.join(missing)} (it holds "
                 f"{', '.join(sorted(s for s in by_stem if s != RNG_STEM))}); pass the same state names that were saved"
             )
+        import torch
+
         decoded = {
-            stem: serialization.decode(name, payloads[name], location=info.url, safe_globals=self.safe_globals)
+            stem: serialization.decode(
+                name,
+                payloads[name],
+                location=info.url,
+                safe_globals=self.safe_globals,
+                # A module copies the tensors into its parameters: read-only views over the download suffice.
+                zero_copy=isinstance(state.get(stem), torch.nn.Module),
+            )
             for stem, name in by_stem.items()
             if stem in state or stem == RNG_STEM
         }

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import pickle
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, cast
@@ -67,10 +69,17 @@ def encode(stem: str, state: Any) -> EncodedFile:
     return EncodedFile(name=name, data=data, size=writer.size, crc32c=writer.crc)
 
 
-def decode(name: str, data: bytes, *, location: str, safe_globals: Iterable[Any] = ()) -> Any:
-    """Deserialize a state file without running code; errors become :class:`InvalidCheckpointError`."""
+def decode(name: str, data: bytes, *, location: str, safe_globals: Iterable[Any] = (), zero_copy: bool = False) -> Any:
+    """Deserialize a state file without running code; errors become :class:`InvalidCheckpointError`.
+
+    ``zero_copy`` (safetensors only): the tensors are read-only views over ``data`` instead of copies — for a
+    consumer that copies them anyway (``nn.Module.load_state_dict``), this saves a full copy of the state.
+    """
     if name.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
+
+        if zero_copy:
+            return _safetensors_views(name, data, location)
 
         try:
             return load_safetensors(data)
@@ -89,6 +98,49 @@ def decode(name: str, data: bytes, *, location: str, safe_globals: Iterable[Any]
         raise InvalidCheckpointError(location, f"{name} could not be loaded: {type(exc).__name__}: {exc}") from None
 
 
+def _safetensors_views(name: str, data: bytes, location: str) -> dict[str, torch.Tensor]:
+    """Parse the safetensors header and return tensors viewing ``data`` (no copy)."""
+    dtypes = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+
+    def bad(why: str) -> InvalidCheckpointError:
+        return InvalidCheckpointError(location, f"{name} is not a readable safetensors file: {why}")
+
+    if len(data) < 8:
+        raise bad("shorter than its header length")
+    length = int.from_bytes(data[:8], "little")
+    if not 0 < length <= len(data) - 8:
+        raise bad(f"header length {length} does not fit a {len(data)}-byte file")
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except ValueError as exc:
+        raise bad(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not an object")
+    base, body = 8 + length, len(data) - 8 - length
+    tensors: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        for key, spec in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype, shape, (start, end) = (
+                    dtypes[spec["dtype"]],
+                    [int(d) for d in spec["shape"]],
+                    spec["data_offsets"],
+                )
+            except (KeyError, TypeError, ValueError):
+                raise bad(f"tensor {key!r} has a malformed entry") from None
+            numel = math.prod(shape)
+            if not 0 <= start <= end <= body or end - start != numel * dtype.itemsize:
+                raise bad(f"tensor {key!r} has offsets outside the file or of the wrong length")
+            if numel == 0:
+                tensors[key] = torch.empty(shape, dtype=dtype)
+            else:
+                tensors[key] = torch.frombuffer(data, dtype=dtype, count=numel, offset=base + start).reshape(shape)
+    return tensors
+
+
 def _is_flat_tensor_dict(state: Any) -> bool:
     if not isinstance(state, Mapping) or not state:
         return False
@@ -102,7 +154,8 @@ def _write_safetensors(writer: ChecksumWriter, tensors: Mapping[str, torch.Tenso
     """Write the safetensors format: u64 header length, JSON header, then each tensor's raw bytes."""
     header: dict[str, Any] = {}
     offset = 0
-    ordered = sorted(tensors.items())
+    # Widest dtypes first: every offset then stays a multiple of its tensor's element size (aligned views).
+    ordered = sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0]))
     for key, tensor in ordered:
         nbytes = tensor.numel() * tensor.element_size()
         header[key] = {

@@ -225,10 +225,10 @@ class TestS3Store(StoreContract):
     def url(self, s3_url: str) -> str:
         return s3_url
 
-    def test_multipart_upload_stores_the_full_object_crc32c(
+    def test_multipart_upload_sends_a_crc32c_with_every_part(
         self, store: Store, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """Above the threshold a put goes as parts, and S3 keeps the CRC32C of the whole object."""
+        """Above the threshold a put goes as parts, each with its CRC32C; S3 keeps their COMPOSITE checksum."""
         monkeypatch.setattr(backend, "S3_MULTIPART_THRESHOLD", 6 * 2**20)
         monkeypatch.setattr(backend, "S3_PART_SIZE", 5 * 2**20)  # S3's smallest part but the last
         data = os.urandom(11 * 2**20)
@@ -236,9 +236,12 @@ class TestS3Store(StoreContract):
         import boto3
 
         bucket, _, prefix = store.root.partition("/")
-        head = boto3.client("s3").head_object(Bucket=bucket, Key=f"{prefix}/big.bin")
+        head = boto3.client("s3").head_object(Bucket=bucket, Key=f"{prefix}/big.bin", ChecksumMode="ENABLED")
         assert head["ETag"].strip('"').endswith("-3")  # three parts: 5 + 5 + 1 MiB
-        assert store.native_crc32c("big.bin") == checksum.crc32c(data)
+        parts = [data[i : i + 5 * 2**20] for i in range(0, len(data), 5 * 2**20)]
+        composite = checksum.crc32c(b"".join(checksum.crc32c(p).to_bytes(4, "big") for p in parts))
+        assert head["ChecksumCRC32C"].split("-")[0] == checksum.to_b64(composite)  # each part's CRC32C was sent
+        assert store.native_crc32c("big.bin") is None  # a composite is not the file's CRC32C: reads check it
         assert store.get("big.bin") == data
 
     def test_exclusive_multipart_upload_loses_to_an_existing_object(

@@ -82,3 +82,26 @@ def test_garbage_bytes_are_an_invalid_checkpoint_not_a_crash() -> None:
         with pytest.raises(InvalidCheckpointError) as info:
             decode(name, b"\x00not a checkpoint at all", location="x")
         assert name in info.value.reason
+
+
+def test_zero_copy_views_equal_the_library_load_and_share_the_bytes() -> None:
+    """zero_copy decode gives the same tensors as safetensors' own load, as views over the downloaded bytes."""
+    state = {
+        "a": torch.randn(5, 3),
+        "b": torch.arange(7, dtype=torch.int16),
+        "c": torch.tensor([True]),
+        "e": torch.empty(0),
+    }
+    encoded = encode("model", state)
+    views = decode(encoded.name, encoded.data, location="x", zero_copy=True)
+    assert set(views) == set(state)
+    for key, value in state.items():
+        assert torch.equal(views[key], value) and views[key].dtype == value.dtype, key
+    assert views["a"].untyped_storage().data_ptr() != state["a"].untyped_storage().data_ptr()
+
+
+def test_zero_copy_rejects_offsets_outside_the_file() -> None:
+    """A safetensors header pointing past the end of the file is an invalid checkpoint, not a crash."""
+    encoded = encode("model", {"a": torch.randn(4)})
+    with pytest.raises(InvalidCheckpointError, match="offsets"):
+        decode(encoded.name, encoded.data[:-4], location="x", zero_copy=True)
