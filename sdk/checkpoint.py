@@ -147,11 +147,11 @@ class Checkpointer:
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-upload") as pool:
             uploads: list[Future[bool]] = []
             for stem, payload in _payloads(state):
-                encoded = serialization.encode(stem, payload)
-                name = f"{prefix}/{encoded.name}"
-                entries[name] = FileEntry(size=encoded.size, crc32c=checksum.to_hex(encoded.crc32c))
-                uploads.append(pool.submit(self.store.put, f"{folder}/{name}", encoded.data, crc32c=encoded.crc32c))
-                del encoded
+                for encoded in serialization.encode(stem, payload):
+                    name = f"{prefix}/{encoded.name}"
+                    entries[name] = FileEntry(size=encoded.size, crc32c=checksum.to_hex(encoded.crc32c))
+                    uploads.append(pool.submit(self.store.put, f"{folder}/{name}", encoded.data, crc32c=encoded.crc32c))
+                    del encoded
             for upload in uploads:
                 upload.result()
         manifest = Manifest(
@@ -325,7 +325,9 @@ class Checkpointer:
     def _restore(self, info: CheckpointInfo, state: Mapping[str, Any], payloads: Mapping[str, bytes]) -> None:
         from sdk import rng, serialization
 
-        by_stem = {name.rsplit("/", 1)[-1].rsplit(".", 1)[0]: name for name in payloads}
+        by_stem: dict[str, list[str]] = {}
+        for name in sorted(payloads):
+            by_stem.setdefault(serialization.stem_of(name), []).append(name)
         missing = [key for key in state if key not in by_stem]
         if missing:
             raise CheckpointError(
@@ -334,18 +336,22 @@ class Checkpointer:
             )
         import torch
 
-        decoded = {
-            stem: serialization.decode(
-                name,
-                payloads[name],
-                location=info.url,
-                safe_globals=self.safe_globals,
-                # A module copies the tensors into its parameters: read-only views over the download suffice.
-                zero_copy=isinstance(state.get(stem), torch.nn.Module),
-            )
-            for stem, name in by_stem.items()
-            if stem in state or stem == RNG_STEM
-        }
+        decoded: dict[str, Any] = {}
+        for stem, names in by_stem.items():
+            if stem not in state and stem != RNG_STEM:
+                continue
+            parts = [
+                serialization.decode(
+                    name,
+                    payloads[name],
+                    location=info.url,
+                    safe_globals=self.safe_globals,
+                    # A module copies tensors into its parameters: read-only views over the download suffice.
+                    zero_copy=isinstance(state.get(stem), torch.nn.Module),
+                )
+                for name in names
+            ]
+            decoded[stem] = parts[0] if len(parts) == 1 else {k: v for part in parts for k, v in part.items()}
         for key, obj in state.items():
             loaded = decoded[key]
             try:

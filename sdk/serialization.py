@@ -16,8 +16,9 @@ import io
 import json
 import math
 import pickle
+import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
@@ -26,7 +27,7 @@ import torch
 from sdk.checksum import ChecksumWriter
 from sdk.errors import InvalidCheckpointError, UnsafeCheckpointError
 
-__all__ = ["EncodedFile", "decode", "encode"]
+__all__ = ["SHARD_BYTES", "EncodedFile", "decode", "encode", "stem_of"]
 
 _SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -55,18 +56,45 @@ class EncodedFile:
     crc32c: int
 
 
-def encode(stem: str, state: Any) -> EncodedFile:
-    """Serialize one state (a ``state_dict()`` result or a plain mapping) to ``<stem>.safetensors``/``.pt``."""
+SHARD_BYTES = 128 * 2**20
+_NAME = re.compile(r"^(?P<stem>.+?)(?:-\d{5}-of-\d{5})?\.(?:safetensors|pt)$")
+
+
+def encode(stem: str, state: Any, *, shard_bytes: int = SHARD_BYTES) -> Iterator[EncodedFile]:
+    """Serialize one state (a ``state_dict()`` result or a plain mapping) into files.
+
+    A flat tensor dict becomes ``<stem>.safetensors``, or ``<stem>-00001-of-0000N.safetensors`` shards of about
+    ``shard_bytes`` when it is larger, so that a caller can upload one shard while the next is serialized.
+    Anything else becomes ``<stem>.pt``. Files are yielded as they are finished.
+    """
+    if not _is_flat_tensor_dict(state):
+        yield _encoded(f"{stem}.pt", lambda writer: torch.save(state, cast(IO[bytes], writer)))
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    for i, shard in enumerate(shards, 1):
+        name = f"{stem}.safetensors" if len(shards) == 1 else f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        yield _encoded(name, lambda writer, shard=shard: _write_safetensors(writer, shard))  # type: ignore[misc]
+
+
+def stem_of(name: str) -> str:
+    """The state name a file belongs to: ``model-00002-of-00008.safetensors`` → ``model``."""
+    match = _NAME.match(name.rsplit("/", 1)[-1])
+    return match.group("stem") if match else name
+
+
+def _encoded(name: str, write: Callable[[ChecksumWriter], None]) -> EncodedFile:
     sink = io.BytesIO()
     writer = ChecksumWriter(sink)
-    if _is_flat_tensor_dict(state):
-        name = f"{stem}.safetensors"
-        _write_safetensors(writer, state)
-    else:
-        name = f"{stem}.pt"
-        torch.save(state, cast(IO[bytes], writer))
-    data = sink.getvalue()
-    return EncodedFile(name=name, data=data, size=writer.size, crc32c=writer.crc)
+    write(writer)
+    return EncodedFile(name=name, data=sink.getvalue(), size=writer.size, crc32c=writer.crc)
 
 
 def decode(name: str, data: bytes, *, location: str, safe_globals: Iterable[Any] = (), zero_copy: bool = False) -> Any:

@@ -12,7 +12,12 @@ from safetensors.torch import load as st_load
 
 from sdk import checksum
 from sdk.errors import InvalidCheckpointError, UnsafeCheckpointError
-from sdk.serialization import decode, encode
+from sdk.serialization import EncodedFile, decode, encode, stem_of
+
+
+def _one(stem: str, state: object) -> EncodedFile:
+    (encoded,) = encode(stem, state)
+    return encoded
 
 
 class _Exploit:
@@ -35,7 +40,7 @@ def test_flat_tensor_state_is_written_as_safetensors_readable_by_the_library() -
         "empty": torch.empty(0, 5),
         "t": torch.arange(12.0).reshape(3, 4).t(),  # non-contiguous
     }
-    encoded = encode("model", state)
+    encoded = _one("model", state)
     assert encoded.name == "model.safetensors"
     loaded = st_load(encoded.data)
     assert set(loaded) == set(state)
@@ -47,7 +52,7 @@ def test_flat_tensor_state_is_written_as_safetensors_readable_by_the_library() -
 def test_size_and_crc32c_are_those_of_the_written_bytes() -> None:
     """The CRC computed while writing equals a CRC of the final bytes, for both formats."""
     for state in ({"w": torch.randn(100)}, {"step": 3, "nested": {"lr": 0.1, "t": torch.ones(2)}}):
-        encoded = encode("x", state)
+        encoded = _one("x", state)
         assert encoded.size == len(encoded.data)
         assert encoded.crc32c == checksum.crc32c(encoded.data)
 
@@ -58,7 +63,7 @@ def test_optimizer_state_round_trips_with_weights_only() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.9))
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    encoded = encode("optimizer", opt.state_dict())
+    encoded = _one("optimizer", opt.state_dict())
     assert encoded.name == "optimizer.pt"
     loaded = decode(encoded.name, encoded.data, location="x")
     assert loaded["param_groups"][0]["betas"] == (0.8, 0.9)
@@ -92,7 +97,7 @@ def test_zero_copy_views_equal_the_library_load_and_share_the_bytes() -> None:
         "c": torch.tensor([True]),
         "e": torch.empty(0),
     }
-    encoded = encode("model", state)
+    encoded = _one("model", state)
     views = decode(encoded.name, encoded.data, location="x", zero_copy=True)
     assert set(views) == set(state)
     for key, value in state.items():
@@ -102,6 +107,21 @@ def test_zero_copy_views_equal_the_library_load_and_share_the_bytes() -> None:
 
 def test_zero_copy_rejects_offsets_outside_the_file() -> None:
     """A safetensors header pointing past the end of the file is an invalid checkpoint, not a crash."""
-    encoded = encode("model", {"a": torch.randn(4)})
+    encoded = _one("model", {"a": torch.randn(4)})
     with pytest.raises(InvalidCheckpointError, match="offsets"):
         decode(encoded.name, encoded.data[:-4], location="x", zero_copy=True)
+
+
+def test_a_large_tensor_dict_is_written_as_shards_that_merge_back() -> None:
+    """Past shard_bytes a model state becomes model-0000i-of-0000N.safetensors files holding every tensor once."""
+    state = {f"w{i}": torch.full((256,), float(i)) for i in range(10)}  # 1 KiB each
+    files = list(encode("model", state, shard_bytes=3 * 1024))
+    assert [f.name for f in files] == [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
+    merged: dict = {}
+    for f in files:
+        assert f.crc32c == checksum.crc32c(f.data)
+        merged.update(decode(f.name, f.data, location="x"))
+    assert merged.keys() == state.keys()
+    assert all(torch.equal(merged[k], state[k]) for k in state)
+    assert {stem_of(f"attempt-1/{f.name}") for f in files} == {"model"}
+    assert stem_of("rng.pt") == "rng"
