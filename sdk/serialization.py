@@ -60,13 +60,14 @@ SHARD_BYTES = 128 * 2**20
 _NAME = re.compile(r"^(?P<stem>.+?)(?:-\d{5}-of-\d{5})?\.(?:safetensors|pt)$")
 
 
-def encode(stem: str, state: Any, *, shard_bytes: int = SHARD_BYTES) -> Iterator[EncodedFile]:
+def encode(stem: str, state: Any, *, shard_bytes: int | None = None) -> Iterator[EncodedFile]:
     """Serialize one state (a ``state_dict()`` result or a plain mapping) into files.
 
     A flat tensor dict becomes ``<stem>.safetensors``, or ``<stem>-00001-of-0000N.safetensors`` shards of about
-    ``shard_bytes`` when it is larger, so that a caller can upload one shard while the next is serialized.
-    Anything else becomes ``<stem>.pt``. Files are yielded as they are finished.
+    ``shard_bytes`` (default :data:`SHARD_BYTES`) when it is larger, so that a caller can upload one shard
+    while the next is serialized. Anything else becomes ``<stem>.pt``. Files are yielded as they are finished.
     """
+    limit = SHARD_BYTES if shard_bytes is None else shard_bytes
     if not _is_flat_tensor_dict(state):
         yield _encoded(f"{stem}.pt", lambda writer: torch.save(state, cast(IO[bytes], writer)))
         return
@@ -74,7 +75,7 @@ def encode(stem: str, state: Any, *, shard_bytes: int = SHARD_BYTES) -> Iterator
     size = 0
     for key in sorted(state):
         nbytes = state[key].numel() * state[key].element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
+        if shards[-1] and size + nbytes > limit:
             shards.append({})
             size = 0
         shards[-1][key] = state[key]

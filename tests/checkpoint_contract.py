@@ -126,6 +126,18 @@ class CheckpointContract:
         assert order[-1] == "MANIFEST.json"
         assert len(order) == 5  # four state files, then the manifest
 
+    def test_a_model_state_split_into_shards_round_trips(self, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Past the shard size the model is saved as several safetensors files and loads back whole."""
+        monkeypatch.setattr("sdk.serialization.SHARD_BYTES", 200)
+        original = _state(3)
+        Checkpointer(url, run_id="r1", attempt=1).save(8, original)
+        shards = [n for n in self._manifest(url, 8)["files"] if n.startswith("attempt-1/model-")]
+        assert len(shards) >= 2
+        assert all(n.endswith(f"-of-{len(shards):05d}.safetensors") for n in shards)
+        step, restored, _ = self._load(url)
+        assert step == 8
+        assert _same(_weights(restored), _weights(original))
+
     def test_list_gives_valid_checkpoints_newest_first(self, url: str, saved: dict) -> None:
         """Listing reads manifests and orders by step, newest first."""
         assert [c.step for c in Checkpointer(url, attempt=1).list()] == [30, 20, 10]

@@ -25,8 +25,12 @@ def _cuda_state(seed: int) -> dict:
     return {"model": model, "optimizer": opt, "scaler": scaler}
 
 
-def test_cuda_model_optimizer_and_scaler_round_trip_onto_the_gpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shard_bytes", [128 * 2**20, 4096], ids=["one-file", "sharded"])
+def test_cuda_model_optimizer_and_scaler_round_trip_onto_the_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shard_bytes: int
+) -> None:
     """Weights, AdamW moments and the GradScaler's scale come back equal, and the weights stay on CUDA."""
+    monkeypatch.setattr("sdk.serialization.SHARD_BYTES", shard_bytes)
     saved = _cuda_state(1)
     Checkpointer(str(tmp_path), attempt=1).save(3, saved)
     restored = _cuda_state(2)
