@@ -10,8 +10,8 @@ file's size and CRC32C; on any mismatch it logs why and falls back to the previo
 Listing and verifying need no torch (the ``podtrain checkpoints`` commands start fast); saving and loading
 import it on first use.
 
-Everything in ``state`` that has ``state_dict()``/``load_state_dict()`` is saved (a plain dict is saved as is
-and updated in place on load). RNG states (python, numpy, torch CPU and CUDA) are saved without being asked.
+What a state may hold, and how it is put back, is :mod:`sdk.state`: anything with ``state_dict()`` and
+``load_state_dict()``, or a plain dict; RNG states (python, numpy, torch CPU and CUDA) are saved unasked.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdk import checksum
+from sdk import state as trainstate
 from sdk.config import Config
 from sdk.errors import (
-    CheckpointError,
     CommitConflictError,
     InvalidCheckpointError,
     NoCheckpointError,
@@ -41,10 +41,8 @@ from sdk.storage import RetryPolicy, Store, open_store
 __all__ = ["CheckpointInfo", "Checkpointer", "ScanEntry"]
 
 log = get_logger("podtrain.checkpoint")
-RNG_STEM = "rng"
 _READS = 3  # reads of a file whose bytes do not match the manifest before the checkpoint counts as corrupt
 _ATTEMPT_DIR = re.compile(r"^attempt-(\d+)$")
-_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,7 @@ class Checkpointer:
         from sdk import serialization
 
         started = time.monotonic()
-        _check_state_names(state)
+        trainstate.check(state)
         folder = step_dir(step)
         attempt = self.attempt
         location = self.store.url_of(folder)
@@ -146,7 +144,7 @@ class Checkpointer:
         entries: dict[str, FileEntry] = {}
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-upload") as pool:
             uploads: list[Future[bool]] = []
-            for stem, payload in _payloads(state):
+            for stem, payload in trainstate.payloads(state):
                 for encoded in serialization.encode(stem, payload):
                     name = f"{prefix}/{encoded.name}"
                     entries[name] = FileEntry(size=encoded.size, crc32c=checksum.to_hex(encoded.crc32c))
@@ -252,7 +250,7 @@ class Checkpointer:
         Invalid checkpoints are skipped with a warning saying why, falling back to the previous one. Returns
         None when there is no checkpoint at all. With ``step`` given, that checkpoint must be valid.
         """
-        _check_state_names(state)
+        trainstate.check(state)
         candidates = [e for e in self.scan() if step is None or e.step == step]
         if step is not None and not candidates:
             raise NoCheckpointError(f"no checkpoint for step {step} under {self.url}")
@@ -262,7 +260,7 @@ class Checkpointer:
                     raise InvalidCheckpointError(entry.url, entry.problem or "no manifest")
                 info = CheckpointInfo(entry.step, entry.url, entry.manifest)
                 payloads = self._check_files(info, download=True, metadata=False)
-                self._restore(info, state, payloads)
+                trainstate.restore(state, payloads, location=info.url, safe_globals=self.safe_globals)
             except InvalidCheckpointError as exc:
                 if step is not None:
                     raise
@@ -322,56 +320,6 @@ class Checkpointer:
                 log.warning("checkpoint.reread", url=info.url, file=name, read=read, reason=problem)
         raise InvalidCheckpointError(info.url, problem)
 
-    def _restore(self, info: CheckpointInfo, state: Mapping[str, Any], payloads: Mapping[str, bytes]) -> None:
-        from sdk import rng, serialization
-
-        by_stem: dict[str, list[str]] = {}
-        for name in sorted(payloads):
-            by_stem.setdefault(serialization.stem_of(name), []).append(name)
-        missing = [key for key in state if key not in by_stem]
-        if missing:
-            raise CheckpointError(
-                f"checkpoint {info.url} has no state for {', '.join(missing)} (it holds "
-                f"{', '.join(sorted(s for s in by_stem if s != RNG_STEM))}); pass the same state names that were saved"
-            )
-        import torch
-
-        decoded: dict[str, Any] = {}
-        for stem, names in by_stem.items():
-            if stem not in state and stem != RNG_STEM:
-                continue
-            parts = [
-                serialization.decode(
-                    name,
-                    payloads[name],
-                    location=info.url,
-                    safe_globals=self.safe_globals,
-                    # A module copies tensors into its parameters: read-only views over the download suffice.
-                    zero_copy=isinstance(state.get(stem), torch.nn.Module),
-                )
-                for name in names
-            ]
-            decoded[stem] = parts[0] if len(parts) == 1 else {k: v for part in parts for k, v in part.items()}
-        for key, obj in state.items():
-            loaded = decoded[key]
-            try:
-                if hasattr(obj, "load_state_dict"):
-                    obj.load_state_dict(loaded)
-                else:
-                    obj.clear()
-                    obj.update(loaded)
-            except (ValueError, TypeError, KeyError, RuntimeError) as exc:
-                # The bytes verified, so this is a mismatch (another model, dataset or batch size), not damage:
-                # an older checkpoint would not fit either, so this is an error to fix, not a fallback.
-                raise CheckpointError(
-                    f"state {key!r} from checkpoint {info.url} does not fit {type(obj).__name__}: {exc}"
-                ) from exc
-        if RNG_STEM in decoded:
-            try:
-                rng.restore(decoded[RNG_STEM])
-            except (ValueError, TypeError, KeyError) as exc:
-                raise InvalidCheckpointError(info.url, f"RNG state does not restore: {exc}") from None
-
     # -- retention ---------------------------------------------------------------------------------------
     def prune(self) -> builtins.list[int]:
         """Delete what the retention rules allow (see :mod:`sdk.retention`); return the deleted steps."""
@@ -391,23 +339,3 @@ class Checkpointer:
             self.store.delete(folder, recursive=True)
             log.info("checkpoint.deleted", step=step, url=self.store.url_of(folder))
         return doomed
-
-
-def _payloads(state: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
-    from sdk import rng
-
-    for key, obj in state.items():
-        yield key, obj.state_dict() if hasattr(obj, "state_dict") else dict(obj)
-    yield RNG_STEM, rng.capture()
-
-
-def _check_state_names(state: Mapping[str, Any]) -> None:
-    for key, obj in state.items():
-        if not isinstance(key, str) or not _STEM.match(key) or key == RNG_STEM:
-            raise CheckpointError(
-                f"state name {key!r} is not allowed: use letters, digits, '_', '.', '-' (and not {RNG_STEM!r})"
-            )
-        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")) and not isinstance(obj, dict):
-            raise CheckpointError(
-                f"state {key!r} ({type(obj).__name__}) has no state_dict()/load_state_dict() and is not a dict"
-            )
