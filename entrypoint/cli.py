@@ -1,5 +1,9 @@
 """The ``podtrain`` command.
 
+``podtrain run [options] -- CMD ...`` — the supervisor: validate the config, run CMD as a child in its own process
+group, forward signals, own the grace-period deadline, exit with the contract's code and write the termination
+message (:mod:`entrypoint.supervisor`, :mod:`entrypoint.termination`).
+
 ``podtrain checkpoints list URI`` — valid checkpoints, newest first (``--json`` for machines, ``--all`` to show
 invalid folders and why). ``podtrain checkpoints verify URI [--step N]`` — exit 0 when the newest (or the
 named) checkpoint verifies byte for byte, 1 with the reason when it does not.
@@ -11,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -22,6 +29,8 @@ __all__ = ["main"]
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 69
 
 EXAMPLES = """examples:
+  podtrain run -- python train.py --lr 3e-4
+  podtrain run --grace-seconds 30 -- torchrun --nproc-per-node 8 train.py
   podtrain checkpoints list s3://my-bucket/runs/r1
   podtrain checkpoints list ./.podtrain/local/checkpoints --json
   podtrain checkpoints verify gs://my-bucket/runs/r1 --step 1200
@@ -44,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"podtrain {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(commands)
     checkpoints = commands.add_parser(
         "checkpoints",
         help="list and verify checkpoints",
@@ -69,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
     try:
         if args.command == "checkpoints" and args.action == "list":
             return _list(args)
@@ -160,3 +172,115 @@ def _human(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"  # pragma: no cover
+
+
+# -- podtrain run ------------------------------------------------------------------------------------------
+RUN_HELP = """Run CMD under the supervisor. Exit codes: 0 success, 1 the command failed (do not retry), 2 bad
+configuration or usage (do not retry), 75 preempted (retry: SIGTERM received), 69 storage unavailable (retry).
+The termination message (one line of JSON) goes to PODTRAIN_TERMINATION_LOG and is the last log line."""
+
+
+def _add_run_parser(commands: Any) -> None:
+    run = commands.add_parser(
+        "run",
+        help="run a training command under the supervisor (signals, deadline, exit codes)",
+        description=RUN_HELP,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--run-id", default=None, help="overrides PODTRAIN_RUN_ID")
+    run.add_argument("--attempt", type=int, default=None, help="overrides PODTRAIN_ATTEMPT")
+    run.add_argument("--grace-seconds", type=float, default=None, help="overrides PODTRAIN_GRACE_SECONDS")
+    run.add_argument("--termination-log", default=None, help="overrides PODTRAIN_TERMINATION_LOG")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from entrypoint import termination as term
+    from entrypoint.supervisor import FORWARDED, Supervisor, outcome_of
+    from sdk.config import Config
+    from sdk.log import configure, get_logger
+    from sdk.storage import require_backend
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    try:
+        config = Config.from_env(
+            run_id=args.run_id,
+            attempt=args.attempt,
+            grace_seconds=args.grace_seconds,
+            termination_log=args.termination_log,
+        )
+        require_backend(config.checkpoint_uri, "PODTRAIN_CHECKPOINT_URI")
+        for variable, uri in (("PODTRAIN_DATA_URI", config.data_uri), ("PODTRAIN_ARTIFACT_URI", config.artifact_uri)):
+            if uri:
+                require_backend(uri, variable)
+    except ConfigError as exc:
+        return _run_config_error(args, str(exc))
+    if not cmd:
+        return _run_config_error(args, "no command given: use podtrain run [options] -- CMD [ARGS...]")
+
+    configure(
+        run_id=config.run_id, attempt=config.attempt, rank=config.rank, fmt=config.log_format, level=config.log_level
+    )
+    log = get_logger("podtrain.supervisor")
+    log.info("supervisor.config", grace_seconds=config.grace_seconds, checkpoint_uri=config.checkpoint_uri)
+    result = Supervisor(cmd, grace_seconds=config.grace_seconds, log=log).run()
+    for signum in FORWARDED:  # the child is gone: a late signal must not cut the termination message short
+        signal.signal(signum, signal.SIG_IGN)
+    outcome = outcome_of(result)
+    # Under preemption, half of what is left of the grace period goes to finding the checkpoint; the rest is spare.
+    # Otherwise at most half a grace period, in case the pod is told to stop while we look.
+    if result.exit_by is None:
+        timeout = min(10.0, config.grace_seconds / 2)
+    else:
+        timeout = max(0.0, (result.exit_by - time.monotonic()) / 2)
+    step, checkpoint, note = term.newest_checkpoint(
+        config.checkpoint_uri, run_id=config.run_id, attempt=config.attempt, timeout=timeout
+    )
+    fields = term.record(
+        outcome,
+        run_id=config.run_id,
+        attempt=config.attempt,
+        step=step,
+        checkpoint=checkpoint,
+        seconds=result.seconds,
+        gpus=term.gpu_count(),
+        note=note,
+    )
+    _finish(fields, config.termination_log, log)
+    return outcome.exit_code
+
+
+def _run_config_error(args: argparse.Namespace, message: str) -> int:
+    """Exit 2 before any child starts: say what to fix on stderr, and in the termination message."""
+    from entrypoint import termination as term
+    from sdk.log import get_logger
+
+    print(f"podtrain: {message}", file=sys.stderr)
+    path = args.termination_log or os.environ.get("PODTRAIN_TERMINATION_LOG") or term.DEFAULT_TERMINATION_LOG
+    fields = term.record(
+        term.Outcome(term.EXIT_CONFIG, message),
+        run_id=args.run_id or os.environ.get("PODTRAIN_RUN_ID") or None,
+        attempt=None,
+        step=None,
+        checkpoint=None,
+        seconds=0.0,
+        gpus=0,
+    )
+    _finish(fields, path, get_logger("podtrain.supervisor"))
+    return term.EXIT_CONFIG
+
+
+def _finish(fields: dict[str, Any], path: str, log: Any) -> None:
+    """Write the termination message (secrets masked) to ``path`` and as the last log line."""
+    import json as _json
+
+    from entrypoint import termination as term
+    from sdk.log import SecretRedactor
+
+    fields = dict(fields, message=SecretRedactor.from_environ().scrub(str(fields["message"])))
+    line = term.render(fields)
+    term.write_termination_log(path, line, warn=lambda text: log.warning("supervisor.termination_log", problem=text))
+    log.info("supervisor.termination", **_json.loads(line))

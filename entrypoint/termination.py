@@ -1,0 +1,245 @@
+"""Exit codes and the termination message of ``podtrain run``.
+
+The exit code is the contract with the DAG (it retries on 75 and 69 only); the termination message is one line
+of JSON, at most 4,096 bytes (Kubernetes' limit), that says why, and where the run can go on from. Nothing here
+imports torch: the newest checkpoint is found by reading manifests (``Checkpointer.list(verify=False)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_TERMINATION_LOG",
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_PREEMPTED",
+    "EXIT_UNAVAILABLE",
+    "MAX_BYTES",
+    "OUTCOMES",
+    "Outcome",
+    "classify",
+    "gpu_count",
+    "newest_checkpoint",
+    "record",
+    "render",
+    "signal_name",
+    "write_termination_log",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_PREEMPTED = 0, 1, 2, 69, 75
+OUTCOMES = {
+    EXIT_OK: "succeeded",
+    EXIT_FAILED: "failed",
+    EXIT_CONFIG: "config_error",
+    EXIT_UNAVAILABLE: "storage_unavailable",
+    EXIT_PREEMPTED: "preempted",
+}
+MAX_BYTES = 4096
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+FIELDS = ("outcome", "exit_code", "run_id", "attempt", "step", "checkpoint", "seconds", "gpu_seconds", "message")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the supervisor exits with, and the sentence that says why."""
+
+    exit_code: int
+    message: str
+
+    @property
+    def outcome(self) -> str:
+        return OUTCOMES[self.exit_code]
+
+
+def signal_name(signum: int) -> str:
+    """``SIGKILL`` for 9; ``signal 77`` for a number with no name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def classify(
+    returncode: int,
+    *,
+    preempted: bool = False,
+    killed_by_us: bool = False,
+    forwarded: frozenset[int] = frozenset(),
+) -> Outcome:
+    """Map the child's return code (``-N``: killed by signal N, as ``subprocess`` reports it) to an exit code.
+
+    ``preempted``: the supervisor got SIGTERM. Then any failure of the child except a configuration error (2) or
+    storage being unavailable (69) is a preemption (75): the child may have died of the forwarded SIGTERM before
+    installing a handler, been SIGKILLed at the deadline (``killed_by_us``), or failed while being torn down.
+    A child that still finished with 0 succeeded. ``forwarded``: signals the supervisor passed on to the child.
+    """
+    if returncode == 0:
+        return Outcome(EXIT_OK, "child exited 0")
+    if returncode == EXIT_CONFIG:
+        return Outcome(EXIT_CONFIG, "child exited 2: bad configuration or usage")
+    if returncode == EXIT_UNAVAILABLE:
+        return Outcome(EXIT_UNAVAILABLE, "child exited 69: storage unavailable")
+    how = f"child killed by {signal_name(-returncode)}" if returncode < 0 else f"child exited {returncode}"
+    if preempted:
+        if killed_by_us:
+            return Outcome(EXIT_PREEMPTED, f"preempted: {how} at the grace-period deadline (it did not exit in time)")
+        if returncode == EXIT_PREEMPTED:
+            return Outcome(EXIT_PREEMPTED, "preempted: child stopped on SIGTERM and exited 75")
+        return Outcome(EXIT_PREEMPTED, f"preempted: SIGTERM received and forwarded; {how}")
+    if returncode == EXIT_PREEMPTED:
+        return Outcome(EXIT_PREEMPTED, "child exited 75: preempted")
+    if returncode < 0:
+        why = " (forwarded)" if -returncode in forwarded else " (not sent by podtrain)"
+        return Outcome(EXIT_FAILED, how + why)
+    return Outcome(EXIT_FAILED, how)
+
+
+def gpu_count(env: Mapping[str, str] | None = None) -> int:
+    """GPUs visible to the child, from ``CUDA_VISIBLE_DEVICES`` then ``NVIDIA_VISIBLE_DEVICES``; no torch.
+
+    A variable that is unset, empty, ``all``, ``void`` or ``none`` does not count (0): ``all`` names no number
+    without asking the driver. Counting stops at the first negative id, as CUDA does.
+    """
+    env = os.environ if env is None else env
+    for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+        raw = env.get(name)
+        if raw is None:
+            continue
+        value = raw.strip()
+        if value.lower() in ("", "all", "void", "none", "nodevfiles"):
+            return 0
+        count = 0
+        for item in (part.strip() for part in value.split(",")):
+            if not item or item.startswith("-"):
+                break
+            count += 1
+        return count
+    return 0
+
+
+def newest_checkpoint(
+    uri: str,
+    *,
+    run_id: str,
+    attempt: int | None,
+    timeout: float,
+) -> tuple[int | None, str | None, str]:
+    """``(step, url, note)`` of the newest committed checkpoint under ``uri``, within ``timeout`` seconds.
+
+    Reads manifests only (no torch, no file checks). ``note`` is empty when a checkpoint was found, otherwise
+    says why there is none (none committed, store missing, unreachable, too slow).
+    """
+    from sdk.storage import split_url
+
+    protocol, path = split_url(uri)
+    if protocol == "file" and not Path(path).exists():
+        return None, None, f"no checkpoint committed yet ({uri} does not exist)"
+    result: dict[str, Any] = {}
+
+    def look() -> None:
+        try:
+            from sdk.checkpoint import Checkpointer
+            from sdk.storage import RetryPolicy
+
+            retry = RetryPolicy(attempts=2, initial_wait=0.1, max_wait=0.5, jitter=0.1, timeout=max(timeout, 1.0))
+            infos = Checkpointer(uri, run_id=run_id, attempt=attempt or 1, retry=retry).list(verify=False)
+            result["infos"] = infos
+        except Exception as exc:
+            result["error"] = exc
+
+    worker = threading.Thread(target=look, name="podtrain-newest-checkpoint", daemon=True)
+    worker.start()
+    worker.join(max(timeout, 0.0))
+    if worker.is_alive():
+        return None, None, f"checkpoint store {uri} did not answer within {timeout:.1f} s"
+    if "error" in result:
+        return None, None, f"checkpoint store {uri} unreadable: {result['error']}"
+    if not result["infos"]:
+        return None, None, f"no checkpoint committed yet under {uri}"
+    info = result["infos"][0]
+    return info.step, info.url, ""
+
+
+def record(
+    outcome: Outcome,
+    *,
+    run_id: str | None,
+    attempt: int | None,
+    step: int | None,
+    checkpoint: str | None,
+    seconds: float,
+    gpus: int,
+    note: str = "",
+) -> dict[str, Any]:
+    """The termination message as a dict, fields in the contract's order."""
+    message = outcome.message + (f"; {note}" if note else "")
+    return {
+        "outcome": outcome.outcome,
+        "exit_code": outcome.exit_code,
+        "run_id": run_id,
+        "attempt": attempt,
+        "step": step,
+        "checkpoint": checkpoint,
+        "seconds": round(seconds, 3),
+        "gpu_seconds": round(seconds * gpus, 3),
+        "message": message,
+    }
+
+
+def render(fields: Mapping[str, Any], limit: int = MAX_BYTES) -> str:
+    """One line of JSON, at most ``limit`` UTF-8 bytes: the ``message`` is cut (marked with ``…``) to fit."""
+
+    def dump(values: Mapping[str, Any]) -> str:
+        return json.dumps(values, ensure_ascii=False, separators=(", ", ": "))
+
+    def size(text: str) -> int:
+        return len(text.encode("utf-8"))
+
+    line = dump(fields)
+    if size(line) <= limit:
+        return line
+    values = dict(fields)
+    message = str(values.get("message") or "")
+    lo, hi = 0, len(message)  # the longest prefix that fits, by bisection (escapes make bytes ≠ characters)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        values["message"] = message[:mid] + "…"
+        if size(dump(values)) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    values["message"] = message[:lo] + "…" if lo else ""
+    line = dump(values)
+    for key in ("checkpoint", "run_id"):  # only absurdly long URLs or ids get here
+        if size(line) <= limit:
+            break
+        values[key] = None
+        line = dump(values)
+    return line
+
+
+def write_termination_log(path: str, line: str, *, warn: Callable[[str], None] | None = None) -> bool:
+    """Write ``line`` to ``path``; False (and no exception) where it cannot be written.
+
+    The default ``/dev/termination-log`` is written only where it exists (Kubernetes mounts it), so a run on
+    a laptop leaves no file in ``/dev``; any other path is created.
+    """
+    if not path or (path == DEFAULT_TERMINATION_LOG and not os.path.exists(path)):
+        return False
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(line + "\n")
+        return True
+    except OSError as exc:
+        if warn is not None:
+            warn(f"termination message not written to {path}: {exc}")
+        return False
