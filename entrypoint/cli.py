@@ -22,11 +22,18 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from entrypoint import termination
 from sdk.errors import ConfigError, PodtrainError, TransientStorageError
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 69
+# One set of exit codes for every command: the supervisor's contract (entrypoint/termination.py).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = (
+    termination.EXIT_OK,
+    termination.EXIT_FAILED,
+    termination.EXIT_CONFIG,
+    termination.EXIT_UNAVAILABLE,
+)
 
 EXAMPLES = """examples:
   podtrain run -- python train.py --lr 3e-4
@@ -196,7 +203,6 @@ def _add_run_parser(commands: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from entrypoint import termination as term
     from entrypoint.supervisor import FORWARDED, Supervisor, outcome_of
     from sdk.config import Config
     from sdk.log import configure, get_logger
@@ -236,17 +242,17 @@ def _run(args: argparse.Namespace) -> int:
         timeout = min(10.0, config.grace_seconds / 2)
     else:
         timeout = max(0.0, (result.exit_by - time.monotonic()) / 2)
-    step, checkpoint, note = term.newest_checkpoint(
+    step, checkpoint, note = termination.newest_checkpoint(
         config.checkpoint_uri, run_id=config.run_id, attempt=config.attempt, timeout=timeout
     )
-    fields = term.record(
+    fields = termination.record(
         outcome,
         run_id=config.run_id,
         attempt=config.attempt,
         step=step,
         checkpoint=checkpoint,
         seconds=result.seconds,
-        gpus=term.gpu_count(),
+        gpus=termination.gpu_count(),
         note=note,
     )
     _finish(fields, config.termination_log, log)
@@ -255,13 +261,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_config_error(args: argparse.Namespace, message: str) -> int:
     """Exit 2 before any child starts: say what to fix on stderr, and in the termination message."""
-    from entrypoint import termination as term
     from sdk.log import get_logger
 
     print(f"podtrain: {message}", file=sys.stderr)
-    path = args.termination_log or os.environ.get("PODTRAIN_TERMINATION_LOG") or term.DEFAULT_TERMINATION_LOG
-    fields = term.record(
-        term.Outcome(term.EXIT_CONFIG, message),
+    path = args.termination_log or os.environ.get("PODTRAIN_TERMINATION_LOG") or termination.DEFAULT_TERMINATION_LOG
+    fields = termination.record(
+        termination.Outcome(termination.EXIT_CONFIG, message),
         run_id=args.run_id or os.environ.get("PODTRAIN_RUN_ID") or None,
         attempt=None,
         step=None,
@@ -270,17 +275,16 @@ def _run_config_error(args: argparse.Namespace, message: str) -> int:
         gpus=0,
     )
     _finish(fields, path, get_logger("podtrain.supervisor"))
-    return term.EXIT_CONFIG
+    return termination.EXIT_CONFIG
 
 
 def _finish(fields: dict[str, Any], path: str, log: Any) -> None:
     """Write the termination message (secrets masked) to ``path`` and as the last log line."""
-    import json as _json
-
-    from entrypoint import termination as term
     from sdk.log import SecretRedactor
 
     fields = dict(fields, message=SecretRedactor.from_environ().scrub(str(fields["message"])))
-    line = term.render(fields)
-    term.write_termination_log(path, line, warn=lambda text: log.warning("supervisor.termination_log", problem=text))
-    log.info("supervisor.termination", **_json.loads(line))
+    line = termination.render(fields)
+    termination.write_termination_log(
+        path, line, warn=lambda text: log.warning("supervisor.termination_log", problem=text)
+    )
+    log.info("supervisor.termination", **json.loads(line))
