@@ -14,6 +14,7 @@ tears the session fixtures down in order, rather than killing the servers under 
 
 from __future__ import annotations
 
+import abc
 import atexit
 import contextlib
 import ctypes
@@ -60,7 +61,7 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-class Server:
+class Server(abc.ABC):
     """A server child process on a free port of 127.0.0.1; subclasses say how to start, probe and reset it."""
 
     name = "server"
@@ -73,19 +74,21 @@ class Server:
         self._log: IO[bytes] | None = None
 
     # -- what differs per server ---------------------------------------------------------------------------
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The command line that starts the server on ``self.port``."""
 
+    @abc.abstractmethod
     def reset(self) -> None:
         """Forget every bucket and object."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def create_bucket(self, name: str) -> None:
-        raise NotImplementedError
+        """Create an empty bucket."""
 
+    @abc.abstractmethod
     def env(self) -> dict[str, str]:
         """The environment variables a client needs to use this server."""
-        raise NotImplementedError
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     @property

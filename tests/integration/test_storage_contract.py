@@ -148,8 +148,10 @@ class StoreContract:
         assert child.url == store.url_of("runs/r1")
 
     def test_ensure_root_accepts_a_usable_location(self, store: Store) -> None:
-        """ensure_root() passes where the bucket (or directory) can be used."""
+        """ensure_root() passes where the bucket (or directory) can be used, and the location then works."""
         store.ensure_root()
+        assert store.put("probe", b"ok") is True
+        assert store.get("probe") == b"ok"
 
     # -- failures ----------------------------------------------------------------------------------------
     @pytest.mark.parametrize(

@@ -241,7 +241,7 @@ def test_missing_backend_package_says_what_to_install(monkeypatch: pytest.Monkey
 def test_installed_backends_pass_require_backend() -> None:
     """s3, gs, file and memory are all available in the dev environment."""
     for url in ("s3://b/k", "gs://b/k", "file:///tmp/x", "memory://x", "relative/dir"):
-        require_backend(url)
+        assert require_backend(url) is None, url  # raises BackendMissingError when a backend is missing
 
 
 @pytest.mark.parametrize(
