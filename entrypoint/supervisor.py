@@ -29,18 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from entrypoint.termination import EXIT_CONFIG, EXIT_PREEMPTED, Outcome, classify
+from sdk.preemption import safety_margin
 
 __all__ = ["FORWARDED", "Supervisor", "SupervisorResult", "outcome_of", "safety_margin"]
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 POLL_SECONDS = 0.05
-MAX_MARGIN = 5.0
-MARGIN_FRACTION = 0.2
-
-
-def safety_margin(grace_seconds: float) -> float:
-    """Seconds kept back at the end of the grace period for the supervisor's own exit: min(5 s, 20 %)."""
-    return min(MAX_MARGIN, MARGIN_FRACTION * grace_seconds)
 
 
 def _spawn(argv: Sequence[str], env: Mapping[str, str] | None) -> Any:

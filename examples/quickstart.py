@@ -60,6 +60,8 @@ def train(steps: int, stop_at: int | None, every: int, seed: int, report: Path |
             run.checkpoint(step + 1, state)
             if stop_at is not None and step + 1 == stop_at:
                 break  # the pod "vanishes" here: whatever was not checkpointed is lost
+            if run.should_stop():  # SIGTERM: leaving the block commits this step if it fits, then exits 75
+                break
     if report:
         report.write_text(
             json.dumps(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from sdk.errors import ConfigError
+from sdk.preemption import parse_signals
 
 __all__ = ["ENV_PREFIX", "Config", "LogFormat"]
 
@@ -44,9 +45,11 @@ class Config:
     keep_last: int = 3
     keep_every: int | None = None  # also keep every K-th step, forever
     checkpoint_every_steps: int | None = None
+    checkpoint_every_seconds: float | None = None
     artifact_uri: str = ""
     output_dir: str = ""
     grace_seconds: float = 30.0
+    stop_signals: str = "SIGTERM,SIGINT,SIGUSR1"
     termination_log: str = "/dev/termination-log"
     log_format: LogFormat = "auto"
     log_level: str = "info"
@@ -79,6 +82,12 @@ class Config:
             _fail("keep_every", self.keep_every, "a positive step interval, or unset")
         if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
             _fail("checkpoint_every_steps", self.checkpoint_every_steps, "a positive step interval, or unset")
+        if self.checkpoint_every_seconds is not None and not self.checkpoint_every_seconds > 0:
+            _fail("checkpoint_every_seconds", self.checkpoint_every_seconds, "a positive number of seconds, or unset")
+        try:
+            parse_signals(self.stop_signals)
+        except ValueError as exc:
+            _fail("stop_signals", self.stop_signals, f"{exc}; name signals like SIGTERM,SIGUSR1")
         if not self.grace_seconds > 0:
             _fail("grace_seconds", self.grace_seconds, "set it to the pod's terminationGracePeriodSeconds (> 0)")
         if self.log_format not in ("auto", "json", "console"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -60,3 +61,74 @@ def test_init_reads_podtrain_variables(tmp_path: Path, monkeypatch: pytest.Monke
         assert run.checkpointer.url == f"file://{tmp_path}/c"
         assert run.checkpointer.attempt == 3
         assert run.config.run_id == "env-run"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_policy_saves_when_enough_seconds_passed(tmp_path: Path) -> None:
+    """checkpoint_every_seconds=60: no save before a minute has passed since the last, one after."""
+    from sdk.run import Run
+
+    clock = _Clock()
+    config = Config(checkpoint_uri=str(tmp_path), attempt=1, checkpoint_every_seconds=60, keep_last=10)
+    run = Run(config, sdk.Checkpointer.from_config(config), clock=clock)
+    model = torch.nn.Linear(2, 2)
+    clock.now = 30
+    assert run.checkpoint(1, {"model": model}) is None
+    clock.now = 61
+    assert run.checkpoint(2, {"model": model}) is not None
+    clock.now = 100
+    assert run.checkpoint(3, {"model": model}) is None
+
+
+def test_preempted_run_commits_the_newest_step_and_exits_75(tmp_path: Path) -> None:
+    """After a stop request, leaving the block saves the step last given to checkpoint() and exits 75."""
+    from sdk.preemption import Preemption
+
+    stop = Preemption(30)
+    model = torch.nn.Linear(2, 2)
+    with (
+        pytest.raises(SystemExit) as exited,
+        sdk.init(Config(checkpoint_uri=str(tmp_path), attempt=1, checkpoint_every_steps=10), preemption=stop) as run,
+    ):
+        for step in range(1, 100):
+            run.checkpoint(step, {"model": model})
+            if step == 13:
+                stop.request()
+            if run.should_stop():
+                break
+    assert exited.value.code == 75
+    ckpt = sdk.Checkpointer(str(tmp_path), attempt=2)
+    assert [c.step for c in ckpt.list()] == [13, 10]
+    assert ckpt.list()[0].manifest.meta == {"emergency": True}
+
+
+def test_preempted_run_skips_a_save_that_cannot_finish_in_time(tmp_path: Path) -> None:
+    """When past saves were slower than the time left, the newest committed checkpoint stands; still exit 75."""
+    from sdk.preemption import Preemption
+    from sdk.run import Run
+
+    clock = _Clock()
+    stop = Preemption(30, clock=clock)
+    config = Config(checkpoint_uri=str(tmp_path), attempt=1, checkpoint_every_steps=10)
+    run = Run(config, sdk.Checkpointer.from_config(config), stop, clock=clock)
+    model = torch.nn.Linear(2, 2)
+    save = run.checkpointer.save
+
+    def slow_save(*args: Any, **kwargs: Any) -> Any:
+        clock.now += 19.0  # this store takes 19 s per save: ~28.5 s with the safety factor
+        return save(*args, **kwargs)
+
+    run.checkpointer.save = slow_save  # type: ignore[method-assign]
+    run.checkpoint(10, {"model": model})
+    run.checkpoint(11, {"model": model})
+    stop.request()
+    clock.now += 1  # 19 s left of the 20 s the run may use
+    run.finish_preempted()
+    assert [c.step for c in sdk.Checkpointer(str(tmp_path), attempt=2).list()] == [10]
