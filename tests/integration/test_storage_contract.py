@@ -227,12 +227,15 @@ class TestS3Store(StoreContract):
     def url(self, s3_url: str) -> str:
         return s3_url
 
-    def test_multipart_upload_sends_a_crc32c_with_every_part(
-        self, store: Store, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """Above the threshold a put goes as parts, each with its CRC32C; S3 keeps their COMPOSITE checksum."""
+    @pytest.fixture
+    def small_parts(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Multipart above 6 MiB, in 5 MiB parts (S3's smallest but the last), so tests stay small."""
         monkeypatch.setattr(backend, "S3_MULTIPART_THRESHOLD", 6 * 2**20)
-        monkeypatch.setattr(backend, "S3_PART_SIZE", 5 * 2**20)  # S3's smallest part but the last
+        monkeypatch.setattr(backend, "S3_PART_SIZE", 5 * 2**20)
+
+    @pytest.mark.usefixtures("small_parts")
+    def test_multipart_upload_sends_a_crc32c_with_every_part(self, store: Store) -> None:
+        """Above the threshold a put goes as parts, each with its CRC32C; S3 keeps their COMPOSITE checksum."""
         data = os.urandom(11 * 2**20)
         assert store.put("big.bin", data) is True
         import boto3
@@ -246,12 +249,9 @@ class TestS3Store(StoreContract):
         assert store.native_crc32c("big.bin") is None  # a composite is not the file's CRC32C: reads check it
         assert store.get("big.bin") == data
 
-    def test_exclusive_multipart_upload_loses_to_an_existing_object(
-        self, store: Store, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    @pytest.mark.usefixtures("small_parts")
+    def test_exclusive_multipart_upload_loses_to_an_existing_object(self, store: Store) -> None:
         """The conditional create holds for multipart uploads too; identical content still counts as written."""
-        monkeypatch.setattr(backend, "S3_MULTIPART_THRESHOLD", 6 * 2**20)
-        monkeypatch.setattr(backend, "S3_PART_SIZE", 5 * 2**20)
         data = os.urandom(7 * 2**20)
         assert store.put("big.bin", data, exclusive=True) is True
         assert store.put("big.bin", data[::-1], exclusive=True) is False
