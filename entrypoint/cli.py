@@ -115,14 +115,13 @@ def _checkpointer(uri: str) -> Any:
 
 def _list(args: argparse.Namespace) -> int:
     ckpt = _checkpointer(args.uri)
-    valid = {info.step for info in ckpt.list(verify=True, download=args.deep)}
     rows = []
     for entry in ckpt.scan():
-        ok = entry.step in valid
+        problem = ckpt.problem(entry, download=args.deep)
+        ok = problem is None
         if not ok and not args.all:
             continue
         m = entry.manifest
-        problem = entry.problem or (None if ok else "files do not match the manifest (see the log)")
         rows.append(
             {
                 "step": entry.step,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdk.preemption import EXIT_PREEMPTED
+
 __all__ = [
     "DEFAULT_TERMINATION_LOG",
     "EXIT_CONFIG",
@@ -35,7 +37,7 @@ __all__ = [
     "write_termination_log",
 ]
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_PREEMPTED = 0, 1, 2, 69, 75
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 69
 OUTCOMES = {
     EXIT_OK: "succeeded",
     EXIT_FAILED: "failed",

@@ -209,24 +209,28 @@ class Checkpointer:
         return sorted(entries, key=lambda e: e.step, reverse=True)
 
     def list(self, *, verify: bool = True, download: bool = False) -> list[CheckpointInfo]:
-        """Committed checkpoints, newest first.
-
-        With ``verify``, only those whose files exist with the manifest's sizes and, where the store records a
-        CRC32C (S3, GCS), the manifest's CRC32C; with ``download`` too, every byte is read and checksummed.
-        """
+        """Committed checkpoints, newest first; with ``verify``, only those :meth:`problem` finds nothing wrong with."""
         found = []
         for entry in self.scan():
-            if entry.manifest is None:
+            if entry.manifest is None or (verify and self.problem(entry, download=download)):
                 continue
-            info = CheckpointInfo(entry.step, entry.url, entry.manifest)
-            if verify:
-                try:
-                    self._check_files(info, download=download)
-                except InvalidCheckpointError as exc:
-                    log.warning("checkpoint.invalid", url=info.url, reason=exc.reason)
-                    continue
-            found.append(info)
+            found.append(CheckpointInfo(entry.step, entry.url, entry.manifest))
         return found
+
+    def problem(self, entry: ScanEntry, *, download: bool = False) -> str | None:
+        """Why ``entry`` is not a valid checkpoint, or None when it is.
+
+        Every listed file must exist with the manifest's size and, where the store records a CRC32C (S3, GCS),
+        the manifest's CRC32C; with ``download``, every byte is read and checksummed too.
+        """
+        if entry.manifest is None:
+            return entry.problem or "no manifest"
+        try:
+            self._check_files(CheckpointInfo(entry.step, entry.url, entry.manifest), download=download)
+        except InvalidCheckpointError as exc:
+            log.warning("checkpoint.invalid", url=entry.url, reason=exc.reason)
+            return exc.reason
+        return None
 
     def verify(self, step: int | None = None, *, download: bool = True) -> CheckpointInfo:
         """Check the checkpoint of ``step`` (default: the newest committed) completely; raise why it fails."""

@@ -19,11 +19,10 @@ from typing import Any
 from sdk import log as _log
 from sdk.checkpoint import Checkpointer, CheckpointInfo
 from sdk.config import Config
-from sdk.preemption import Preemption
+from sdk.preemption import EXIT_PREEMPTED, Preemption
 
 __all__ = ["EXIT_PREEMPTED", "Run", "init"]
 
-EXIT_PREEMPTED = 75
 SAVE_ESTIMATE_FACTOR = 1.5  # an emergency save is tried when 1.5x the slowest measured save still fits
 
 
@@ -40,7 +39,7 @@ class Run:
     ) -> None:
         self.config = config
         self.checkpointer = checkpointer
-        self.preemption = preemption or Preemption(config.grace_seconds, signals=config.stop_signals.split(","))
+        self.preemption = preemption or Preemption(config.grace_seconds, signals=config.stop_signals)
         self.log = _log.get_logger("podtrain.run")
         self.last_checkpoint: CheckpointInfo | None = None
         self._clock = clock
