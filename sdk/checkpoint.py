@@ -129,12 +129,22 @@ class Checkpointer:
         Returns when the checkpoint is committed. Raises :class:`CommitConflictError` when another writer
         already committed this step.
         """
+        trainstate.check(state)
+        return self.write(step, trainstate.payloads(state), meta=meta)
+
+    def write(
+        self, step: int, payloads: Iterable[tuple[str, Any]], *, meta: Mapping[str, Any] | None = None
+    ) -> CheckpointInfo:
+        """Serialize, upload and commit ``(name, payload)`` pairs as the checkpoint of ``step``; then prune.
+
+        :meth:`save` passes the live state's payloads; an asynchronous save passes a snapshot of them
+        (:mod:`sdk.snapshot`) from a background thread.
+        """
         import torch
 
         from sdk import serialization
 
         started = time.monotonic()
-        trainstate.check(state)
         folder = step_dir(step)
         attempt = self.attempt
         location = self.store.url_of(folder)
@@ -144,7 +154,7 @@ class Checkpointer:
         entries: dict[str, FileEntry] = {}
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-upload") as pool:
             uploads: list[Future[bool]] = []
-            for stem, payload in trainstate.payloads(state):
+            for stem, payload in payloads:
                 for encoded in serialization.encode(stem, payload):
                     name = f"{prefix}/{encoded.name}"
                     entries[name] = FileEntry(size=encoded.size, crc32c=checksum.to_hex(encoded.crc32c))

@@ -19,10 +19,11 @@ from typing import Any, Literal, TypeVar
 from sdk.errors import ConfigError
 from sdk.preemption import parse_signals
 
-__all__ = ["ENV_PREFIX", "Config", "LogFormat"]
+__all__ = ["ENV_PREFIX", "CheckpointMode", "Config", "LogFormat"]
 
 ENV_PREFIX = "PODTRAIN_"
 LogFormat = Literal["auto", "json", "console"]
+CheckpointMode = Literal["async", "overlap", "sync"]
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 T = TypeVar("T")
 
@@ -46,6 +47,7 @@ class Config:
     keep_every: int | None = None  # also keep every K-th step, forever
     checkpoint_every_steps: int | None = None
     checkpoint_every_seconds: float | None = None
+    checkpoint_mode: CheckpointMode = "async"
     artifact_uri: str = ""
     output_dir: str = ""
     grace_seconds: float = 30.0
@@ -84,6 +86,16 @@ class Config:
             _fail("checkpoint_every_steps", self.checkpoint_every_steps, "a positive step interval, or unset")
         if self.checkpoint_every_seconds is not None and not self.checkpoint_every_seconds > 0:
             _fail("checkpoint_every_seconds", self.checkpoint_every_seconds, "a positive number of seconds, or unset")
+        self._validate_choices()
+
+    def _validate_choices(self) -> None:
+        if self.checkpoint_mode not in ("async", "overlap", "sync"):
+            _fail(
+                "checkpoint_mode",
+                self.checkpoint_mode,
+                "async (snapshot, write in the background), overlap (async; the snapshot overlaps the next "
+                "forward/backward) or sync (write before returning)",
+            )
         try:
             parse_signals(self.stop_signals)
         except ValueError as exc:

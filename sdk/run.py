@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,10 +21,12 @@ from sdk import log as _log
 from sdk.checkpoint import Checkpointer, CheckpointInfo
 from sdk.config import Config
 from sdk.preemption import EXIT_PREEMPTED, Preemption
+from sdk.saver import AsyncSaver
 
 __all__ = ["EXIT_PREEMPTED", "Run", "init"]
 
 SAVE_ESTIMATE_FACTOR = 1.5  # an emergency save is tried when 1.5x the slowest measured save still fits
+CLOSE_TIMEOUT = 600.0  # seconds the end of the block waits for a save in flight after an error in the block
 
 
 class Run:
@@ -41,11 +44,22 @@ class Run:
         self.checkpointer = checkpointer
         self.preemption = preemption or Preemption(config.grace_seconds, signals=config.stop_signals)
         self.log = _log.get_logger("podtrain.run")
-        self.last_checkpoint: CheckpointInfo | None = None
+        self.saver: AsyncSaver | None = None
+        if config.checkpoint_mode != "sync":
+            self.saver = AsyncSaver(checkpointer, overlap=config.checkpoint_mode == "overlap", clock=clock)
         self._clock = clock
+        self._last_checkpoint: CheckpointInfo | None = None
         self._last_save_at = clock()
         self._slowest_save: float | None = None
         self._latest: tuple[int, Mapping[str, Any]] | None = None
+        self._owed = False  # a policy save was due while another was in flight: the next call saves
+        self.deferred_saves = 0
+
+    @property
+    def last_checkpoint(self) -> CheckpointInfo | None:
+        """The newest checkpoint this run committed (an async save counts once its commit is done)."""
+        committed = [c for c in (self._last_checkpoint, self.saver and self.saver.last_committed) if c]
+        return max(committed, key=lambda c: c.step, default=None)
 
     def resume(self, state: Mapping[str, Any]) -> int:
         """Load the newest valid checkpoint into ``state``; return its step (0 when there is none)."""
@@ -79,33 +93,83 @@ class Run:
         *,
         force: bool = False,
         meta: Mapping[str, Any] | None = None,
-    ) -> CheckpointInfo | None:
-        """Save ``state`` as the checkpoint after ``step`` steps when the policy says so (or ``force``).
+    ) -> Future[CheckpointInfo] | None:
+        """Checkpoint ``state`` as it is after ``step`` steps when the policy says so (or ``force``).
+
+        Asynchronous by default (``PODTRAIN_CHECKPOINT_MODE``): the state is copied into reused CPU buffers and
+        the call returns; the write and commit finish in the background. Returns a future of the committed
+        checkpoint, or None when nothing was started. A policy save that falls due while the previous save is
+        still in flight is *deferred*, not queued and not waited for: the next call saves, due or not (the
+        training loop never waits on storage for a policy save; a newer step is saved instead of an older one).
+        ``force=True`` waits for the save in flight and saves this step. A background failure that must be
+        raised (see :mod:`sdk.saver`) is raised here.
 
         Every call also records ``(step, state)`` as what an emergency save on preemption would commit.
         """
+        if self.saver:
+            self.saver.check()
         self._latest = (step, state)
-        if not (force or self.should_checkpoint(step)):
+        if not (force or self._owed or self.should_checkpoint(step)):
             return None
-        return self._save(step, state, meta)
-
-    def _save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> CheckpointInfo:
-        started = self._clock()
-        self.last_checkpoint = self.checkpointer.save(step, state, meta=meta)
-        took = self._clock() - started
-        self._slowest_save = max(took, self._slowest_save or 0.0)
+        if self.saver is None:
+            return self._save_now(step, state, meta)
+        if self.saver.busy and not force:
+            self._owed = True
+            self.deferred_saves += 1
+            self.log.debug("checkpoint.deferred", step=step, in_flight=self.saver.inflight_step)
+            return None
+        self._owed = False
         self._last_save_at = self._clock()
+        return self.saver.submit(step, state, meta=meta)
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
+        """Wait for the save in flight; raise its failure; return the newest committed checkpoint."""
+        if self.saver:
+            self.saver.wait(timeout)
         return self.last_checkpoint
 
+    def _save_now(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any] | None) -> Future[CheckpointInfo]:
+        started = self._clock()
+        self._last_checkpoint = self.checkpointer.save(step, state, meta=meta)
+        self._slowest_save = max(self._clock() - started, self._slowest_save or 0.0)
+        self._last_save_at = self._clock()
+        done: Future[CheckpointInfo] = Future()
+        done.set_result(self._last_checkpoint)
+        return done
+
+    def _save_estimate(self) -> float | None:
+        background = self.saver.slowest_write if self.saver else None
+        measured = [t for t in (self._slowest_save, background) if t is not None]
+        return max(measured) * SAVE_ESTIMATE_FACTOR if measured else None
+
     def finish_preempted(self) -> None:
-        """Commit the newest step if it fits before the deadline, log the outcome; the caller exits 75."""
+        """Commit the newest step if it fits before the deadline, log the outcome; the caller exits 75.
+
+        A save in flight is waited for first (until the deadline at most): it is the newest committed state
+        the next attempt can have. Then the step last given to :meth:`checkpoint` is saved synchronously — the
+        loop has stopped, so no snapshot is needed — when 1.5x the slowest measured save still fits.
+        """
+        if self.saver and self.saver.busy:
+            left = self.preemption.seconds_left() or 0.0
+            try:
+                if not self.saver.wait(timeout=max(0.0, left)):
+                    self.log.warning(
+                        "run.preempted",
+                        saved_now=False,
+                        checkpoint=self._committed_step(),
+                        reason=f"the save of step {self.saver.inflight_step} did not finish before the deadline",
+                    )
+                    return
+            except Exception as exc:
+                self.log.warning("run.preempted", saved_now=False, checkpoint=self._committed_step(), reason=str(exc))
+                return
         left = self.preemption.seconds_left() or 0.0
-        committed = self.last_checkpoint.step if self.last_checkpoint else None
+        committed = self._committed_step()
         if self._latest is None or self._latest[0] == committed:
             self.log.warning("run.preempted", checkpoint=committed, seconds_left=round(left, 3), saved_now=False)
             return
         step, state = self._latest
-        estimate = None if self._slowest_save is None else self._slowest_save * SAVE_ESTIMATE_FACTOR
+        estimate = self._save_estimate()
         if estimate is not None and estimate > left:
             self.log.warning(
                 "run.preempted",
@@ -114,8 +178,26 @@ class Run:
                 reason=f"saving step {step} takes ~{estimate:.2f}s, {left:.2f}s left before the deadline",
             )
             return
-        info = self._save(step, state, {"emergency": True})
+        self._save_now(step, state, {"emergency": True})
+        info = self._last_checkpoint
+        assert info is not None
         self.log.warning("run.preempted", saved_now=True, checkpoint=info.step, url=info.url)
+
+    def close(self, *, failed: bool = False, timeout: float | None = None) -> None:
+        """Let the save in flight finish (up to ``timeout``); raise its failure unless the block already failed."""
+        if self.saver is None:
+            return
+        if failed:
+            try:
+                self.saver.close(timeout=CLOSE_TIMEOUT if timeout is None else timeout)
+            except Exception as exc:
+                self.log.error("checkpoint.failed_at_exit", error=str(exc))
+            return
+        self.saver.close(timeout)
+
+    def _committed_step(self) -> int | None:
+        info = self.last_checkpoint
+        return info.step if info else None
 
 
 @contextmanager
@@ -138,10 +220,16 @@ def init(config: Config | None = None, *, preemption: Preemption | None = None, 
     run.preemption.install()
     run.log.info("run.start", checkpoint_uri=checkpointer.url, world_size=config.world_size)
     try:
-        yield run
+        try:
+            yield run
+        except BaseException:
+            run.close(failed=True)
+            raise
         if run.preemption.requested:
             run.finish_preempted()
+            run.close(failed=True, timeout=max(0.0, run.preemption.seconds_left() or 0.0))
             raise SystemExit(EXIT_PREEMPTED)
+        run.close()
     finally:
         run.preemption.uninstall()
     run.log.info("run.end", last_checkpoint=run.last_checkpoint.url if run.last_checkpoint else None)

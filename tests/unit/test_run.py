@@ -45,7 +45,8 @@ def test_fresh_run_resumes_at_zero_then_continues_from_its_checkpoint(tmp_path: 
 def test_checkpoint_policy_saves_every_n_steps_unless_forced(tmp_path: Path) -> None:
     """checkpoint_every_steps=5 saves at 5 and 10 only; force=True saves anyway."""
     model = torch.nn.Linear(2, 2)
-    with sdk.init(run_id="r", checkpoint_uri=str(tmp_path), attempt=1, checkpoint_every_steps=5, keep_last=10) as run:
+    config = Config(run_id="r", checkpoint_uri=str(tmp_path), attempt=1, checkpoint_every_steps=5, keep_last=10)
+    with sdk.init(config.with_changes(checkpoint_mode="sync")) as run:
         saved = [s for s in range(1, 11) if run.checkpoint(s, {"model": model})]
         assert saved == [5, 10]
         assert run.checkpoint(11, {"model": model}, force=True) is not None
@@ -76,7 +77,9 @@ def test_time_policy_saves_when_enough_seconds_passed(tmp_path: Path) -> None:
     from sdk.run import Run
 
     clock = _Clock()
-    config = Config(checkpoint_uri=str(tmp_path), attempt=1, checkpoint_every_seconds=60, keep_last=10)
+    config = Config(
+        checkpoint_uri=str(tmp_path), attempt=1, checkpoint_every_seconds=60, keep_last=10, checkpoint_mode="sync"
+    )
     run = Run(config, sdk.Checkpointer.from_config(config), clock=clock)
     model = torch.nn.Linear(2, 2)
     clock.now = 30
@@ -116,7 +119,7 @@ def test_preempted_run_skips_a_save_that_cannot_finish_in_time(tmp_path: Path) -
 
     clock = _Clock()
     stop = Preemption(30, clock=clock)
-    config = Config(checkpoint_uri=str(tmp_path), attempt=1, checkpoint_every_steps=10)
+    config = Config(checkpoint_uri=str(tmp_path), attempt=1, checkpoint_every_steps=10, checkpoint_mode="sync")
     run = Run(config, sdk.Checkpointer.from_config(config), stop, clock=clock)
     model = torch.nn.Linear(2, 2)
     save = run.checkpointer.save
