@@ -24,13 +24,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from sdk import checksum
+from sdk import checksum, fence
 from sdk import state as trainstate
 from sdk.config import Config
 from sdk.errors import (
     CommitConflictError,
     InvalidCheckpointError,
     NoCheckpointError,
+    StaleAttemptError,
     StorageNotFoundError,
 )
 from sdk.log import get_logger
@@ -91,6 +92,7 @@ class Checkpointer:
         self.max_workers = max_workers
         self.safe_globals = list(safe_globals)
         self.resumed_from: int | None = None
+        self.claimed: fence.Claim | None = None
         self.last_save_seconds: float | None = None
         self._root_checked = False
 
@@ -118,9 +120,47 @@ class Checkpointer:
             entries = self.scan()
             seen = [a for entry in entries for a in entry.attempts]
             seen += [e.manifest.attempt for e in entries if e.manifest]
+            seen += [c.attempt for c in fence.read_claims(self.store)]
             self._attempt = max(seen, default=0) + 1
             log.info("checkpoint.attempt_derived", attempt=self._attempt, url=self.url)
         return self._attempt
+
+    def claim(self, resumed_from: int | None = None) -> fence.Claim:
+        """Take over the run after ``resumed_from`` (default: the newest committed step) for this attempt.
+
+        Older attempts still running are fenced from then on (see :mod:`sdk.fence`). Claiming twice is a no-op.
+        """
+        if self.claimed is None:
+            if resumed_from is None:
+                committed = self.list(verify=False)
+                resumed_from = committed[0].step if committed else 0
+            self.claimed = fence.claim(self.store, self.attempt, resumed_from)
+            log.info("checkpoint.claimed", attempt=self.claimed.attempt, resumed_from=self.claimed.resumed_from)
+        return self.claimed
+
+    def _check_not_superseded(self, doing: str) -> list[fence.Claim]:
+        claims = fence.read_claims(self.store)
+        newer = fence.superseding(claims, self.attempt)
+        if newer is not None:
+            log.error("checkpoint.superseded", attempt=self.attempt, by=newer.attempt, doing=doing)
+            raise StaleAttemptError(
+                f"attempt {self.attempt} of this run was superseded by attempt {newer.attempt} (which resumed from "
+                f"step {newer.resumed_from}); not {doing}: this attempt must stop"
+            )
+        return claims
+
+    def _clear_superseded(self, folder: str, claims: builtins.list[fence.Claim], location: str) -> None:
+        """Remove a superseded commit of this step (a zombie's) so ours can take its place; else conflict."""
+        try:
+            existing = parse(self.store.get(f"{folder}/{MANIFEST_NAME}"), location=location)
+        except StorageNotFoundError:
+            return
+        except InvalidCheckpointError:
+            existing = None
+        if existing is not None and fence.superseded_by(claims, existing.attempt, existing.step) is None:
+            raise CommitConflictError(f"checkpoint {location} is already committed; not writing it again")
+        self.store.delete(f"{folder}/{MANIFEST_NAME}")
+        log.warning("checkpoint.superseded_removed", url=location, attempt=existing.attempt if existing else None)
 
     # -- save ------------------------------------------------------------------------------------------
     def save(self, step: int, state: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None) -> CheckpointInfo:
@@ -148,8 +188,9 @@ class Checkpointer:
         folder = step_dir(step)
         attempt = self.attempt
         location = self.store.url_of(folder)
+        claims = self._check_not_superseded(f"writing step {step}")
         if self.store.exists(f"{folder}/{MANIFEST_NAME}"):
-            raise CommitConflictError(f"checkpoint {location} is already committed; not writing it again")
+            self._clear_superseded(folder, claims, location)
         prefix = f"attempt-{attempt}"
         entries: dict[str, FileEntry] = {}
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-upload") as pool:
@@ -171,7 +212,12 @@ class Checkpointer:
             torch=torch.__version__.split("+")[0],
             meta=dict(meta or {}),
         )
-        if not self.store.put(f"{folder}/{MANIFEST_NAME}", manifest.to_json(), exclusive=True):
+        claims = self._check_not_superseded(f"committing step {step}")
+        committed = self.store.put(f"{folder}/{MANIFEST_NAME}", manifest.to_json(), exclusive=True)
+        if not committed:  # another writer committed first: a superseded one gives way, anyone else wins
+            self._clear_superseded(folder, claims, location)
+            committed = self.store.put(f"{folder}/{MANIFEST_NAME}", manifest.to_json(), exclusive=True)
+        if not committed:
             raise CommitConflictError(
                 f"checkpoint {location} was already committed by another writer; this save was not committed"
             )
@@ -194,6 +240,7 @@ class Checkpointer:
             self.store.ensure_root()  # a missing bucket or denied access fails here, with a message
             self._root_checked = True
         names = self.store.list()
+        claims = fence.read_claims(self.store) if fence.CLAIMS_DIR in names else []
         entries = []
         for name in names:
             step = parse_step_dir(name)
@@ -209,10 +256,16 @@ class Checkpointer:
             else:
                 try:
                     parsed = parse(self.store.get(f"{name}/{MANIFEST_NAME}"), location=location)
-                    if parsed.step == step:
-                        manifest = parsed
-                    else:
+                    newer = fence.superseded_by(claims, parsed.attempt, step)
+                    if parsed.step != step:
                         problem = f"manifest says step {parsed.step}, folder says {step}"
+                    elif newer is not None:
+                        problem = (
+                            f"superseded: committed by attempt {parsed.attempt} after attempt {newer.attempt} took "
+                            f"over from step {newer.resumed_from} (a stale attempt's work, never loaded)"
+                        )
+                    else:
+                        manifest = parsed
                 except InvalidCheckpointError as exc:
                     problem = exc.reason
             entries.append(ScanEntry(step, location, manifest, problem, attempts))
@@ -336,7 +389,11 @@ class Checkpointer:
 
     # -- retention ---------------------------------------------------------------------------------------
     def prune(self) -> builtins.list[int]:
-        """Delete what the retention rules allow (see :mod:`sdk.retention`); return the deleted steps."""
+        """Delete what the retention rules allow (see :mod:`sdk.retention`); return the deleted steps.
+
+        A superseded attempt deletes nothing (it raises :class:`StaleAttemptError`).
+        """
+        self._check_not_superseded("deleting old checkpoints")
         entries = self.scan()
         doomed = plan_deletions(
             [Committed(e.step, e.manifest.attempt) for e in entries if e.manifest],

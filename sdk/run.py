@@ -64,6 +64,8 @@ class Run:
     def resume(self, state: Mapping[str, Any]) -> int:
         """Load the newest valid checkpoint into ``state``; return its step (0 when there is none)."""
         step = self.checkpointer.load(state)
+        if self.config.rank == 0:  # this attempt now owns the run after `step`; older ones are fenced
+            self.checkpointer.claim(step or 0)
         if step is None:
             self.log.info("run.fresh_start", checkpoint_uri=self.checkpointer.url)
             return 0
@@ -111,6 +113,8 @@ class Run:
         self._latest = (step, state)
         if not (force or self._owed or self.should_checkpoint(step)):
             return None
+        if self.config.rank == 0 and self.checkpointer.claimed is None:
+            self.checkpointer.claim()
         if self.saver is None:
             return self._save_now(step, state, meta)
         if self.saver.busy and not force:

@@ -17,7 +17,7 @@ import torch
 
 from sdk import checksum
 from sdk.checkpoint import Checkpointer
-from sdk.errors import CommitConflictError, InvalidCheckpointError, NoCheckpointError
+from sdk.errors import CommitConflictError, InvalidCheckpointError, NoCheckpointError, StaleAttemptError
 from sdk.manifest import FORMAT, step_dir
 from sdk.storage import open_store
 
@@ -164,6 +164,39 @@ class CheckpointContract:
         step, _, _ = self._load(url)
         assert step == 7
         assert self._manifest(url, 7)["attempt"] == 1
+
+    def test_an_older_attempt_still_running_is_fenced_by_a_newer_ones_claim(self, url: str) -> None:
+        """After attempt 2 claims the run, attempt 1 can no longer save, commit or prune: StaleAttemptError."""
+        old = Checkpointer(url, run_id="r1", attempt=1, keep_last=1)
+        old.save(10, _state(10))
+        new = Checkpointer(url, run_id="r1", attempt=2, keep_last=1)
+        assert new.load(_state(0)) == 10
+        new.claim(10)
+        new.save(11, _state(11))
+        with pytest.raises(StaleAttemptError, match="superseded by attempt 2"):
+            old.save(12, _state(12))
+        with pytest.raises(StaleAttemptError):
+            old.prune()
+        assert [c.step for c in new.list()] == [11, 10]  # 10: the checkpoint attempt 2 resumed from
+        assert Checkpointer(url, attempt=3).attempt == 3, "claims count when the next attempt is derived"
+
+    def test_a_stale_commit_racing_the_claim_is_never_loaded_and_gives_way(self, url: str) -> None:
+        """A commit attempt 1 slipped in after attempt 2's claim is skipped by readers and replaced on save."""
+        old = Checkpointer(url, run_id="r1", attempt=1, keep_last=10)
+        old.save(10, _state(10))
+        new = Checkpointer(url, run_id="r1", attempt=2, keep_last=10)
+        new.claim(10)
+        old._check_not_superseded = lambda doing: []  # type: ignore[method-assign] # it checked just before the claim
+        old.save(11, _state(99))
+        scanned = {e.step: e for e in new.scan()}
+        assert scanned[11].manifest is None and "superseded" in (scanned[11].problem or "")
+        assert [c.step for c in new.list()] == [10]
+        restored = _state(0)
+        assert new.load(restored) == 10
+        new.save(11, _state(11))  # the stale commit gives way to the newer attempt's own
+        assert self._manifest(url, 11)["attempt"] == 2
+        step, state, _ = self._load(url)
+        assert step == 11 and _same(_weights(state), _weights(_state(11)))
 
     def test_retention_keeps_the_last_n_and_the_resumed_one(self, url: str) -> None:
         """keep_last=2 prunes old commits after a newer one commits, never the checkpoint resumed from."""
