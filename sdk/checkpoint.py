@@ -24,10 +24,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from sdk import checksum, fence
+from sdk import checksum, fence, ranks
 from sdk import state as trainstate
 from sdk.config import Config
 from sdk.errors import (
+    CheckpointError,
     CommitConflictError,
     InvalidCheckpointError,
     NoCheckpointError,
@@ -76,6 +77,7 @@ class Checkpointer:
         run_id: str = "local",
         attempt: int | None = None,
         world_size: int = 1,
+        rank: int = 0,
         keep_last: int = 3,
         keep_every: int | None = None,
         retry: RetryPolicy | None = None,
@@ -87,6 +89,8 @@ class Checkpointer:
         self.run_id = run_id
         self._attempt = attempt
         self.world_size = world_size
+        self.rank = rank
+        self.rank_timeout = ranks.RANK_TIMEOUT
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.max_workers = max_workers
@@ -104,6 +108,7 @@ class Checkpointer:
             run_id=config.run_id,
             attempt=config.attempt,
             world_size=config.world_size,
+            rank=config.rank,
             keep_last=config.keep_last,
             keep_every=config.keep_every,
             **kwargs,
@@ -180,8 +185,6 @@ class Checkpointer:
         :meth:`save` passes the live state's payloads; an asynchronous save passes a snapshot of them
         (:mod:`sdk.snapshot`) from a background thread.
         """
-        import torch
-
         from sdk import serialization
 
         started = time.monotonic()
@@ -191,7 +194,7 @@ class Checkpointer:
         claims = self._check_not_superseded(f"writing step {step}")
         if self.store.exists(f"{folder}/{MANIFEST_NAME}"):
             self._clear_superseded(folder, claims, location)
-        prefix = f"attempt-{attempt}"
+        prefix = ranks.rank_prefix(attempt, self.rank, self.world_size)
         entries: dict[str, FileEntry] = {}
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-upload") as pool:
             uploads: list[Future[bool]] = []
@@ -203,7 +206,21 @@ class Checkpointer:
                     del encoded
             for upload in uploads:
                 upload.result()
-        manifest = Manifest(
+        if self.world_size > 1:
+            ranks.write_record(self.store, folder, attempt, self.rank, entries)
+            if self.rank != 0:  # rank 0 commits once every rank's record is in
+                log.info("checkpoint.rank_written", step=step, url=location, files=len(entries))
+                return CheckpointInfo(step, location, self._manifest(step, attempt, entries, meta))
+            entries = ranks.gather(self.store, folder, attempt, self.world_size, timeout=self.rank_timeout)
+        manifest = self._manifest(step, attempt, entries, meta)
+        return self._commit(folder, location, manifest, started)
+
+    def _manifest(
+        self, step: int, attempt: int, entries: dict[str, FileEntry], meta: Mapping[str, Any] | None
+    ) -> Manifest:
+        import torch
+
+        return Manifest(
             run_id=self.run_id,
             attempt=attempt,
             step=step,
@@ -212,6 +229,9 @@ class Checkpointer:
             torch=torch.__version__.split("+")[0],
             meta=dict(meta or {}),
         )
+
+    def _commit(self, folder: str, location: str, manifest: Manifest, started: float) -> CheckpointInfo:
+        step = manifest.step
         claims = self._check_not_superseded(f"committing step {step}")
         committed = self.store.put(f"{folder}/{MANIFEST_NAME}", manifest.to_json(), exclusive=True)
         if not committed:  # another writer committed first: a superseded one gives way, anyone else wins
@@ -227,7 +247,7 @@ class Checkpointer:
             step=step,
             url=location,
             bytes=manifest.total_bytes,
-            files=len(entries),
+            files=len(manifest.files),
             seconds=round(self.last_save_seconds, 3),
         )
         self.prune()
@@ -326,7 +346,13 @@ class Checkpointer:
                 if entry.manifest is None:
                     raise InvalidCheckpointError(entry.url, entry.problem or "no manifest")
                 info = CheckpointInfo(entry.step, entry.url, entry.manifest)
-                payloads = self._check_files(info, download=True, metadata=False)
+                if entry.manifest.world_size != self.world_size:
+                    raise CheckpointError(
+                        f"checkpoint {entry.url} was saved by {entry.manifest.world_size} rank(s) and this run has "
+                        f"{self.world_size}: resume with the same number of ranks (WORLD_SIZE)"
+                    )
+                mine = ranks.files_of_rank(entry.manifest.files, self.rank, self.world_size)
+                payloads = self._check_files(info, download=True, metadata=False, files=mine)
                 trainstate.restore(state, payloads, location=info.url, safe_globals=self.safe_globals)
             except InvalidCheckpointError as exc:
                 if step is not None:
@@ -340,7 +366,14 @@ class Checkpointer:
             log.warning("checkpoint.none_valid", url=self.url, folders=len(candidates))
         return None
 
-    def _check_files(self, info: CheckpointInfo, *, download: bool, metadata: bool = True) -> dict[str, bytes]:
+    def _check_files(
+        self,
+        info: CheckpointInfo,
+        *,
+        download: bool,
+        metadata: bool = True,
+        files: Mapping[str, FileEntry] | None = None,
+    ) -> dict[str, bytes]:
         """Check every listed file against the manifest.
 
         ``metadata``: its size, and the store's own CRC32C where the store keeps one (S3, GCS) — no data read.
@@ -366,7 +399,8 @@ class Checkpointer:
                 raise InvalidCheckpointError(info.url, f"{name} is listed in the manifest but missing") from None
 
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-download") as pool:
-            return dict(pool.map(lambda item: check(*item), info.manifest.files.items()))
+            listed = info.manifest.files if files is None else files
+            return dict(pool.map(lambda item: check(*item), listed.items()))
 
     def _read_verified(self, info: CheckpointInfo, name: str, rel: str, entry: FileEntry) -> bytes:
         """The file's bytes, checked against the manifest; a mismatch is read again before it counts.

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sdk import log as _log
+from sdk.agreement import Agreement
 from sdk.checkpoint import Checkpointer, CheckpointInfo
 from sdk.config import Config
 from sdk.preemption import EXIT_PREEMPTED, Preemption
@@ -54,6 +55,7 @@ class Run:
         self._latest: tuple[int, Mapping[str, Any]] | None = None
         self._owed = False  # a policy save was due while another was in flight: the next call saves
         self.deferred_saves = 0
+        self.agreement = Agreement(config.world_size) if config.world_size > 1 else None
 
     @property
     def last_checkpoint(self) -> CheckpointInfo | None:
@@ -72,7 +74,19 @@ class Run:
         return step
 
     def should_stop(self) -> bool:
-        """True once a stop signal arrived: break out of the loop; the block's end saves what fits, exits 75."""
+        """True once a stop signal arrived: break out of the loop; the block's end saves what fits, exits 75.
+
+        Call it once per step. With several ranks it is agreed (:mod:`sdk.agreement`): every rank gets True at
+        the same step, one step after the first rank saw the signal.
+        """
+        if self.agreement is not None:
+            return self.agreement.stop(self.preemption.requested)
+        return self.preemption.requested
+
+    def stopping(self) -> bool:
+        """At the end of the block: whether to finish as preempted (agreed once more with several ranks)."""
+        if self.agreement is not None:
+            return self.agreement.settle(self.preemption.requested)
         return self.preemption.requested
 
     def should_checkpoint(self, step: int) -> bool:
@@ -111,13 +125,19 @@ class Run:
         if self.saver:
             self.saver.check()
         self._latest = (step, state)
-        if not (force or self._owed or self.should_checkpoint(step)):
+        due = force or self._owed or self.should_checkpoint(step)
+        busy = bool(self.saver and self.saver.busy)
+        if self.agreement is not None and (due or self.config.checkpoint_every_seconds is not None):
+            # Ranks save the same steps: a step is saved when due on any rank and deferred when any is busy.
+            # A steps-only policy is due on every rank alike, so only its due steps cost a collective.
+            due, busy = self.agreement.any(due, busy)
+        if not due:
             return None
         if self.config.rank == 0 and self.checkpointer.claimed is None:
             self.checkpointer.claim()
         if self.saver is None:
             return self._save_now(step, state, meta)
-        if self.saver.busy and not force:
+        if busy and not force:
             self._owed = True
             self.deferred_saves += 1
             self.log.debug("checkpoint.deferred", step=step, in_flight=self.saver.inflight_step)
@@ -151,41 +171,49 @@ class Run:
 
         A save in flight is waited for first (until the deadline at most): it is the newest committed state
         the next attempt can have. Then the step last given to :meth:`checkpoint` is saved synchronously — the
-        loop has stopped, so no snapshot is needed — when 1.5x the slowest measured save still fits.
+        loop has stopped, so no snapshot is needed — when 1.5x the slowest measured save still fits. With
+        several ranks, they save only if every rank can (one agreement), since rank 0 commits only after all.
         """
-        if self.saver and self.saver.busy:
+        if not self.preemption.requested:  # another rank got the signal: this one's deadline starts now
+            self.preemption.request()
+        reason = self._emergency_blocker()
+        save = reason is None
+        if self.agreement is not None:
+            save = self.agreement.all(save)
+            reason = reason or (None if save else "another rank cannot save in time")
+        if not save or self._latest is None:
             left = self.preemption.seconds_left() or 0.0
-            try:
-                if not self.saver.wait(timeout=max(0.0, left)):
-                    self.log.warning(
-                        "run.preempted",
-                        saved_now=False,
-                        checkpoint=self._committed_step(),
-                        reason=f"the save of step {self.saver.inflight_step} did not finish before the deadline",
-                    )
-                    return
-            except Exception as exc:
-                self.log.warning("run.preempted", saved_now=False, checkpoint=self._committed_step(), reason=str(exc))
-                return
-        left = self.preemption.seconds_left() or 0.0
-        committed = self._committed_step()
-        if self._latest is None or self._latest[0] == committed:
-            self.log.warning("run.preempted", checkpoint=committed, seconds_left=round(left, 3), saved_now=False)
-            return
-        step, state = self._latest
-        estimate = self._save_estimate()
-        if estimate is not None and estimate > left:
             self.log.warning(
                 "run.preempted",
                 saved_now=False,
-                checkpoint=committed,
-                reason=f"saving step {step} takes ~{estimate:.2f}s, {left:.2f}s left before the deadline",
+                checkpoint=self._committed_step(),
+                seconds_left=round(left, 3),
+                reason=reason,
             )
             return
+        step, state = self._latest
+        self.checkpointer.rank_timeout = max(1.0, self.preemption.seconds_left() or 0.0)
         self._save_now(step, state, {"emergency": True})
         info = self._last_checkpoint
         assert info is not None
         self.log.warning("run.preempted", saved_now=True, checkpoint=info.step, url=info.url)
+
+    def _emergency_blocker(self) -> str | None:
+        """Why the emergency save cannot or need not happen on this rank, or None when it should."""
+        if self.saver and self.saver.busy:
+            try:
+                if not self.saver.wait(timeout=max(0.0, self.preemption.seconds_left() or 0.0)):
+                    return f"the save of step {self.saver.inflight_step} did not finish before the deadline"
+            except Exception as exc:  # logged by the saver already; the older checkpoint stands
+                return f"the save in flight failed: {exc}"
+        committed = self._committed_step()
+        if self._latest is None or self._latest[0] == committed:
+            return "the newest step is already committed" if self._latest else "no step was given to checkpoint()"
+        left = self.preemption.seconds_left() or 0.0
+        estimate = self._save_estimate()
+        if estimate is not None and estimate > left:
+            return f"saving step {self._latest[0]} takes ~{estimate:.2f}s, {left:.2f}s left before the deadline"
+        return None
 
     def close(self, *, failed: bool = False, timeout: float | None = None) -> None:
         """Let the save in flight finish (up to ``timeout``); raise its failure unless the block already failed."""
@@ -229,7 +257,7 @@ def init(config: Config | None = None, *, preemption: Preemption | None = None, 
         except BaseException:
             run.close(failed=True)
             raise
-        if run.preemption.requested:
+        if run.stopping():
             run.finish_preempted()
             run.close(failed=True, timeout=max(0.0, run.preemption.seconds_left() or 0.0))
             raise SystemExit(EXIT_PREEMPTED)
