@@ -3,10 +3,12 @@
     python tests/e2e/chaos_train.py --steps 200 --every 20 --progress P --weights W [--sleep S] [--fail-at N]
 
 Configured by ``PODTRAIN_*`` like any ``train.py``. It appends to the ``--progress`` file, one line each:
-``start N`` once the run has resumed (N: the step it resumed from, 0 on a fresh start), then the number of
-every completed step (written after ``run.checkpoint`` recorded it). At a normal end it writes the model's
-final ``state_dict()`` to ``--weights`` (``torch.save``, renamed into place). ``--fail-at N`` raises before
-step N as a user bug would; ``--sleep`` pauses after each step, so a signal can land mid-training reliably.
+``pid P`` first thing (before torch's import), ``start N`` once the run has resumed (N: the step it resumed
+from, 0 on a fresh start), then the number of every completed step (written after ``run.checkpoint`` recorded
+it). At a normal end it writes the model's final ``state_dict()`` to ``--weights`` (``torch.save``, renamed
+into place). ``--fail-at N`` raises before step N as a user bug would; ``--sleep`` pauses after each step,
+so a signal can land mid-training reliably. The optimizer is ``torch.optim.Adam``, so that the ``overlap``
+checkpoint mode (which hooks the optimizer's step) is exercised too.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to pause after each step")
     parser.add_argument("--fail-at", type=int, default=None, help="raise RuntimeError before this step")
+    parser.add_argument("--checkpoint-mode", default=None, help="async, overlap or sync (default: PODTRAIN_*)")
     parser.add_argument("--progress", type=Path, required=True)
     parser.add_argument("--weights", type=Path, required=True)
     args = parser.parse_args()
 
     with args.progress.open("a", encoding="utf-8") as progress:
+        progress.write(f"pid {os.getpid()}\n")
+        progress.flush()
         train(args, progress)
     return 0
 
@@ -61,7 +66,7 @@ def train(args: argparse.Namespace, progress) -> None:  # type: ignore[no-untype
         progress.write(line + "\n")
         progress.flush()
 
-    with sdk.init(checkpoint_every_steps=args.every) as run:
+    with sdk.init(checkpoint_every_steps=args.every, checkpoint_mode=args.checkpoint_mode) as run:
         start = run.resume(state)
         write(f"start {start}")
         batches = _forever(loader)

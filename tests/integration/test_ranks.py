@@ -91,7 +91,9 @@ def test_two_ranks_stop_on_the_same_step_commit_it_once_and_resume_exactly(
     assert newest.manifest.world_size == 2
     names = set(newest.manifest.files)
     for rank in (0, 1):
-        assert {f"attempt-1/rank-{rank}/{n}" for n in ("model.safetensors", "optimizer.pt", "loader.pt", "rng.pt")} <= names
+        assert {
+            f"attempt-1/rank-{rank}/{n}" for n in ("model.safetensors", "optimizer.pt", "loader.pt", "rng.pt")
+        } <= names
     folder = f"step-{stop_step:010d}"
     assert {"rank-0.json", "rank-1.json"} <= set(open_store(uri).list(f"{folder}/attempt-1"))
     message = json.loads((tmp_path / "termination-1").read_text())
