@@ -226,10 +226,20 @@ def _run(args: argparse.Namespace) -> int:
     if not cmd:
         return _run_config_error(args, "no command given: use podtrain run [options] -- CMD [ARGS...]")
 
+    derived_note = ""
+    if config.attempt is None:  # derived once here, so every rank of the child uses the same number
+        attempt, derived_note = termination.derive_attempt(
+            config.checkpoint_uri, run_id=config.run_id, timeout=min(10.0, config.grace_seconds / 2)
+        )
+        if attempt is not None:
+            config = config.with_changes(attempt=attempt)
+            os.environ["PODTRAIN_ATTEMPT"] = str(attempt)
     configure(
         run_id=config.run_id, attempt=config.attempt, rank=config.rank, fmt=config.log_format, level=config.log_level
     )
     log = get_logger("podtrain.supervisor")
+    if derived_note:
+        log.warning("supervisor.attempt_not_derived", reason=derived_note)
     log.info("supervisor.config", grace_seconds=config.grace_seconds, checkpoint_uri=config.checkpoint_uri)
     result = Supervisor(cmd, grace_seconds=config.grace_seconds, log=log).run()
     for signum in FORWARDED:  # the child is gone: a late signal must not cut the termination message short

@@ -145,30 +145,65 @@ def newest_checkpoint(
     protocol, path = split_url(uri)
     if protocol == "file" and not Path(path).exists():
         return None, None, f"no checkpoint committed yet ({uri} does not exist)"
+
+    def look() -> Any:
+        from sdk.checkpoint import Checkpointer
+
+        return Checkpointer(uri, run_id=run_id, attempt=attempt or 1, retry=_quick_retry(timeout)).list(verify=False)
+
+    infos, problem = _within(timeout, look, "podtrain-newest-checkpoint")
+    if problem:
+        return None, None, f"checkpoint store {uri} {problem}"
+    if not infos:
+        return None, None, f"no checkpoint committed yet under {uri}"
+    return infos[0].step, infos[0].url, ""
+
+
+def derive_attempt(uri: str, *, run_id: str, timeout: float) -> tuple[int | None, str]:
+    """``(attempt, note)``: one more than the newest attempt the checkpoint store has seen, within ``timeout``.
+
+    The supervisor derives it once and passes it to the child as ``PODTRAIN_ATTEMPT``, so that every rank of a
+    multi-process child uses the same number. ``None`` with the reason when the store did not answer.
+    """
+    from sdk.storage import split_url
+
+    protocol, path = split_url(uri)
+    if protocol == "file" and not Path(path).exists():
+        return 1, ""
+
+    def look() -> Any:
+        from sdk.checkpoint import Checkpointer
+
+        return Checkpointer(uri, run_id=run_id, retry=_quick_retry(timeout)).attempt
+
+    attempt, problem = _within(timeout, look, "podtrain-derive-attempt")
+    return attempt, f"checkpoint store {uri} {problem}" if problem else ""
+
+
+def _quick_retry(timeout: float) -> Any:
+    from sdk.storage import RetryPolicy
+
+    return RetryPolicy(attempts=2, initial_wait=0.1, max_wait=0.5, jitter=0.1, timeout=max(timeout, 1.0))
+
+
+def _within(timeout: float, fn: Callable[[], Any], name: str) -> tuple[Any, str]:
+    """``(fn(), "")``, or ``(None, why)`` when it raised or did not return within ``timeout`` (it is left behind)."""
     result: dict[str, Any] = {}
 
-    def look() -> None:
+    def call() -> None:
         try:
-            from sdk.checkpoint import Checkpointer
-            from sdk.storage import RetryPolicy
-
-            retry = RetryPolicy(attempts=2, initial_wait=0.1, max_wait=0.5, jitter=0.1, timeout=max(timeout, 1.0))
-            infos = Checkpointer(uri, run_id=run_id, attempt=attempt or 1, retry=retry).list(verify=False)
-            result["infos"] = infos
+            result["value"] = fn()
         except Exception as exc:
             result["error"] = exc
 
-    worker = threading.Thread(target=look, name="podtrain-newest-checkpoint", daemon=True)
+    worker = threading.Thread(target=call, name=name, daemon=True)
     worker.start()
     worker.join(max(timeout, 0.0))
     if worker.is_alive():
-        return None, None, f"checkpoint store {uri} did not answer within {timeout:.1f} s"
+        return None, f"did not answer within {timeout:.1f} s"
     if "error" in result:
-        return None, None, f"checkpoint store {uri} unreadable: {result['error']}"
-    if not result["infos"]:
-        return None, None, f"no checkpoint committed yet under {uri}"
-    info = result["infos"][0]
-    return info.step, info.url, ""
+        return None, f"unreadable: {result['error']}"
+    return result["value"], ""
 
 
 def record(

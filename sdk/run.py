@@ -21,6 +21,7 @@ from sdk import log as _log
 from sdk.agreement import Agreement
 from sdk.checkpoint import Checkpointer, CheckpointInfo
 from sdk.config import Config
+from sdk.errors import ConfigError
 from sdk.preemption import EXIT_PREEMPTED, Preemption
 from sdk.saver import AsyncSaver
 
@@ -239,6 +240,11 @@ def init(config: Config | None = None, *, preemption: Preemption | None = None, 
     Leaving the block after a stop request commits what fits and raises ``SystemExit(75)``.
     """
     config = config or Config.from_env(**overrides)
+    if config.world_size > 1 and config.attempt is None:
+        raise ConfigError(
+            f"PODTRAIN_ATTEMPT is unset with WORLD_SIZE={config.world_size}: every rank must use the same attempt "
+            "number; set it, or start the ranks under `podtrain run`, which derives it once for all of them"
+        )
     _log.configure(
         run_id=config.run_id,
         attempt=config.attempt,

@@ -109,6 +109,21 @@ def test_python_m_entrypoint_run_and_gpu_seconds(tmp_path: Path) -> None:
     assert msg["gpu_seconds"] == pytest.approx(2 * float(msg["seconds"]), abs=0.01)  # type: ignore[arg-type]
 
 
+def test_an_unset_attempt_is_derived_once_and_given_to_the_child(tmp_path: Path) -> None:
+    """PODTRAIN_ATTEMPT unset: the supervisor derives it from the store and exports it, so all ranks agree."""
+    seen = tmp_path / "attempt.txt"
+    run = Run(tmp_path, ["sh", "-c", f'echo "$PODTRAIN_ATTEMPT" > {seen}'], env={"PODTRAIN_ATTEMPT": ""})
+    assert run.wait() == 0, run.stderr
+    assert seen.read_text().strip() == "1"
+    assert run.message()["attempt"] == 1
+    from sdk.checkpoint import Checkpointer
+
+    Checkpointer(f"file://{tmp_path}/ckpt", run_id="sup", attempt=1).save(3, {"model": torch.nn.Linear(2, 2)})
+    run = Run(tmp_path, ["sh", "-c", f'echo "$PODTRAIN_ATTEMPT" > {seen}'], env={"PODTRAIN_ATTEMPT": ""})
+    assert run.wait() == 0, run.stderr
+    assert seen.read_text().strip() == "2"
+
+
 def test_child_exit_3_fails(tmp_path: Path) -> None:
     """A child exiting 3 gives exit 1, outcome failed."""
     run = Run(tmp_path, ["sh", "-c", "exit 3"])

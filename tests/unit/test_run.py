@@ -135,3 +135,14 @@ def test_preempted_run_skips_a_save_that_cannot_finish_in_time(tmp_path: Path) -
     clock.now += 1  # 19 s left of the 20 s the run may use
     run.finish_preempted()
     assert [c.step for c in sdk.Checkpointer(str(tmp_path), attempt=2).list()] == [10]
+
+
+def test_several_ranks_without_an_attempt_number_is_a_config_error(tmp_path: Path) -> None:
+    """WORLD_SIZE=2 with PODTRAIN_ATTEMPT unset: ranks could derive different numbers, so init says what to set."""
+    from sdk.errors import ConfigError
+
+    with (
+        pytest.raises(ConfigError, match="PODTRAIN_ATTEMPT is unset"),
+        sdk.init(Config(checkpoint_uri=str(tmp_path), world_size=2, rank=1)),
+    ):
+        pass

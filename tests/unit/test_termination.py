@@ -165,3 +165,25 @@ def test_supervisor_modules_do_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_derive_attempt_is_one_more_than_the_newest_seen(tmp_path: Path) -> None:
+    """An empty store gives attempt 1; after attempt 3 saved, the next is 4; nothing is created by looking."""
+    import torch
+
+    from sdk.checkpoint import Checkpointer
+
+    assert term.derive_attempt(str(tmp_path / "none"), run_id="r", timeout=5) == (1, "")
+    assert not (tmp_path / "none").exists()
+    Checkpointer(str(tmp_path / "ck"), run_id="r", attempt=3).save(1, {"model": torch.nn.Linear(2, 2)})
+    assert term.derive_attempt(str(tmp_path / "ck"), run_id="r", timeout=10) == (4, "")
+
+
+def test_derive_attempt_says_why_when_the_store_cannot_be_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store nobody answers for (a closed port on 127.0.0.1) gives no attempt and the reason."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    attempt, note = term.derive_attempt("s3://podtrain-nope/x", run_id="r", timeout=5)
+    assert attempt is None
+    assert "s3://podtrain-nope/x" in note and "Could not connect" in note
