@@ -81,7 +81,7 @@ class Run:
         the same step, one step after the first rank saw the signal.
         """
         if self.agreement is not None:
-            return self.agreement.stop(self.preemption.requested)
+            return self.agreement.poll(self.preemption.requested, self._due_by_time())
         return self.preemption.requested
 
     def stopping(self) -> bool:
@@ -100,8 +100,13 @@ class Run:
         if every_steps is None and every_seconds is None:
             return True
         due_by_steps = every_steps is not None and step % every_steps == 0
-        due_by_time = every_seconds is not None and self._clock() - self._last_save_at >= every_seconds
-        return due_by_steps or due_by_time
+        if self.agreement is not None:  # with several ranks the clock's verdict is agreed in should_stop()
+            return due_by_steps or self.agreement.save_due
+        return due_by_steps or self._due_by_time()
+
+    def _due_by_time(self) -> bool:
+        every_seconds = self.config.checkpoint_every_seconds
+        return every_seconds is not None and self._clock() - self._last_save_at >= every_seconds
 
     def checkpoint(
         self,
@@ -128,12 +133,14 @@ class Run:
         self._latest = (step, state)
         due = force or self._owed or self.should_checkpoint(step)
         busy = bool(self.saver and self.saver.busy)
-        if self.agreement is not None and (due or self.config.checkpoint_every_seconds is not None):
-            # Ranks save the same steps: a step is saved when due on any rank and deferred when any is busy.
-            # A steps-only policy is due on every rank alike, so only its due steps cost a collective.
-            due, busy = self.agreement.any(due, busy)
+        if self.agreement is not None and due:
+            # Ranks save the same steps: due is the same on every rank (steps, or the agreed time flag); a save
+            # is deferred when any rank is still writing the previous one. Only due steps cost a collective.
+            (busy,) = self.agreement.any(busy)
         if not due:
             return None
+        if self.agreement is not None:
+            self.agreement.save_due = False
         if self.config.rank == 0 and self.checkpointer.claimed is None:
             self.checkpointer.claim()
         if self.saver is None:
