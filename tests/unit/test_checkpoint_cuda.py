@@ -53,3 +53,46 @@ def test_cuda_rng_of_every_device_is_restored(tmp_path: Path) -> None:
     Checkpointer(str(tmp_path), attempt=2).load({"extra": {}})
     actual = [torch.rand(4, device=f"cuda:{d}") for d in range(torch.cuda.device_count())]
     assert all(torch.equal(a, b) for a, b in zip(expected, actual, strict=True))
+
+
+def test_async_snapshot_of_cuda_state_uses_pinned_buffers_and_holds_the_values_at_the_call(tmp_path: Path) -> None:
+    """checkpoint() queues non-blocking copies into pinned buffers; the next optimizer step is not written."""
+    import sdk
+    from sdk.config import Config
+
+    state = _cuda_state(3)
+    before = {k: v.detach().cpu().clone() for k, v in state["model"].state_dict().items()}
+    with sdk.init(Config(checkpoint_uri=str(tmp_path), attempt=1)) as run:
+        future = run.checkpoint(1, state)
+        assert future is not None
+        assert run.saver is not None
+        buffers = list(run.saver.snapshot._buffers.values())
+        assert buffers and all(b.is_pinned() for b in buffers if b.numel())
+        with torch.no_grad():  # changed on the GPU right away, in stream order after the copies
+            for p in state["model"].parameters():
+                p.mul_(-3.0)
+        future.result(timeout=60)
+    restored = _cuda_state(4)
+    assert Checkpointer(str(tmp_path), attempt=2).load(restored) == 1
+    for name, value in restored["model"].state_dict().items():
+        assert torch.equal(value.cpu(), before[name]), name
+
+
+def test_overlap_mode_on_cuda_commits_the_state_before_the_next_step(tmp_path: Path) -> None:
+    """Overlap mode on CUDA: forward/backward run while the copy is pending; the step waits for it."""
+    import sdk
+    from sdk.config import Config
+
+    state = _cuda_state(5)
+    before = {k: v.detach().cpu().clone() for k, v in state["model"].state_dict().items()}
+    with sdk.init(Config(checkpoint_uri=str(tmp_path), attempt=1, checkpoint_mode="overlap")) as run:
+        future = run.checkpoint(1, state)
+        assert future is not None
+        loss = state["model"](torch.randn(16, 32, device="cuda")).pow(2).mean()
+        loss.backward()
+        state["optimizer"].step()
+        future.result(timeout=60)
+    restored = _cuda_state(6)
+    assert Checkpointer(str(tmp_path), attempt=2).load(restored) == 1
+    for name, value in restored["model"].state_dict().items():
+        assert torch.equal(value.cpu(), before[name]), name
