@@ -16,9 +16,19 @@ import google_crc32c
 __all__ = ["ChecksumWriter", "crc32c", "extend", "from_b64", "from_hex", "to_b64", "to_hex"]
 
 
+SLICE = 2**20
+
+
 def crc32c(data: bytes | bytearray | memoryview) -> int:
-    """The CRC32C of ``data``."""
-    return int(google_crc32c.value(_readonly(data)))
+    """The CRC32C of ``data``, in 1 MiB slices: google-crc32c holds the GIL while it runs, and a background
+    save must let the training thread run between slices."""
+    if len(data) <= SLICE:
+        return int(google_crc32c.value(_readonly(data)))
+    view = memoryview(data)
+    crc = 0
+    for start in range(0, len(view), SLICE):
+        crc = int(google_crc32c.extend(crc, view[start : start + SLICE].tobytes()))
+    return crc
 
 
 def extend(crc: int, data: bytes | bytearray | memoryview) -> int:

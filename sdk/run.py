@@ -11,7 +11,9 @@ orchestrator retries from the checkpoint that stands.
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -27,7 +29,7 @@ from sdk.saver import AsyncSaver
 
 __all__ = ["EXIT_PREEMPTED", "Run", "init"]
 
-SAVE_ESTIMATE_FACTOR = 1.5  # an emergency save is tried when 1.5x the slowest measured save still fits
+SAVE_ESTIMATE_FACTOR = 1.5  # an emergency save is tried when 1.5x the typical recent save still fits
 CLOSE_TIMEOUT = 600.0  # seconds the end of the block waits for a save in flight after an error in the block
 
 
@@ -52,7 +54,7 @@ class Run:
         self._clock = clock
         self._last_checkpoint: CheckpointInfo | None = None
         self._last_save_at = clock()
-        self._slowest_save: float | None = None
+        self._save_seconds: deque[float] = deque(maxlen=5)  # the latest synchronous saves
         self._latest: tuple[int, Mapping[str, Any]] | None = None
         self._owed = False  # a policy save was due while another was in flight: the next call saves
         self.deferred_saves = 0
@@ -163,23 +165,24 @@ class Run:
     def _save_now(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any] | None) -> Future[CheckpointInfo]:
         started = self._clock()
         self._last_checkpoint = self.checkpointer.save(step, state, meta=meta)
-        self._slowest_save = max(self._clock() - started, self._slowest_save or 0.0)
+        self._save_seconds.append(self._clock() - started)
         self._last_save_at = self._clock()
         done: Future[CheckpointInfo] = Future()
         done.set_result(self._last_checkpoint)
         return done
 
     def _save_estimate(self) -> float | None:
-        background = self.saver.slowest_write if self.saver else None
-        measured = [t for t in (self._slowest_save, background) if t is not None]
-        return max(measured) * SAVE_ESTIMATE_FACTOR if measured else None
+        """1.5x the median of the latest saves (the first save, which opens connections and allocates buffers,
+        is usually the slowest and should not veto an emergency save for the rest of the run)."""
+        measured = [*self._save_seconds, *(self.saver.write_seconds if self.saver else ())]
+        return statistics.median(measured) * SAVE_ESTIMATE_FACTOR if measured else None
 
     def finish_preempted(self) -> None:
         """Commit the newest step if it fits before the deadline, log the outcome; the caller exits 75.
 
         A save in flight is waited for first (until the deadline at most): it is the newest committed state
         the next attempt can have. Then the step last given to :meth:`checkpoint` is saved synchronously — the
-        loop has stopped, so no snapshot is needed — when 1.5x the slowest measured save still fits. With
+        loop has stopped, so no snapshot is needed — when 1.5x the typical recent save still fits. With
         several ranks, they save only if every rank can (one agreement), since rank 0 commits only after all.
         """
         if not self.preemption.requested:  # another rank got the signal: this one's deadline starts now

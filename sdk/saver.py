@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
@@ -62,7 +63,7 @@ class AsyncSaver:
         self._lock = threading.Lock()
         self.last_committed: CheckpointInfo | None = None
         self.last_stall: float | None = None  # seconds the last submit blocked its caller
-        self.slowest_write: float | None = None  # seconds, the slowest background write (snapshot wait included)
+        self.write_seconds: deque[float] = deque(maxlen=5)  # the latest background writes (snapshot wait included)
 
     @property
     def busy(self) -> bool:
@@ -92,7 +93,6 @@ class AsyncSaver:
         with self._lock:
             self._inflight_step = step
             self._inflight = self._pool.submit(self._write, step, copied, meta)
-        self._inflight.add_done_callback(self._done)
         return self._inflight
 
     def check(self) -> None:
@@ -118,25 +118,27 @@ class AsyncSaver:
 
     # -- background ----------------------------------------------------------------------------------------
     def _write(self, step: int, copied: list[tuple[str, Any]], meta: Mapping[str, Any] | None) -> CheckpointInfo:
+        # The bookkeeping happens here, before the future completes: a waiter woken by the future must find it
+        # done (done-callbacks run only after waiters are woken).
         started = self._clock()
-        self.snapshot.wait()
-        info = self.checkpointer.write(step, copied, meta=meta)
-        took = self._clock() - started
-        self.slowest_write = max(took, self.slowest_write or 0.0)
+        try:
+            self.snapshot.wait()
+            info = self.checkpointer.write(step, copied, meta=meta)
+        except BaseException as error:
+            self._failed(step, error)
+            raise
+        self.write_seconds.append(self._clock() - started)
+        self.last_committed = info
+        self._transient_failures = 0
         return info
 
-    def _done(self, future: Future[CheckpointInfo]) -> None:
-        error = future.exception()
-        if error is None:
-            self.last_committed = future.result()
-            self._transient_failures = 0
-            return
+    def _failed(self, step: int, error: BaseException) -> None:
         transient = bool(getattr(error, "transient", False))
         self._transient_failures = self._transient_failures + 1 if transient else 0
         raise_it = not transient or self._transient_failures >= MAX_TRANSIENT_FAILURES
         log.error(
             "checkpoint.failed",
-            step=self._inflight_step,
+            step=step,
             error=f"{type(error).__name__}: {error}",
             transient=transient,
             consecutive=self._transient_failures if transient else None,

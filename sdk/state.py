@@ -68,8 +68,8 @@ def restore(
     for stem, names in by_stem.items():
         if stem not in state and stem != RNG_STEM:
             continue
-        parts = [
-            serialization.decode(
+        parts = {
+            name: serialization.decode(
                 name,
                 files[name],
                 location=location,
@@ -78,8 +78,11 @@ def restore(
                 zero_copy=isinstance(state.get(stem), torch.nn.Module),
             )
             for name in names
-        ]
-        decoded[stem] = parts[0] if len(parts) == 1 else {k: v for part in parts for k, v in part.items()}
+        }
+        try:
+            decoded[stem] = serialization.assemble(parts)
+        except ValueError as exc:
+            raise InvalidCheckpointError(location, f"state {stem!r}: {exc}") from None
     for key, obj in state.items():
         try:
             if hasattr(obj, "load_state_dict"):

@@ -302,5 +302,16 @@ def test_async_saver_reports_the_stall_and_the_write_time(tmp_path: Path) -> Non
     saver.submit(1, {"model": _model()})
     assert saver.close(timeout=30)
     assert saver.last_stall is not None and saver.last_stall >= 0
-    assert saver.slowest_write is not None and saver.slowest_write > 0
+    assert len(saver.write_seconds) == 1 and saver.write_seconds[0] > 0
     assert saver.last_committed is not None and saver.last_committed.step == 1
+
+
+def test_a_waiter_woken_by_the_save_finds_its_outcome_recorded(tmp_path: Path) -> None:
+    """wait() returning means last_committed (or the failure to raise) is already set: no window between."""
+    saver = AsyncSaver(Checkpointer(str(tmp_path), attempt=1, keep_last=1))
+    model = torch.nn.Linear(2, 2)
+    for step in range(1, 31):
+        saver.submit(step, {"model": model})
+        assert saver.wait(timeout=30)
+        assert saver.last_committed is not None and saver.last_committed.step == step
+    assert saver.close(timeout=30)

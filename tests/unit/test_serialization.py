@@ -125,3 +125,46 @@ def test_a_large_tensor_dict_is_written_as_shards_that_merge_back() -> None:
     assert all(torch.equal(merged[k], state[k]) for k in state)
     assert {stem_of(f"attempt-1/{f.name}") for f in files} == {"model"}
     assert stem_of("rng.pt") == "rng"
+
+
+def test_large_tensors_leave_the_pickle_for_safetensors_beside_it_and_come_back() -> None:
+    """An optimizer state with big moments: a small .pt skeleton plus .safetensors; assembled, it is equal."""
+    from sdk.serialization import SPLIT_BYTES, assemble
+
+    model = torch.nn.Linear(256, 256)  # 256 KiB of weights: its Adam moments are split out
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(2, 256)).sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    files = list(encode("optimizer", state))
+    assert [f.name for f in files] == ["optimizer.pt", "optimizer.safetensors"]
+    assert files[0].size < SPLIT_BYTES, "the pickle keeps only the structure and small tensors"
+    parts = {f.name: decode(f.name, f.data, location="x") for f in files}
+    back = assemble(parts)
+    assert back["param_groups"] == state["param_groups"]
+    for index, per_param in state["state"].items():
+        for name, value in per_param.items():
+            assert torch.equal(back["state"][index][name], value), (index, name)
+
+
+def test_a_split_state_missing_its_tensor_file_is_an_invalid_checkpoint(tmp_path: Path) -> None:
+    """A skeleton whose tensors are gone is refused with the reason, not loaded half-empty."""
+    from sdk.checkpoint import Checkpointer
+    from sdk.storage import open_store
+
+    model = torch.nn.Linear(256, 256)
+    Checkpointer(str(tmp_path), attempt=1).save(1, {"extra": {"big": torch.randn(256, 256), "n": 3}})
+    manifest = open_store(str(tmp_path)).get("step-0000000001/MANIFEST.json")
+    assert b"attempt-1/extra.safetensors" in manifest
+    (tmp_path / "step-0000000001" / "attempt-1" / "extra.safetensors").unlink()
+    with pytest.raises(InvalidCheckpointError, match="missing"):
+        Checkpointer(str(tmp_path), attempt=2).verify(1)
+    assert Checkpointer(str(tmp_path), attempt=2).load({"extra": {}, "model": model}) is None
+
+
+def test_crc32c_in_slices_equals_one_pass() -> None:
+    """The sliced CRC32C (which lets other threads run) equals the CRC32C of the whole buffer."""
+    import google_crc32c
+
+    data = os.urandom(3 * checksum.SLICE + 12345)
+    assert checksum.crc32c(data) == google_crc32c.value(data)
