@@ -63,6 +63,7 @@ class AsyncSaver:
         self._lock = threading.Lock()
         self.last_committed: CheckpointInfo | None = None
         self.last_stall: float | None = None  # seconds the last submit blocked its caller
+        self.last_hook_wait = 0.0  # overlap mode: seconds optimizer steps waited for the last snapshot's copies
         self.write_seconds: deque[float] = deque(maxlen=5)  # the latest background writes (snapshot wait included)
 
     @property
@@ -86,6 +87,7 @@ class AsyncSaver:
         trainstate.check(state)
         started = self._clock()
         defer = self._deferrable(state) if self.overlap else None
+        self.last_hook_wait = 0.0
         copied = self.snapshot.take(trainstate.payloads(state), defer=defer)
         if self.snapshot.pending:
             self._hook_optimizers(state)
@@ -171,4 +173,10 @@ class AsyncSaver:
         for obj in state.values():
             if isinstance(obj, torch.optim.Optimizer) and id(obj) not in self._hooked:
                 self._hooked.add(id(obj))
-                obj.register_step_pre_hook(lambda *_: self.snapshot.finish())
+                obj.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, *_: Any) -> None:
+        if self.snapshot.pending:
+            started = self._clock()
+            self.snapshot.finish()
+            self.last_hook_wait += self._clock() - started

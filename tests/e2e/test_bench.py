@@ -1,28 +1,79 @@
-"""`make bench` runs: a quick pass of the checkpoint benchmark prints its ratio table."""
+"""`make bench` runs: a quick pass of both benchmarks prints their ratio tables (structure only, never timing)."""
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+NUMBER = r"-?\d+(?:\.\d+)?"
 
 
-def test_quick_benchmark_prints_save_and_resume_ratios() -> None:
-    """`python -m bench --size-mib 8 --repeat 1` measures both cases against boto3 and prints ratios and goals."""
+@pytest.fixture(scope="module")
+def bench_output() -> str:
+    """`python -m bench --size-mib 8 --repeat 1`: both suites, small; the captured stdout."""
     out = subprocess.run(
         [sys.executable, "-m", "bench", "--size-mib", "8", "--repeat", "1"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=280,
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    for case, goal in (("save", "1.2x"), ("resume", "1.3x")):
-        row = re.search(rf"^{case}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+<= {re.escape(goal)}", out.stdout, re.M)
-        assert row, out.stdout
-        podtrain, baseline, ratio = (float(v) for v in row.groups())
+    return out.stdout
+
+
+def row(stdout: str, case: str, goal: str) -> tuple[float, float, float]:
+    """The measured and baseline figures and the ratio of ``case``'s table row with ``goal``."""
+    found = re.search(
+        rf"^{re.escape(case)}\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})x\s+{re.escape(goal)}\s", stdout, re.M
+    )
+    assert found, f"no row for {case} with goal {goal}:\n{stdout}"
+    measured, baseline, ratio = (float(v) for v in found.groups())
+    return measured, baseline, ratio
+
+
+def test_quick_benchmark_prints_save_and_resume_ratios(bench_output: str) -> None:
+    """The checkpoint suite measures save and resume against boto3 and prints ratios and goals."""
+    for case, goal in (("save", "<= 1.2x"), ("resume", "<= 1.3x")):
+        podtrain, baseline, ratio = row(bench_output, case, goal)
         assert podtrain > 0 and baseline > 0
         assert abs(ratio - podtrain / baseline) < 0.01 + 0.01 * ratio
+
+
+def test_quick_benchmark_prints_async_checkpoint_stalls(bench_output: str) -> None:
+    """The stall suite prints every case with its goal, ratios that match their columns, and the CUDA line."""
+    import torch
+
+    _, stall_table = bench_output.split("async checkpoint stalls, 8 MiB state, median of 1", 1)
+    assert "snapshot buffers warm: the first checkpoint is not counted" in stall_table
+    assert re.search(r"warm-up checkpoint \(allocates \d+ MiB of snapshot buffers\)", bench_output)
+    cases = {
+        "stall-vs-copy": ("<= 1.50x", True),
+        "stall-vs-save": ("<= 0.10x", True),
+        "dcp-stall-vs-copy": ("(info)", True),
+        "overlap-blocked": ("<= 0.25x", True),
+        "overlap-step-stall": ("(info)", False),  # a difference of two step times: may come out negative
+        "async-blocked": ("(info)", True),
+        "async-step-stall": ("(info)", False),
+        "emergency-save": ("<= 1.30x", True),
+    }
+    for case, (goal, positive) in cases.items():
+        measured, baseline, ratio = row(stall_table, case, goal)
+        assert baseline > 0 and math.isfinite(measured)
+        assert measured > 0 or not positive, case
+        # Columns are rounded to 0.01 ms: allow for it on millisecond-small figures.
+        assert abs(ratio - measured / baseline) < 0.002 + 0.02 * abs(ratio) + 0.01 / baseline, case
+        assert re.search(rf"^  {re.escape(case)}: \S.* / \S", stall_table, re.M), case
+    if torch.cuda.is_available():
+        if not re.search(r"^  cuda-stall: skipped: \d+ MiB needed on the GPU", stall_table, re.M):
+            measured, baseline, _ = row(stall_table, "cuda-stall", "<= 1.50x")
+            assert measured > 0 and baseline > 0
+    else:
+        assert re.search(r"^  cuda-stall: skipped: no CUDA", stall_table, re.M), stall_table
+    assert re.search(r"^stall benchmark: \d+ s of wall time$", stall_table, re.M)

@@ -153,6 +153,7 @@ def test_overlap_step_before_the_background_copy_waits_for_it(run_factory: Calla
     optimizer.step()  # the pre-hook copies first
     assert calls == [threading.main_thread().name]
     assert not snapshot.pending
+    assert run.saver.last_hook_wait > 0, "the time the step waited for the copy is measured"
     block.set()
     future.result(timeout=30)
     saved = _loaded(str(tmp_path / "ckpt"))
