@@ -1,14 +1,22 @@
-"""``python -m bench``: checkpoint save/resume (:mod:`bench.checkpoint`), then async stalls (:mod:`bench.stall`)."""
+"""``python -m bench``: checkpoint save/resume (:mod:`bench.checkpoint`), async stalls (:mod:`bench.stall`), and
+the cross-rank stop agreement (:mod:`bench.agreement`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from bench import checkpoint, stall
+from bench import agreement, checkpoint, stall
 
-SUITES = {"checkpoint": checkpoint.main, "stall": stall.main}
-DEFAULT_REPEAT = {"checkpoint": 3, "stall": stall.DEFAULT_REPEAT}  # stall: ~2 min per repetition at 1 GiB here
+
+def _agreement(argv: list[str]) -> int:
+    """The agreement suite has no state size: --repeat sets its blocks (4 per repetition)."""
+    repeat = int(argv[argv.index("--repeat") + 1])
+    return agreement.main(["--blocks", str(4 * repeat)])
+
+
+SUITES = {"checkpoint": checkpoint.main, "stall": stall.main, "agreement": _agreement}
+DEFAULT_REPEAT = {"checkpoint": 3, "stall": stall.DEFAULT_REPEAT, "agreement": 3}  # stall: ~2 min/rep at 1 GiB
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,13 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench",
         description="podtrain's benchmarks, as ratios against baselines measured in the same run: "
         "checkpoint save/resume against boto3 (bench.checkpoint), then the training stall of asynchronous "
-        "checkpoints (bench.stall).",
+        "checkpoints (bench.stall), then the cost of the cross-rank stop agreement (bench.agreement).",
     )
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the model state (default 1024)")
     parser.add_argument(
-        "--repeat", type=int, help="repetitions of each case; median (default 3 for checkpoint, 2 for stall)"
+        "--repeat", type=int, help="repetitions of each case; median (default: checkpoint 3, stall 2, agreement 3)"
     )
-    parser.add_argument("--only", choices=sorted(SUITES), help="run one suite (default: both, in turn)")
+    parser.add_argument("--only", choices=sorted(SUITES), help="run one suite (default: all, in turn)")
     args = parser.parse_args(argv)
     if args.size_mib < 1 or (args.repeat is not None and args.repeat < 1):
         parser.error("--size-mib and --repeat must be at least 1")

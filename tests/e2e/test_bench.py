@@ -77,3 +77,13 @@ def test_quick_benchmark_prints_async_checkpoint_stalls(bench_output: str) -> No
     else:
         assert re.search(r"^  cuda-stall: skipped: no CUDA", stall_table, re.M), stall_table
     assert re.search(r"^stall benchmark: \d+ s of wall time$", stall_table, re.M)
+
+
+def test_quick_benchmark_prints_the_stop_agreement_cost(bench_output: str) -> None:
+    """The agreement suite runs 2 ranks under torchrun and prints each variant's step time and K."""
+    _, table = bench_output.split("stop agreement across 2 ranks (gloo, CPU)", 1)
+    for variant in ("none", "podtrain", "every step"):
+        match = re.search(rf"^{re.escape(variant)}\s+(\d+\.\d+)\s+[+-]\d+\.\d+%$", table, re.M)
+        assert match and float(match.group(1)) > 0, variant
+    assert re.search(r"^podtrain agreed every \d+ steps", table, re.M)
+    assert re.search(r"^goal: podtrain's overhead <= 1% of the step: (met|NOT met)$", table, re.M)
