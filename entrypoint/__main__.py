@@ -1,5 +1,5 @@
 """``python -m entrypoint`` is ``podtrain``."""
 
-from entrypoint.cli import main
+from entrypoint.early import main
 
 raise SystemExit(main())

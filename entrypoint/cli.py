@@ -23,6 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from entrypoint import termination
+from entrypoint.early import EarlySignals
 from sdk.errors import ConfigError, PodtrainError, TransientStorageError
 
 __all__ = ["main"]
@@ -84,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, early: EarlySignals | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
-        return _run(args)
+        return _run(args, early)
     try:
         if args.command == "checkpoints" and args.action == "list":
             return _list(args)
@@ -201,7 +202,7 @@ def _add_run_parser(commands: Any) -> None:
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
     from entrypoint.supervisor import FORWARDED, Supervisor, outcome_of
     from sdk.config import Config
     from sdk.log import configure, get_logger
@@ -227,7 +228,8 @@ def _run(args: argparse.Namespace) -> int:
         return _run_config_error(args, "no command given: use podtrain run [options] -- CMD [ARGS...]")
 
     derived_note = ""
-    if config.attempt is None:  # derived once here, so every rank of the child uses the same number
+    stopping = early is not None and early.sigterm_at() is not None
+    if config.attempt is None and not stopping:  # derived once here, so every rank of the child uses the same number
         attempt, derived_note = termination.derive_attempt(
             config.checkpoint_uri, run_id=config.run_id, timeout=min(10.0, config.grace_seconds / 2)
         )
@@ -241,7 +243,7 @@ def _run(args: argparse.Namespace) -> int:
     if derived_note:
         log.warning("supervisor.attempt_not_derived", reason=derived_note)
     log.info("supervisor.config", grace_seconds=config.grace_seconds, checkpoint_uri=config.checkpoint_uri)
-    result = Supervisor(cmd, grace_seconds=config.grace_seconds, log=log).run()
+    result = Supervisor(cmd, grace_seconds=config.grace_seconds, log=log, early=early.received if early else ()).run()
     for signum in FORWARDED:  # the child is gone: a late signal must not cut the termination message short
         signal.signal(signum, signal.SIG_IGN)
     outcome = outcome_of(result)

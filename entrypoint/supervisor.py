@@ -87,6 +87,7 @@ class Supervisor:
         install: Callable[[int, Any], Any] = signal.signal,
         poll_seconds: float = POLL_SECONDS,
         log: Any = None,
+        early: Sequence[tuple[int, float]] = (),
     ) -> None:
         if not argv:
             raise ValueError("no command to run")
@@ -108,20 +109,24 @@ class Supervisor:
         self._pending: list[int] = []  # signals that came before the child existed
         self._events: list[tuple[str, dict[str, Any]]] = []  # logged from the loop, never inside a handler
         self._proc: Any = None
+        self._early = early  # (signum, arrival) recorded before this supervisor's handlers were installed
 
     @property
     def is_pid1(self) -> bool:
         return self._getpid() == 1
 
     # -- signals -----------------------------------------------------------------------------------------
-    def handle(self, signum: int, frame: object = None) -> None:
-        """The signal handler: record SIGTERM's arrival (the deadline), forward to the child's group."""
+    def handle(self, signum: int, frame: object = None, *, at: float | None = None) -> None:
+        """The signal handler: record SIGTERM's arrival (the deadline), forward to the child's group.
+
+        ``at``: when a signal recorded earlier (:mod:`entrypoint.early`) really arrived.
+        """
         if signum == signal.SIGCHLD:
             if self.is_pid1:
                 self.reap()
             return
         if signum == signal.SIGTERM and self.arrival is None:
-            self.arrival = self._clock()
+            self.arrival = self._clock() if at is None else at
             self.deadline = self.arrival + self.grace - self.margin
             self._events.append(("supervisor.sigterm", {"deadline_in": round(self.grace - self.margin, 3)}))
         if self.pid is None:
@@ -167,6 +172,8 @@ class Supervisor:
         start = self._clock()
         signals = list(FORWARDED) + ([signal.SIGCHLD] if self.is_pid1 else [])
         previous = {signum: self._install(signum, self.handle) for signum in signals}
+        for signum, at in list(self._early):  # replayed after ours are in, so nothing falls between
+            self.handle(signum, at=at)
         try:
             return self._run(start)
         finally:

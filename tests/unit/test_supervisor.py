@@ -194,6 +194,40 @@ def test_sigterm_before_the_child_starts_is_preempted_without_running_it() -> No
     assert outcome_of(result).exit_code == 75
 
 
+def test_a_sigterm_recorded_before_the_supervisor_ran_is_replayed_with_its_arrival_time() -> None:
+    """A SIGTERM caught by the early handler (during imports) ends in 75, no child, deadline from its arrival."""
+    w = World()
+    w.now = 5.0
+    sup = Supervisor(
+        ["python", "train.py"],
+        grace_seconds=10.0,
+        clock=w.clock,
+        sleep=w.sleep,
+        spawn=lambda argv, env: pytest.fail("the child must not start"),
+        killpg=w.killpg,
+        waitpid=w.waitpid,
+        getpid=w.getpid,
+        install=w.install,
+        early=[(signal.SIGUSR1, 3.5), (signal.SIGTERM, 4.0)],
+    )
+    result = sup.run()
+    assert result.preempted and outcome_of(result).exit_code == 75
+    assert sup.arrival == 4.0 and sup.deadline == pytest.approx(4.0 + 10.0 - 2.0)
+    assert sup._pending == [signal.SIGUSR1, signal.SIGTERM]
+
+
+def test_early_signals_record_and_report_the_first_sigterm() -> None:
+    """The console script's early handlers record signals with their arrival; sigterm_at is the first TERM."""
+    from entrypoint.early import EarlySignals
+
+    early = EarlySignals()
+    early._record(signal.SIGINT, None)
+    assert early.sigterm_at() is None
+    early._record(signal.SIGTERM, None)
+    early._record(signal.SIGTERM, None)
+    assert early.sigterm_at() == early.received[1][1]
+
+
 def test_unknown_signal_death_is_failure_named() -> None:
     """A child killed by a signal podtrain did not send (OOM's SIGKILL) is exit 1, named in the message."""
     w = World()
