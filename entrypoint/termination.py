@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdk.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_UNAVAILABLE
 from sdk.preemption import EXIT_PREEMPTED
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
     "write_termination_log",
 ]
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 69
+EXIT_OK = 0
 OUTCOMES = {
     EXIT_OK: "succeeded",
     EXIT_FAILED: "failed",

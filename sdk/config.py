@@ -141,9 +141,10 @@ def _fail(name: str, value: object, fix: str) -> None:
 
 def _parse(name: str, variable: str, raw: str, type_name: str) -> Any:
     parser: Callable[[str], Any] = str
-    if "int" in type_name:
+    base = type_name.replace(" | None", "")
+    if base == "int":
         parser = int
-    elif "float" in type_name:
+    elif base == "float":
         parser = float
     try:
         return parser(raw)

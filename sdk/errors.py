@@ -16,6 +16,9 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 __all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_UNAVAILABLE",
     "BackendMissingError",
     "CheckpointError",
     "CommitConflictError",
@@ -33,6 +36,11 @@ __all__ = [
 ]
 
 Fault = Literal["user", "platform"]
+
+# Exit codes of the run's contract with the orchestrator (the supervisor reports them; 75 is in sdk.preemption).
+EXIT_FAILED = 1  # the user's code failed: never retry
+EXIT_CONFIG = 2  # bad configuration or usage: never retry
+EXIT_UNAVAILABLE = 69  # storage unavailable after retries: retry later
 
 
 class PodtrainError(Exception):
@@ -115,3 +123,16 @@ class StaleAttemptError(CheckpointError):
     """A newer attempt of this run owns the checkpoint location; this (older) attempt must not write."""
 
     fault: ClassVar[Fault] = "platform"
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code a run that died of ``error`` reports, or None for an ordinary failure (1).
+
+    Storage that stayed down through the retries → 69 (retry later); a setting to fix — a bad variable, a missing
+    bucket, denied credentials — → 2 (never retry: it would fail the same way).
+    """
+    if isinstance(error, TransientStorageError):
+        return EXIT_UNAVAILABLE
+    if isinstance(error, ConfigError | StorageNotFoundError | StoragePermissionError):
+        return EXIT_CONFIG
+    return None

@@ -142,7 +142,74 @@ def test_several_ranks_without_an_attempt_number_is_a_config_error(tmp_path: Pat
     from sdk.errors import ConfigError
 
     with (
-        pytest.raises(ConfigError, match="PODTRAIN_ATTEMPT is unset"),
+        pytest.raises(SystemExit) as exited,
         sdk.init(Config(checkpoint_uri=str(tmp_path), world_size=2, rank=1)),
     ):
         pass
+    assert exited.value.code == 2
+    cause = exited.value.__cause__
+    assert isinstance(cause, ConfigError) and "PODTRAIN_ATTEMPT is unset" in str(cause)
+
+
+def test_checkpoint_mode_is_read_from_the_environment() -> None:
+    """PODTRAIN_CHECKPOINT_MODE=sync parses (a Literal field, not a number); a bad value names the choices."""
+    from sdk.errors import ConfigError
+
+    assert Config.from_env({"PODTRAIN_CHECKPOINT_MODE": "sync"}).checkpoint_mode == "sync"
+    with pytest.raises(ConfigError, match="overlap"):
+        Config.from_env({"PODTRAIN_CHECKPOINT_MODE": "fast"})
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        ("TransientStorageError", 69),
+        ("StoragePermissionError", 2),
+        ("StorageNotFoundError", 2),
+        ("ConfigError", 2),
+    ],
+)
+def test_errors_leaving_the_block_become_the_contract_exit_codes(tmp_path: Path, error: str, code: int) -> None:
+    """Storage down through the retries exits 69 (retry); a setting to fix exits 2 (never retry)."""
+    from sdk import errors
+
+    cls = getattr(errors, error)
+    raised = (
+        cls("s3://b/x: what went wrong") if error == "ConfigError" else cls("s3://b/x: what went wrong", url="s3://b/x")
+    )
+    with pytest.raises(SystemExit) as exited, sdk.init(Config(checkpoint_uri=str(tmp_path), attempt=1)):
+        raise raised
+    assert exited.value.code == code and exited.value.__cause__ is raised
+
+
+def test_other_errors_leave_the_block_unchanged(tmp_path: Path) -> None:
+    """A bug in the user's code is not turned into an exit code: it propagates as itself (exit 1)."""
+    with pytest.raises(ZeroDivisionError), sdk.init(Config(checkpoint_uri=str(tmp_path), attempt=1)):
+        _ = 1 / 0
+
+
+_PREEMPTED_SCRIPT = """
+import os, signal, sys, torch, sdk
+with sdk.init(checkpoint_uri=sys.argv[1], attempt=1, grace_seconds=float(sys.argv[2])) as run:
+    model = torch.nn.Linear(2, 2)
+    for step in range(1, 100):
+        run.checkpoint(step, {"model": model})
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if run.should_stop():
+            break
+"""
+
+
+@pytest.mark.parametrize(("grace", "fast"), [(5.0, True), (60.0, False)])
+def test_a_preempted_run_skips_the_teardown_only_when_time_is_short(tmp_path: Path, grace: float, fast: bool) -> None:
+    """With under 5 s left after the emergency save the process ends at once (os._exit); else a normal exit."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PREEMPTED_SCRIPT, str(tmp_path / "ckpt"), str(grace)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 75, done.stderr[-2000:]
+    assert ("run.exit_now" in done.stderr) == fast
+    assert sdk.Checkpointer(str(tmp_path / "ckpt"), attempt=2).list()[0].step == 3
