@@ -558,6 +558,9 @@ def test_sigkill_at_random_moments_resumes_from_the_newest_valid_checkpoint(
 ) -> None:
     """Seeded SIGKILLs of all processes: commits stay whole, resume takes the newest one, final weights exact."""
     results = _run_chains(SIGKILL_SEEDS, lambda s: _chaos(tmp_path, s, "sigkill", SIGKILL_PER_SEED, reference))
+    trials = [t for r in results for t in r["trials"]]
+    assert len(trials) >= len(SIGKILL_SEEDS) * SIGKILL_PER_SEED
+    assert all(t["rc"] == -signal.SIGKILL or t["rc"] == 0 for t in trials), trials
     print(_summary(results))
 
 
@@ -566,6 +569,9 @@ def test_sigkill_at_random_moments_resumes_from_the_newest_valid_checkpoint(
 def test_sigkill_soak(tmp_path: Path, reference: Reference) -> None:
     """The default SIGKILL chaos test's checks over 30 seeded crashes."""
     results = _run_chains(SIGKILL_SLOW_SEEDS, lambda s: _chaos(tmp_path, s, "sigkill", SIGKILL_PER_SEED, reference))
+    trials = [t for r in results for t in r["trials"]]
+    assert len(trials) >= len(SIGKILL_SLOW_SEEDS) * SIGKILL_PER_SEED
+    assert all(t["rc"] == -signal.SIGKILL or t["rc"] == 0 for t in trials), trials
     print(_summary(results))
 
 
