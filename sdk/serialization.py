@@ -34,6 +34,7 @@ import torch
 from sdk import checksum
 from sdk.checksum import ChecksumWriter
 from sdk.errors import InvalidCheckpointError, UnsafeCheckpointError
+from sdk.tree import map_leaves
 
 __all__ = ["SHARD_BYTES", "SPLIT_BYTES", "EncodedFile", "assemble", "decode", "encode", "stem_of"]
 
@@ -115,38 +116,35 @@ def assemble(parts: Mapping[str, Any]) -> Any:
 
 def _extract(value: Any, out: dict[str, torch.Tensor]) -> Any:
     """``value`` with every large safetensors-able tensor moved into ``out`` and replaced by a placeholder."""
-    if isinstance(value, torch.Tensor):
-        if _safetensorable(value) and value.numel() * value.element_size() >= SPLIT_BYTES:
+
+    def leaf(path: Any, item: Any) -> Any:
+        if (
+            isinstance(item, torch.Tensor)
+            and _safetensorable(item)
+            and item.numel() * item.element_size() >= SPLIT_BYTES
+        ):
             key = str(len(out))
-            out[key] = value
+            out[key] = item
             return {_PLACEHOLDER: key}
-        return value
-    if isinstance(value, Mapping):
-        items = [(k, _extract(v, out)) for k, v in value.items()]
-        try:
-            return type(value)(items)  # type: ignore[call-arg]
-        except TypeError:
-            return dict(items)
-    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
-        return type(value)(_extract(v, out) for v in value)
-    return value
+        return item
+
+    return map_leaves(value, leaf)
 
 
 def _put_back(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(value, dict):
-        if len(value) == 1 and _PLACEHOLDER in value:
-            try:
-                return tensors[value[_PLACEHOLDER]]
-            except KeyError:
-                raise ValueError(f"tensor {value[_PLACEHOLDER]!r} is missing from the state's files") from None
-        items = [(k, _put_back(v, tensors)) for k, v in value.items()]
+    def leaf(path: Any, item: Any) -> Any:
+        if not _is_placeholder(item):
+            return item
         try:
-            return type(value)(items)
-        except TypeError:
-            return dict(items)
-    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
-        return type(value)(_put_back(v, tensors) for v in value)
-    return value
+            return tensors[item[_PLACEHOLDER]]
+        except KeyError:
+            raise ValueError(f"tensor {item[_PLACEHOLDER]!r} is missing from the state's files") from None
+
+    return map_leaves(value, leaf, is_leaf=_is_placeholder)
+
+
+def _is_placeholder(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and _PLACEHOLDER in value
 
 
 def stem_of(name: str) -> str:

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-__all__ = ["Snapshot"]
+from sdk.tree import Path, map_leaves
 
-Path = tuple[Any, ...]
+__all__ = ["Snapshot"]
 
 
 class Snapshot:
@@ -110,17 +110,12 @@ class Snapshot:
         return sum(t.numel() * t.element_size() for t in self._buffers.values())
 
     def _copy(self, path: Path, value: Any, cuda_devices: set[torch.device]) -> Any:
-        if isinstance(value, torch.Tensor):
-            return self._copy_tensor(path, value, cuda_devices)
-        if isinstance(value, Mapping):
-            items = [(k, self._copy((*path, k), v, cuda_devices)) for k, v in value.items()]
-            try:
-                return type(value)(items)  # type: ignore[call-arg]  # OrderedDict and friends keep their type
-            except TypeError:
-                return dict(items)
-        if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
-            return type(value)(self._copy((*path, i), v, cuda_devices) for i, v in enumerate(value))
-        return copy.deepcopy(value)
+        def leaf(at: Path, item: Any) -> Any:
+            if isinstance(item, torch.Tensor):
+                return self._copy_tensor(at, item, cuda_devices)
+            return copy.deepcopy(item)
+
+        return map_leaves(value, leaf, path=path)
 
     def _copy_tensor(self, path: Path, tensor: torch.Tensor, cuda_devices: set[torch.device]) -> torch.Tensor:
         tensor = tensor.detach()
