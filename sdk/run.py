@@ -83,7 +83,7 @@ class Run:
         """True once a stop signal arrived: break out of the loop; the block's end saves what fits, exits 75.
 
         Call it once per step. With several ranks it is agreed (:mod:`sdk.agreement`): every rank gets True at
-        the same step, one step after the first rank saw the signal.
+        the same step, at the first agreement after a rank saw the signal (agreements are at most ~1 s apart).
         """
         if self.agreement is not None:
             return self.agreement.poll(self.preemption.requested, self._due_by_time())
