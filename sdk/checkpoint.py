@@ -150,8 +150,8 @@ class Checkpointer:
             log.error("checkpoint.superseded", attempt=self.attempt, by=newer.attempt, doing=doing)
             raise StaleAttemptError(
                 f"attempt {self.attempt} of this run was superseded by attempt {newer.attempt} (which resumed from "
-                f"step {newer.resumed_from}); not {doing}: this attempt must stop (if it is in fact a new attempt, give "
-                "it a higher PODTRAIN_ATTEMPT, or leave it unset to derive the next number)"
+                f"step {newer.resumed_from}); not {doing}: this attempt must stop (if it is in fact a new attempt, "
+                "give it a higher PODTRAIN_ATTEMPT, or leave it unset to derive the next number)"
             )
         return claims
 
