@@ -131,6 +131,24 @@ class Backend:
         prefix = path.rstrip("/") + "/"
         return sorted(str(p)[len(prefix) :] for p in found if str(p).startswith(prefix))
 
+    def objects(self, path: str) -> dict[str, tuple[int, str]]:
+        """Every object under ``path``: relative name → (size, fingerprint); ``""`` when ``path`` is one object.
+
+        The fingerprint changes whenever the content does: the ETag (S3), the generation (GCS), else the
+        modification time and size.
+        """
+        self.invalidate(path)
+        found = self.fs.find(path, detail=True)
+        prefix = path.rstrip("/") + "/"
+        out = {}
+        for found_path, info in found.items():
+            full = str(found_path)
+            rel = full[len(prefix) :] if full.startswith(prefix) else ""
+            if info.get("type", "file") != "file":
+                continue
+            out[rel] = (int(info.get("size") or 0), _fingerprint(info))
+        return out
+
     def delete(self, path: str, *, recursive: bool) -> None:
         try:
             self.fs.rm(path, recursive=recursive)
@@ -381,3 +399,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fingerprint(info: dict[str, Any]) -> str:
+    for key in ("ETag", "etag", "generation", "crc32c", "md5Hash"):
+        if info.get(key):
+            return f"{key}:{str(info[key]).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or ""
+    return f"mtime:{mtime}:{info.get('size')}"

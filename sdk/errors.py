@@ -23,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "CommitConflictError",
     "ConfigError",
+    "InsufficientSpaceError",
     "InvalidCheckpointError",
     "NoCheckpointError",
     "PodtrainError",
@@ -89,6 +90,12 @@ class StoragePermissionError(PermanentStorageError, PermissionError):
     """Access denied or bad credentials."""
 
 
+class InsufficientSpaceError(PodtrainError):
+    """The target volume cannot hold what is to be downloaded; the message names the sizes and the path."""
+
+    fault: ClassVar[Fault] = "user"
+
+
 class CheckpointError(PodtrainError):
     """Base of checkpoint errors."""
 
@@ -133,6 +140,6 @@ def exit_code(error: BaseException) -> int | None:
     """
     if isinstance(error, TransientStorageError):
         return EXIT_UNAVAILABLE
-    if isinstance(error, ConfigError | StorageNotFoundError | StoragePermissionError):
+    if isinstance(error, ConfigError | StorageNotFoundError | StoragePermissionError | InsufficientSpaceError):
         return EXIT_CONFIG
     return None

@@ -120,6 +120,10 @@ class Store:
         """Every object under ``rel``, as paths relative to ``rel``."""
         yield from self._call("find", rel, lambda: self.backend.find(self.path(rel)))
 
+    def objects(self, rel: str = "") -> dict[str, tuple[int, str]]:
+        """Every object under ``rel``: name → (size, fingerprint); the name is ``""`` when ``rel`` is an object."""
+        return self._call("find", rel, lambda: self.backend.objects(self.path(rel)))
+
     def delete(self, rel: str, *, recursive: bool = False) -> None:
         """Remove ``rel`` (and everything under it with ``recursive``); missing is fine."""
         self._call("delete", rel, lambda: self.backend.delete(self.path(rel), recursive=recursive))
