@@ -24,9 +24,9 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from entrypoint import termination
+from entrypoint import data, termination
 from entrypoint.early import EarlySignals
-from sdk.errors import ConfigError, PodtrainError, TransientStorageError
+from sdk.errors import ConfigError, PodtrainError, TransientStorageError, exit_code
 
 __all__ = ["main"]
 
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"podtrain {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(commands)
+    data.add_parser(commands)
     checkpoints = commands.add_parser(
         "checkpoints",
         help="list and verify checkpoints",
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None, *, early: EarlySignals | None = None) ->
     if args.command == "run":
         return _run(args, early)
     try:
+        if args.command == "pull":
+            return data.run(args)
         if args.command == "checkpoints" and args.action == "list":
             return _list(args)
         if args.command == "checkpoints" and args.action == "verify":
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None, *, early: EarlySignals | None = None) ->
         return EXIT_UNAVAILABLE
     except PodtrainError as exc:
         print(f"podtrain: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return exit_code(exc) or EXIT_FAILED
     return EXIT_USAGE  # pragma: no cover - argparse requires a command
 
 
@@ -221,9 +224,10 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
             termination_log=args.termination_log,
         )
         require_backend(config.checkpoint_uri, "PODTRAIN_CHECKPOINT_URI")
-        for variable, uri in (("PODTRAIN_DATA_URI", config.data_uri), ("PODTRAIN_ARTIFACT_URI", config.artifact_uri)):
-            if uri:
-                require_backend(uri, variable)
+        for uri in config.data_uris:
+            require_backend(uri, "PODTRAIN_DATA_URI")
+        if config.artifact_uri:
+            require_backend(config.artifact_uri, "PODTRAIN_ARTIFACT_URI")
     except ConfigError as exc:
         return _run_config_error(args, str(exc))
     if not cmd:
@@ -245,6 +249,9 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
     if derived_note:
         log.warning("supervisor.attempt_not_derived", reason=derived_note)
     log.info("supervisor.config", grace_seconds=config.grace_seconds, checkpoint_uri=config.checkpoint_uri)
+    failure = data.pull_before_child(config, lambda: bool(early and early.sigterm_at() is not None), log)
+    if failure is not None:
+        return _run_failed_before_child(args, config, failure, log)
     # The termination message needs sdk.checkpoint (0.25-0.5 s to import): imported while the child runs, so
     # the look-up in the last seconds of a grace period does not spend them importing.
     threading.Thread(target=importlib.import_module, args=("sdk.checkpoint",), daemon=True).start()
@@ -273,6 +280,24 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
     )
     _finish(fields, config.termination_log, log)
     return outcome.exit_code
+
+
+def _run_failed_before_child(args: argparse.Namespace, config: Any, error: Exception, log: Any) -> int:
+    """The data pull failed: the child is not started; exit with the error's code and say why."""
+    code = (exit_code(error) if isinstance(error, PodtrainError) else None) or EXIT_FAILED
+    message = f"data pull failed before the child started: {error}"
+    print(f"podtrain: {message}", file=sys.stderr)
+    fields = termination.record(
+        termination.Outcome(code, message),
+        run_id=config.run_id,
+        attempt=config.attempt,
+        step=None,
+        checkpoint=None,
+        seconds=0.0,
+        gpus=termination.gpu_count(),
+    )
+    _finish(fields, config.termination_log, log)
+    return code
 
 
 def _run_config_error(args: argparse.Namespace, message: str) -> int:

@@ -40,8 +40,10 @@ class Config:
     attempt: int | None = None  # None: derived from the checkpoint store (newest attempt seen + 1)
     rank: int = 0
     world_size: int = 1
-    data_uri: str | None = None
+    data_uri: str | None = None  # one URL, or several separated by commas
     data_dir: str = ""
+    data_include: str = ""  # comma-separated globs on names under the data URI; empty: everything
+    data_exclude: str = ""
     checkpoint_uri: str = ""
     keep_last: int = 3
     keep_every: int | None = None  # also keep every K-th step, forever
@@ -126,9 +128,23 @@ class Config:
             raise ConfigError(f"unknown config field(s): {', '.join(sorted(overrides))}")
         return cls(**values)
 
+    @property
+    def data_uris(self) -> list[str]:
+        """``PODTRAIN_DATA_URI`` split at commas (empty when unset)."""
+        return _split(self.data_uri or "")
+
+    @property
+    def data_globs(self) -> tuple[list[str], list[str]]:
+        """``(include, exclude)`` globs from ``PODTRAIN_DATA_INCLUDE`` / ``PODTRAIN_DATA_EXCLUDE``."""
+        return _split(self.data_include), _split(self.data_exclude)
+
     def with_changes(self, **changes: Any) -> Config:
         """A copy with some fields replaced, validated again."""
         return dataclasses.replace(self, **changes)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _variable(name: str) -> str:

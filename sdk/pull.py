@@ -37,7 +37,7 @@ from sdk.errors import InsufficientSpaceError, StorageNotFoundError, TransientSt
 from sdk.log import get_logger
 from sdk.storage import RetryPolicy, Store, open_store
 
-__all__ = ["INDEX_NAME", "PARTIAL_SUFFIX", "PullResult", "pull"]
+__all__ = ["INDEX_NAME", "PARTIAL_SUFFIX", "PullCancelled", "PullResult", "pull"]
 
 log = get_logger("podtrain.pull")
 INDEX_NAME = ".podtrain-pull.jsonl"
@@ -76,8 +76,13 @@ def pull(
     retry: RetryPolicy | None = None,
     progress_every: float = 5.0,
     clock: Callable[[], float] = time.monotonic,
+    cancel: threading.Event | None = None,
 ) -> PullResult:
-    """Fetch every object under ``sources`` into ``dest`` that is not already there unchanged; see the module."""
+    """Fetch every object under ``sources`` into ``dest`` that is not already there unchanged; see the module.
+
+    ``cancel``: once set, no further object is started (those in flight finish) and :class:`PullCancelled` is
+    raised.
+    """
     started = clock()
     target = Path(dest)
     target.mkdir(parents=True, exist_ok=True)
@@ -104,7 +109,7 @@ def pull(
     log.info("pull.start", files=len(wanted), to_fetch=len(todo), bytes=need, dest=str(target))
     progress = _Progress(len(todo), need, clock, progress_every)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="podtrain-pull") as pool:
-        for _ in pool.map(lambda w: _fetch(w, target, index, progress), todo):
+        for _ in pool.map(lambda w: _fetch(w, target, index, progress, cancel), todo):
             pass
     result = PullResult(len(wanted), len(todo), len(wanted) - len(todo), need, clock() - started)
     log.info("pull.done", **result.__dict__)
@@ -117,7 +122,13 @@ def _selected(rel: str, include: list[str], exclude: list[str]) -> bool:
     return not any(fnmatch.fnmatch(rel, pattern) for pattern in exclude)
 
 
-def _fetch(wanted: _Wanted, target: Path, index: _Index, progress: _Progress) -> None:
+class PullCancelled(Exception):
+    """The pull was told to stop (a SIGTERM while it ran); the files fetched so far stay, recorded."""
+
+
+def _fetch(wanted: _Wanted, target: Path, index: _Index, progress: _Progress, cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise PullCancelled(f"pull stopped before {wanted.name}")
     path = target / wanted.name
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + PARTIAL_SUFFIX)

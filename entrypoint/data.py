@@ -1,0 +1,106 @@
+"""``podtrain pull``, and the supervisor's data pull before it starts the child.
+
+The pull itself is :func:`sdk.pull.pull`; this module is its command line and its place in ``podtrain run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["EXAMPLES", "add_parser", "pull_before_child", "run"]
+
+EXAMPLES = """examples:
+  podtrain pull s3://bucket/datasets/shakespeare/ --dest /data
+  podtrain pull gs://bucket/imagenet/train gs://bucket/imagenet/val --dest /data --workers 32
+  podtrain pull s3://bucket/corpus/ --include '*.parquet' --exclude 'tmp/*' --json
+  PODTRAIN_DATA_URI=s3://bucket/corpus/ PODTRAIN_DATA_DIR=/data podtrain pull
+
+A file is renamed into place only once its size (and the store's CRC32C, where it keeps one) matched; a second
+pull fetches only what changed in the store (.podtrain-pull.jsonl in the folder remembers what was fetched).
+"""
+
+
+def add_parser(commands: Any) -> None:
+    pull = commands.add_parser(
+        "pull",
+        help="fetch a dataset from object storage into a local folder (verified, resumable, warm cache)",
+        description="Fetch every object under each URI into a local folder; skip what is already there unchanged.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pull.add_argument("uris", nargs="*", help="prefixes or objects (default: PODTRAIN_DATA_URI, comma-separated)")
+    pull.add_argument("--dest", default=None, help="the local folder (default: PODTRAIN_DATA_DIR)")
+    pull.add_argument("--include", action="append", default=None, help="only names matching this glob (repeatable)")
+    pull.add_argument("--exclude", action="append", default=None, help="skip names matching this glob (repeatable)")
+    pull.add_argument("--workers", type=int, default=16, help="objects fetched at once (default 16)")
+    pull.add_argument("--json", action="store_true", help="print the result as one JSON document")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``podtrain pull``: 0 when everything is in place; errors are raised for the CLI to map."""
+    from sdk.config import Config
+    from sdk.errors import ConfigError
+    from sdk.log import configure
+    from sdk.pull import pull
+
+    config = Config.from_env(data_dir=args.dest)
+    uris = list(args.uris) or config.data_uris
+    if not uris:
+        raise ConfigError("nothing to pull: name a URI, or set PODTRAIN_DATA_URI")
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers} is invalid: at least 1")
+    include, exclude = config.data_globs
+    configure(fmt=config.log_format, level=config.log_level)
+    result = pull(
+        uris, config.data_dir, include=args.include or include, exclude=args.exclude or exclude, workers=args.workers
+    )
+    if args.json:
+        print(json.dumps({"dest": config.data_dir, **result.__dict__}))
+    else:
+        print(
+            f"{config.data_dir}: {result.files} files, {result.fetched} fetched ({result.bytes_fetched} bytes), "
+            f"{result.skipped} already there, in {result.seconds:.1f} s"
+        )
+    return 0
+
+
+def pull_before_child(config: Any, stopped: Callable[[], bool], log: Any, *, poll: float = 0.05) -> Exception | None:
+    """Pull ``PODTRAIN_DATA_URI`` into ``PODTRAIN_DATA_DIR`` before the child starts; the error, or None.
+
+    The pull runs in a thread so that a SIGTERM (``stopped()``) is noticed within ``poll`` seconds: the pull is
+    then told to stop after the files in flight, and the supervisor goes on to exit 75 without starting the child.
+    """
+    from sdk.pull import pull
+
+    if not config.data_uris:
+        return None
+    outcome: dict[str, Any] = {}
+    cancel = threading.Event()
+    include, exclude = config.data_globs
+
+    def work() -> None:
+        try:
+            outcome["result"] = pull(config.data_uris, config.data_dir, include=include, exclude=exclude, cancel=cancel)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="podtrain-pull-data", daemon=True)
+    started = time.monotonic()
+    worker.start()
+    while worker.is_alive():
+        if stopped():
+            cancel.set()
+            log.warning("supervisor.pull_stopped", reason="SIGTERM during the data pull")
+            worker.join(timeout=max(0.0, config.grace_seconds / 4))
+            return None
+        worker.join(timeout=poll)
+    if "error" in outcome:
+        log.error("supervisor.pull_failed", error=f"{type(outcome['error']).__name__}: {outcome['error']}")
+        return outcome["error"]
+    log.info("supervisor.pulled", wall_s=round(time.monotonic() - started, 3), **outcome["result"].__dict__)
+    return None

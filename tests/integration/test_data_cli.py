@@ -1,0 +1,101 @@
+"""`podtrain pull`, and the pull `podtrain run` does before it starts the child: real CLI, file:// and S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sdk.storage import open_store
+
+PODTRAIN = str(Path(sys.executable).with_name("podtrain"))
+
+
+def _podtrain(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PODTRAIN, *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}, cwd=cwd
+    )
+
+
+def _bucket(url: str) -> None:
+    store = open_store(url)
+    store.put("ds/train/a.bin", b"a" * 5000)
+    store.put("ds/val/b.bin", b"b" * 10)
+
+
+def test_pull_fetches_then_skips_and_prints_json(s3_url: str, tmp_path: Path) -> None:
+    """`podtrain pull URI --dest DIR --json`: 2 fetched; again: 0 fetched, 2 already there."""
+    _bucket(s3_url)
+    first = _podtrain("pull", f"{s3_url}/ds", "--dest", str(tmp_path / "d"), "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["fetched"] == 2
+    assert (tmp_path / "d" / "train" / "a.bin").read_bytes() == b"a" * 5000
+    again = _podtrain("pull", f"{s3_url}/ds", "--dest", str(tmp_path / "d"), "--json")
+    assert json.loads(again.stdout) | {"seconds": 0} == json.loads(first.stdout) | {
+        "seconds": 0,
+        "fetched": 0,
+        "skipped": 2,
+        "bytes_fetched": 0,
+    }
+
+
+def test_pull_reads_podtrain_data_variables_and_globs(tmp_path: Path) -> None:
+    """With no arguments, PODTRAIN_DATA_URI / _DIR / _INCLUDE say what to fetch and where."""
+    store = tmp_path / "store"
+    _bucket(store.as_uri())
+    env = {
+        "PODTRAIN_DATA_URI": f"{store.as_uri()}/ds/train,{store.as_uri()}/ds/val",
+        "PODTRAIN_DATA_DIR": str(tmp_path / "d"),
+        "PODTRAIN_DATA_INCLUDE": "*.bin",
+    }
+    done = _podtrain("pull", env=env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "d").iterdir() if not p.name.startswith(".")) == ["a.bin", "b.bin"]
+    assert "2 fetched" in done.stdout
+
+
+def test_pull_errors_exit_with_the_contract_codes(tmp_path: Path) -> None:
+    """A prefix with nothing under it: exit 2 naming PODTRAIN_DATA_URI; no URI at all: exit 2 saying so."""
+    missing = _podtrain("pull", (tmp_path / "nothing").as_uri(), "--dest", str(tmp_path / "d"))
+    assert missing.returncode == 2 and "PODTRAIN_DATA_URI" in missing.stderr
+    none = _podtrain("pull", env={"PODTRAIN_DATA_URI": ""}, cwd=tmp_path)
+    assert none.returncode == 2 and "nothing to pull" in none.stderr
+    helped = _podtrain("pull", "--help")
+    assert helped.returncode == 0 and "examples:" in helped.stdout and "--include" in helped.stdout
+
+
+def test_run_pulls_the_data_before_the_child_starts(tmp_path: Path) -> None:
+    """`podtrain run` with PODTRAIN_DATA_URI: the child finds the dataset in PODTRAIN_DATA_DIR when it starts."""
+    store = tmp_path / "store"
+    _bucket(store.as_uri())
+    seen = tmp_path / "seen.txt"
+    env = {
+        "PODTRAIN_DATA_URI": f"{store.as_uri()}/ds",
+        "PODTRAIN_DATA_DIR": str(tmp_path / "d"),
+        "PODTRAIN_ATTEMPT": "1",
+        "PODTRAIN_CHECKPOINT_URI": str(tmp_path / "ckpt"),
+        "PODTRAIN_TERMINATION_LOG": str(tmp_path / "term"),
+    }
+    child = f'ls "$PODTRAIN_DATA_DIR/train" > {seen}'
+    done = _podtrain("run", "--", "sh", "-c", child, env=env)
+    assert done.returncode == 0, done.stderr
+    assert seen.read_text().split() == ["a.bin"]
+
+
+def test_run_whose_data_pull_fails_does_not_start_the_child(tmp_path: Path) -> None:
+    """A data URI with nothing under it: exit 2, the child never runs, the termination message says why."""
+    seen = tmp_path / "ran"
+    env = {
+        "PODTRAIN_DATA_URI": (tmp_path / "empty").as_uri(),
+        "PODTRAIN_DATA_DIR": str(tmp_path / "d"),
+        "PODTRAIN_ATTEMPT": "1",
+        "PODTRAIN_CHECKPOINT_URI": str(tmp_path / "ckpt"),
+        "PODTRAIN_TERMINATION_LOG": str(tmp_path / "term"),
+    }
+    done = _podtrain("run", "--", "touch", str(seen), env=env)
+    assert done.returncode == 2, done.stderr
+    assert not seen.exists()
+    message = json.loads((tmp_path / "term").read_text())
+    assert message["outcome"] == "config_error" and "data pull failed" in message["message"]
