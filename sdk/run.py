@@ -27,6 +27,7 @@ from sdk.checkpoint import Checkpointer, CheckpointInfo
 from sdk.config import Config
 from sdk.errors import ConfigError, PodtrainError, exit_code
 from sdk.preemption import EXIT_PREEMPTED, Preemption
+from sdk.pull import PullResult
 from sdk.saver import AsyncSaver
 
 __all__ = ["EXIT_PREEMPTED", "Run", "init"]
@@ -78,6 +79,24 @@ class Run:
             self.log.info("run.fresh_start", checkpoint_uri=self.checkpointer.url)
             return 0
         return step
+
+    def pull_data(self, *uris: str, dest: str | None = None, **options: Any) -> PullResult:
+        """Fetch the dataset (``uris``, default ``PODTRAIN_DATA_URI``) into ``dest`` (default ``PODTRAIN_DATA_DIR``).
+
+        Under ``podtrain run`` the supervisor has already pulled it, so this finds everything in place and fetches
+        nothing; run directly, it does the pull. Options are :func:`sdk.pull.pull`'s (``include``, ``workers``…).
+        With several ranks each rank pulls into its own ``dest`` unless they share one (then pull on one rank).
+        """
+        from sdk.errors import ConfigError
+        from sdk.pull import pull
+
+        sources = list(uris) or self.config.data_uris
+        if not sources:
+            raise ConfigError("nothing to pull: pass a URI, or set PODTRAIN_DATA_URI")
+        include, exclude = self.config.data_globs
+        options.setdefault("include", include)
+        options.setdefault("exclude", exclude)
+        return pull(sources, dest or self.config.data_dir, **options)
 
     def should_stop(self) -> bool:
         """True once a stop signal arrived: break out of the loop; the block's end saves what fits, exits 75.

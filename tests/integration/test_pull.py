@@ -145,3 +145,16 @@ def test_a_corrupted_transfer_is_read_again_and_access_denied_fails_fast(
     proxy.fail(403, times=None)
     with pytest.raises(StoragePermissionError, match="podtrain-test"):
         pull([f"{url}/data"], tmp_path / "other", retry=RetryPolicy(attempts=3, timeout=10))
+
+
+def test_run_pull_data_uses_the_configured_uri_and_folder(store_url: str, tmp_path: Path) -> None:
+    """run.pull_data() with PODTRAIN_DATA_URI/_DIR set fetches there; a second call fetches nothing."""
+    import sdk
+    from sdk.config import Config
+
+    _upload(store_url)
+    config = Config(data_uri=f"{store_url}/data", data_dir=str(tmp_path / "d"), checkpoint_uri=str(tmp_path / "c"))
+    with sdk.init(config.with_changes(attempt=1)) as run:
+        assert run.pull_data().fetched == 4
+        assert run.pull_data().fetched == 0
+    assert _local(tmp_path / "d") == FILES
