@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None, *, early: EarlySignals | None = None) ->
     try:
         if args.command == "pull":
             return data.run(args)
+        if args.command == "push":
+            return data.run_push(args)
         if args.command == "checkpoints" and args.action == "list":
             return _list(args)
         if args.command == "checkpoints" and args.action == "verify":
@@ -259,15 +261,15 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
     for signum in FORWARDED:  # the child is gone: a late signal must not cut the termination message short
         signal.signal(signum, signal.SIG_IGN)
     outcome = outcome_of(result)
+    push_note = data.push_after_child(config, result.exit_by, log)  # outputs go up whatever the outcome
     # Under preemption, half of what is left of the grace period goes to finding the checkpoint; the rest is spare.
     # Otherwise at most half a grace period, in case the pod is told to stop while we look.
-    if result.exit_by is None:
-        timeout = min(10.0, config.grace_seconds / 2)
-    else:
-        timeout = max(0.0, (result.exit_by - time.monotonic()) / 2)
+    limit = min(10.0, config.grace_seconds / 2)
+    timeout = limit if result.exit_by is None else max(0.0, (result.exit_by - time.monotonic()) / 2)
     step, checkpoint, note = termination.newest_checkpoint(
         config.checkpoint_uri, run_id=config.run_id, attempt=config.attempt, timeout=timeout
     )
+    note = "; ".join(n for n in (note, push_note) if n)
     fields = termination.record(
         outcome,
         run_id=config.run_id,

@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["EXAMPLES", "add_parser", "pull_before_child", "run"]
+__all__ = ["EXAMPLES", "add_parser", "pull_before_child", "push_after_child", "run", "run_push"]
+
+PUSH_CAP = 300.0  # seconds the supervisor spends pushing outputs when no deadline runs
 
 EXAMPLES = """examples:
   podtrain pull s3://bucket/datasets/shakespeare/ --dest /data
@@ -26,6 +28,7 @@ pull fetches only what changed in the store (.podtrain-pull.jsonl in the folder 
 
 
 def add_parser(commands: Any) -> None:
+    add_push_parser(commands)
     pull = commands.add_parser(
         "pull",
         help="fetch a dataset from object storage into a local folder (verified, resumable, warm cache)",
@@ -39,6 +42,76 @@ def add_parser(commands: Any) -> None:
     pull.add_argument("--exclude", action="append", default=None, help="skip names matching this glob (repeatable)")
     pull.add_argument("--workers", type=int, default=16, help="objects fetched at once (default 16)")
     pull.add_argument("--json", action="store_true", help="print the result as one JSON document")
+
+
+def add_push_parser(commands: Any) -> None:
+    push = commands.add_parser(
+        "push",
+        help="upload a folder (the run's outputs) to object storage, verified; only new or changed files",
+        description="Upload every file under DIR to URI "
+        "(default: PODTRAIN_OUTPUT_DIR to PODTRAIN_ARTIFACT_URI/<run_id>).",
+        epilog="examples:\n  podtrain push /output s3://bucket/artifacts/run-7\n"
+        "  podtrain push   # PODTRAIN_OUTPUT_DIR to PODTRAIN_ARTIFACT_URI/<run_id>",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    push.add_argument("dir", nargs="?", default=None, help="the folder or file (default: PODTRAIN_OUTPUT_DIR)")
+    push.add_argument("uri", nargs="?", default=None, help="where to (default: PODTRAIN_ARTIFACT_URI/<run_id>)")
+    push.add_argument("--workers", type=int, default=16, help="files uploaded at once (default 16)")
+    push.add_argument("--json", action="store_true", help="print the result as one JSON document")
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """``podtrain push``: 0 when everything is uploaded and verified."""
+    from sdk.config import Config
+    from sdk.log import configure
+    from sdk.push import default_url, push
+
+    config = Config.from_env()
+    configure(fmt=config.log_format, level=config.log_level)
+    result = push(
+        args.dir or config.output_dir, args.uri or default_url(config.artifact_uri, config.run_id), workers=args.workers
+    )
+    if args.json:
+        print(json.dumps(result.__dict__))
+    else:
+        sent = f"{result.sent} sent ({result.bytes_sent} bytes)"
+        print(f"{result.url}: {result.files} files, {sent}, {result.skipped} unchanged")
+    return 0
+
+
+def push_after_child(config: Any, exit_by: float | None, log: Any) -> str:
+    """Push ``PODTRAIN_OUTPUT_DIR`` once the child is gone, whatever its outcome; a note when it did not finish.
+
+    After a SIGTERM the push gets a third of the time left before the supervisor must exit; otherwise up to
+    :data:`PUSH_CAP` seconds.
+    """
+    from pathlib import Path
+
+    from sdk.push import default_url, push
+
+    folder = Path(config.output_dir)
+    if not folder.exists() or not any(folder.iterdir()):
+        return ""
+    budget = PUSH_CAP if exit_by is None else max(0.0, (exit_by - time.monotonic()) / 3)
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = push(folder, default_url(config.artifact_uri, config.run_id))
+        except Exception as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="podtrain-push-outputs", daemon=True)
+    worker.start()
+    worker.join(budget)
+    if worker.is_alive():
+        log.warning("supervisor.push_incomplete", seconds=round(budget, 3))
+        return f"outputs not fully pushed within {budget:.1f} s"
+    if "error" in outcome:
+        log.error("supervisor.push_failed", error=str(outcome["error"]))
+        return f"outputs not pushed: {outcome['error']}"
+    log.info("supervisor.pushed", **outcome["result"].__dict__)
+    return ""
 
 
 def run(args: argparse.Namespace) -> int:

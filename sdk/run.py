@@ -28,6 +28,7 @@ from sdk.config import Config
 from sdk.errors import ConfigError, PodtrainError, exit_code
 from sdk.preemption import EXIT_PREEMPTED, Preemption
 from sdk.pull import PullResult
+from sdk.push import PushResult
 from sdk.saver import AsyncSaver
 
 __all__ = ["EXIT_PREEMPTED", "Run", "init"]
@@ -97,6 +98,17 @@ class Run:
         options.setdefault("include", include)
         options.setdefault("exclude", exclude)
         return pull(sources, dest or self.config.data_dir, **options)
+
+    def push_artifacts(self, path: str | None = None, *, name: str | None = None, **options: Any) -> PushResult:
+        """Upload ``path`` (default ``PODTRAIN_OUTPUT_DIR``) to ``PODTRAIN_ARTIFACT_URI/<run_id>[/name]``.
+
+        Verified and incremental (:mod:`sdk.push`): calling it again sends only new or changed files. Under
+        ``podtrain run`` the output folder is also pushed when the child ends, whatever the outcome.
+        """
+        from sdk.push import default_url, push
+
+        url = default_url(self.config.artifact_uri, self.config.run_id)
+        return push(path or self.config.output_dir, f"{url}/{name}" if name else url, **options)
 
     def should_stop(self) -> bool:
         """True once a stop signal arrived: break out of the loop; the block's end saves what fits, exits 75.

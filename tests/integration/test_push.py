@@ -1,0 +1,89 @@
+"""Pushing outputs (sdk.push, `podtrain push`, the supervisor's push when the child ends) on file://, S3, GCS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdk.push import PUSH_INDEX, push
+from sdk.storage import Store, open_store
+
+PODTRAIN = str(Path(sys.executable).with_name("podtrain"))
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    files = {"metrics.jsonl": b'{"step": 1}\n', "logs/train.log": b"hello\n", "model.safetensors": os.urandom(50_000)}
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    return files
+
+
+@pytest.fixture
+def puts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    seen: list[str] = []
+    original = Store.put
+
+    def spy(self: Store, rel: str, data: bytes, **kwargs: object) -> bool:
+        seen.append(rel)
+        return original(self, rel, data, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Store, "put", spy)
+    return seen
+
+
+def test_push_uploads_verified_and_a_second_push_sends_only_changes(
+    store_url: str, tmp_path: Path, puts: list[str]
+) -> None:
+    """Every file lands with its bytes; pushing again sends nothing; a changed file alone is sent again."""
+    out = tmp_path / "out"
+    files = _outputs(out)
+    first = push(out, f"{store_url}/artifacts/r1")
+    assert (first.files, first.sent) == (3, 3)
+    store = open_store(f"{store_url}/artifacts/r1")
+    assert {rel: store.get(rel) for rel in files} == files
+    assert not store.exists(PUSH_INDEX), "the record of what was sent stays local"
+    puts.clear()
+    assert push(out, f"{store_url}/artifacts/r1").sent == 0 and puts == []
+    (out / "metrics.jsonl").write_bytes(b'{"step": 1}\n{"step": 2}\n')
+    assert push(out, f"{store_url}/artifacts/r1").sent == 1 and puts == ["metrics.jsonl"]
+
+
+def test_podtrain_push_defaults_to_the_output_dir_and_the_run_folder(s3_url: str, tmp_path: Path) -> None:
+    """`podtrain push` with no arguments: PODTRAIN_OUTPUT_DIR to PODTRAIN_ARTIFACT_URI/<run_id>."""
+    files = _outputs(tmp_path / "out")
+    env = {
+        **os.environ,
+        "PODTRAIN_OUTPUT_DIR": str(tmp_path / "out"),
+        "PODTRAIN_ARTIFACT_URI": f"{s3_url}/artifacts",
+        "PODTRAIN_RUN_ID": "r9",
+    }
+    done = subprocess.run([PODTRAIN, "push", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["url"] == f"{s3_url}/artifacts/r9"
+    assert open_store(f"{s3_url}/artifacts/r9").get("logs/train.log") == files["logs/train.log"]
+
+
+@pytest.mark.parametrize("exit_code", [0, 1, 75])
+def test_run_pushes_the_outputs_when_the_child_ends_whatever_the_outcome(tmp_path: Path, exit_code: int) -> None:
+    """The supervisor pushes PODTRAIN_OUTPUT_DIR after the child: on success, failure and preemption alike."""
+    env = {
+        **os.environ,
+        "PODTRAIN_OUTPUT_DIR": str(tmp_path / "out"),
+        "PODTRAIN_ARTIFACT_URI": (tmp_path / "bucket").as_uri(),
+        "PODTRAIN_RUN_ID": "r2",
+        "PODTRAIN_ATTEMPT": "1",
+        "PODTRAIN_CHECKPOINT_URI": str(tmp_path / "ckpt"),
+        "PODTRAIN_TERMINATION_LOG": str(tmp_path / "term"),
+    }
+    child = f'mkdir -p "$PODTRAIN_OUTPUT_DIR" && echo step-7 > "$PODTRAIN_OUTPUT_DIR/metrics.jsonl"; exit {exit_code}'
+    done = subprocess.run(
+        [PODTRAIN, "run", "--", "sh", "-c", child], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == exit_code, done.stderr
+    assert (tmp_path / "bucket" / "r2" / "metrics.jsonl").read_text() == "step-7\n"
