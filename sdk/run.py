@@ -64,6 +64,7 @@ class Run:
         self._owed = False  # a policy save was due while another was in flight: the next call saves
         self.deferred_saves = 0
         self.agreement = Agreement(config.world_size) if config.world_size > 1 else None
+        self._metrics: dict[str, Any] | None = None  # the last record log_metrics() wrote
 
     @property
     def last_checkpoint(self) -> CheckpointInfo | None:
@@ -109,6 +110,48 @@ class Run:
 
         url = default_url(self.config.artifact_uri, self.config.run_id)
         return push(path or self.config.output_dir, f"{url}/{name}" if name else url, **options)
+
+    def log_metrics(self, step: int, **values: Any) -> None:
+        """Append ``{"step": step, "time": ..., **values}`` as a JSON line to ``PODTRAIN_OUTPUT_DIR/metrics.jsonl``
+        (``metrics-rank<r>.jsonl`` on ranks other than 0); pushed with the outputs. Tensors become numbers."""
+        import json
+        from datetime import UTC, datetime
+        from pathlib import Path
+
+        folder = Path(self.config.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = "metrics.jsonl" if self.config.rank == 0 else f"metrics-rank{self.config.rank}.jsonl"
+        record = {"step": step, "time": datetime.now(UTC).isoformat(timespec="milliseconds")}
+        record.update({k: v.item() if hasattr(v, "item") else v for k, v in values.items()})
+        with (folder / name).open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        self._metrics = record
+
+    def export(self, model: Any, *, step: int, name: str = "model", **meta: Any) -> PushResult:
+        """Write the final weights as ``export/<name>.safetensors`` with a JSON sidecar (step, run_id, attempt,
+        the last metrics, ``meta``) in ``PODTRAIN_OUTPUT_DIR``, push both, and verify them in the store."""
+        import json
+        from pathlib import Path
+
+        from sdk import serialization
+        from sdk.push import default_url, push
+
+        folder = Path(self.config.output_dir) / "export"
+        folder.mkdir(parents=True, exist_ok=True)
+        state = model.state_dict() if hasattr(model, "state_dict") else model
+        (encoded,) = serialization.encode(name, dict(state), shard_bytes=2**62)
+        (folder / f"{name}.safetensors").write_bytes(encoded.data)
+        sidecar = {
+            "run_id": self.config.run_id,
+            "attempt": self.checkpointer.attempt,
+            "step": step,
+            "crc32c": f"{encoded.crc32c:08x}",
+            "bytes": encoded.size,
+            "metrics": self._metrics,
+            **meta,
+        }
+        (folder / f"{name}.json").write_text(json.dumps(sidecar, indent=1) + "\n")
+        return push(folder, f"{default_url(self.config.artifact_uri, self.config.run_id)}/export")
 
     def should_stop(self) -> bool:
         """True once a stop signal arrived: break out of the loop; the block's end saves what fits, exits 75.

@@ -87,3 +87,34 @@ def test_run_pushes_the_outputs_when_the_child_ends_whatever_the_outcome(tmp_pat
     )
     assert done.returncode == exit_code, done.stderr
     assert (tmp_path / "bucket" / "r2" / "metrics.jsonl").read_text() == "step-7\n"
+
+
+def test_metrics_and_the_exported_model_reach_the_store_verified(s3_url: str, tmp_path: Path) -> None:
+    """log_metrics appends JSON lines; export writes safetensors + sidecar, pushes both; the bytes load back."""
+    import torch
+    from safetensors.torch import load
+
+    import sdk
+    from sdk.config import Config
+
+    config = Config(
+        run_id="r5",
+        attempt=1,
+        checkpoint_uri=str(tmp_path / "ckpt"),
+        output_dir=str(tmp_path / "out"),
+        artifact_uri=f"{s3_url}/artifacts",
+    )
+    model = torch.nn.Linear(4, 3)
+    with sdk.init(config) as run:
+        run.log_metrics(1, loss=torch.tensor(2.5), lr=0.1)
+        run.log_metrics(2, loss=1.25)
+        result = run.export(model, step=2, dataset="toy")
+    assert result.sent == 2
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 2.5), (2, 1.25)]
+    store = open_store(f"{s3_url}/artifacts/r5/export")
+    weights = load(store.get("model.safetensors"))
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    sidecar = json.loads(store.get("model.json"))
+    assert sidecar["step"] == 2 and sidecar["run_id"] == "r5" and sidecar["dataset"] == "toy"
+    assert sidecar["metrics"]["loss"] == 1.25
