@@ -80,22 +80,23 @@ def state_bytes(model: Any) -> int:
 
 # -- measurements ----------------------------------------------------------------------------------------------
 @dataclass
-class Case:
-    """One comparison: podtrain's and the baseline's seconds per repetition."""
+class Row:
+    """One comparison: the measured side's and the baseline's seconds per repetition (shared by every suite)."""
 
     name: str
-    goal: float
+    measured_name: str
     baseline_name: str
-    podtrain: list[float] = field(default_factory=list)
+    goal: float | None  # None: shown for information
+    measured: list[float] = field(default_factory=list)
     baseline: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
-        return statistics.median(self.podtrain) / statistics.median(self.baseline)
+        return statistics.median(self.measured) / statistics.median(self.baseline)
 
     @property
     def met(self) -> bool:
-        return self.ratio <= self.goal
+        return self.goal is not None and self.ratio <= self.goal
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -188,8 +189,8 @@ class Bench:
         ckpt.store.ensure_root()  # creates the client and opens its connection, as a job does at start
         return ckpt
 
-    def save(self, repeat: int) -> Case:
-        case = Case("save", SAVE_GOAL, "boto3 upload_file (default TransferConfig)")
+    def save(self, repeat: int) -> Row:
+        case = Row("save", "Checkpointer.save", "boto3 upload_file (default TransferConfig)", SAVE_GOAL)
         for rep in range(repeat):
             ckpt = self.checkpointer(f"s3://{BUCKET}/save-{rep}")
             key = f"baseline/save-{rep}.pt"
@@ -198,7 +199,7 @@ class Bench:
                 partial(timed, partial(ckpt.save, 1, {"model": self.model})),
                 partial(timed, partial(self.s3.upload_file, str(self.file), BUCKET, key)),
             )
-            case.podtrain.append(p)
+            case.measured.append(p)
             case.baseline.append(b)
             self.say(f"  save   #{rep + 1}: podtrain {p:7.3f} s   baseline {b:7.3f} s")
             delete_prefix(self.s3, key)
@@ -206,10 +207,12 @@ class Bench:
                 delete_prefix(self.s3, f"save-{rep}/")
         return case
 
-    def resume(self, repeat: int) -> Case:
+    def resume(self, repeat: int) -> Row:
         import torch
 
-        case = Case("resume", RESUME_GOAL, "boto3 download_file (one GET) + torch.load + load_state_dict")
+        case = Row(
+            "resume", "Checkpointer.load", "boto3 download_file (one GET) + torch.load + load_state_dict", RESUME_GOAL
+        )
         url = f"s3://{BUCKET}/save-{repeat - 1}"
         self.s3.upload_file(str(self.file), BUCKET, "baseline/state.pt")
 
@@ -224,7 +227,7 @@ class Bench:
                 partial(self.checked, "podtrain", partial(ckpt.load, {"model": self.model})),
                 partial(self.checked, "baseline", baseline),
             )
-            case.podtrain.append(p)
+            case.measured.append(p)
             case.baseline.append(b)
             self.say(f"  resume #{rep + 1}: podtrain {p:7.3f} s   baseline {b:7.3f} s")
         return case
@@ -245,7 +248,7 @@ class Bench:
         return seconds
 
 
-def run(size_mib: int, repeat: int, workdir: Path, say: Callable[[str], None]) -> list[Case]:
+def run(size_mib: int, repeat: int, workdir: Path, say: Callable[[str], None]) -> list[Row]:
     """Start moto, run both cases, clean up; the cases come back with every repetition's seconds."""
     built: list[Bench] = []
     with s3_server(lambda: built.append(Bench(size_mib, workdir, say))) as server:
@@ -257,12 +260,12 @@ def run(size_mib: int, repeat: int, workdir: Path, say: Callable[[str], None]) -
     return cases
 
 
-def table(cases: list[Case], size_mib: int, repeat: int) -> str:
+def table(cases: list[Row], size_mib: int, repeat: int) -> str:
     header = ("case", "podtrain s", "baseline s", "ratio", "goal", "met?")
     rows = [
         (
             c.name,
-            f"{statistics.median(c.podtrain):.3f}",
+            f"{statistics.median(c.measured):.3f}",
             f"{statistics.median(c.baseline):.3f}",
             f"{c.ratio:.2f}x",
             f"<= {c.goal:.1f}x",

@@ -48,11 +48,11 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.checkpoint import BUCKET, MIB, build_model, delete_prefix, s3_server, state_bytes
+from bench.checkpoint import BUCKET, MIB, Row, build_model, delete_prefix, s3_server, state_bytes
 
 if TYPE_CHECKING:
     from sdk.config import CheckpointMode
@@ -70,26 +70,6 @@ DEFAULT_REPEAT = 2  # at 1 GiB each repetition costs about two minutes on two co
 
 
 # -- measurements ----------------------------------------------------------------------------------------------
-@dataclass
-class Row:
-    """One comparison: the measured side's and the baseline's seconds per repetition."""
-
-    name: str
-    measured_name: str
-    baseline_name: str
-    goal: float | None  # None: shown for information
-    measured: list[float] = field(default_factory=list)
-    baseline: list[float] = field(default_factory=list)
-
-    @property
-    def ratio(self) -> float:
-        return statistics.median(self.measured) / statistics.median(self.baseline)
-
-    @property
-    def met(self) -> bool:
-        return self.goal is not None and self.ratio <= self.goal
-
-
 def settle() -> None:
     """No garbage and no dirty pages left by the side that ran before."""
     gc.collect()
