@@ -251,7 +251,7 @@ class Checkpointer:
             files=len(manifest.files),
             seconds=round(self.last_save_seconds, 3),
         )
-        self.prune()
+        self._prune()  # the claims were checked just before the commit: no second look
         return CheckpointInfo(step=step, url=location, manifest=manifest)
 
     # -- find ------------------------------------------------------------------------------------------
@@ -429,6 +429,10 @@ class Checkpointer:
         A superseded attempt deletes nothing (it raises :class:`StaleAttemptError`).
         """
         self._check_not_superseded("deleting old checkpoints")
+        return self._prune()
+
+    def _prune(self) -> builtins.list[int]:
+        """:meth:`prune` once this attempt is known not to be superseded."""
         entries = self.scan()
         doomed = plan_deletions(
             [Committed(e.step, e.manifest.attempt) for e in entries if e.manifest],
