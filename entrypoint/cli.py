@@ -8,6 +8,9 @@ message (:mod:`entrypoint.supervisor`, :mod:`entrypoint.termination`).
 invalid folders and why). ``podtrain checkpoints verify URI [--step N]`` — exit 0 when the newest (or the
 named) checkpoint verifies byte for byte, 1 with the reason when it does not.
 
+``podtrain pull`` / ``podtrain push`` — the dataset in, the outputs out (:mod:`entrypoint.data`).
+``podtrain record [URI]`` — the run record, one row per attempt (:mod:`entrypoint.record`).
+
 Start-up stays light: torch is imported only by the commands that read checkpoints.
 """
 
@@ -24,7 +27,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from entrypoint import data, termination
+from entrypoint import data, record, termination
 from entrypoint.early import EarlySignals
 from sdk.errors import ConfigError, PodtrainError, TransientStorageError, exit_code
 
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(commands)
     data.add_parser(commands)
+    record.add_parser(commands)
     checkpoints = commands.add_parser(
         "checkpoints",
         help="list and verify checkpoints",
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None, *, early: EarlySignals | None = None) ->
             return data.run(args)
         if args.command == "push":
             return data.run_push(args)
+        if args.command == "record":
+            return record.run(args)
         if args.command == "checkpoints" and args.action == "list":
             return _list(args)
         if args.command == "checkpoints" and args.action == "verify":
@@ -251,17 +257,21 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
     if derived_note:
         log.warning("supervisor.attempt_not_derived", reason=derived_note)
     log.info("supervisor.config", grace_seconds=config.grace_seconds, checkpoint_uri=config.checkpoint_uri)
-    failure = data.pull_before_child(config, lambda: bool(early and early.sigterm_at() is not None), log)
+    recorder = record.Recorder(config, log)
+    pulled, failure = data.pull_before_child(config, lambda: bool(early and early.sigterm_at() is not None), log)
+    recorder.pulled(pulled)
     if failure is not None:
-        return _run_failed_before_child(args, config, failure, log)
+        return _run_failed_before_child(args, config, failure, log, recorder)
     # The termination message needs sdk.checkpoint (0.25-0.5 s to import): imported while the child runs, so
     # the look-up in the last seconds of a grace period does not spend them importing.
     threading.Thread(target=importlib.import_module, args=("sdk.checkpoint",), daemon=True).start()
+    os.environ["PODTRAIN_REPORT_FILE"] = recorder.report_file  # the child's steps, for the run record
+    recorder.started_child()
     result = Supervisor(cmd, grace_seconds=config.grace_seconds, log=log, early=early.received if early else ()).run()
     for signum in FORWARDED:  # the child is gone: a late signal must not cut the termination message short
         signal.signal(signum, signal.SIG_IGN)
     outcome = outcome_of(result)
-    push_note = data.push_after_child(config, result.exit_by, log)  # outputs go up whatever the outcome
+    pushed, push_note = data.push_after_child(config, result.exit_by, log)  # outputs go up whatever the outcome
     # Under preemption, half of what is left of the grace period goes to finding the checkpoint; the rest is spare.
     # Otherwise at most half a grace period, in case the pod is told to stop while we look.
     limit = min(10.0, config.grace_seconds / 2)
@@ -280,15 +290,20 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
         gpus=termination.gpu_count(),
         note=note,
     )
+    recorder.finish(outcome, checkpoint_step=step, pushed=pushed, message=fields["message"], exit_by=result.exit_by)
     _finish(fields, config.termination_log, log)
     return outcome.exit_code
 
 
-def _run_failed_before_child(args: argparse.Namespace, config: Any, error: Exception, log: Any) -> int:
+def _run_failed_before_child(
+    args: argparse.Namespace, config: Any, error: Exception, log: Any, recorder: record.Recorder
+) -> int:
     """The data pull failed: the child is not started; exit with the error's code and say why."""
     code = (exit_code(error) if isinstance(error, PodtrainError) else None) or EXIT_FAILED
     message = f"data pull failed before the child started: {error}"
     print(f"podtrain: {message}", file=sys.stderr)
+    outcome = termination.Outcome(code, message)
+    recorder.finish(outcome, checkpoint_step=None, pushed=None, message=message, exit_by=None)
     fields = termination.record(
         termination.Outcome(code, message),
         run_id=config.run_id,

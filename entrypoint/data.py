@@ -79,8 +79,9 @@ def run_push(args: argparse.Namespace) -> int:
     return 0
 
 
-def push_after_child(config: Any, exit_by: float | None, log: Any) -> str:
-    """Push ``PODTRAIN_OUTPUT_DIR`` once the child is gone, whatever its outcome; a note when it did not finish.
+def push_after_child(config: Any, exit_by: float | None, log: Any) -> tuple[Any, str]:
+    """Push ``PODTRAIN_OUTPUT_DIR`` once the child is gone, whatever its outcome: ``(PushResult or None, note)``,
+    the note saying why when it did not finish.
 
     After a SIGTERM the push gets a third of the time left before the supervisor must exit; otherwise up to
     :data:`PUSH_CAP` seconds.
@@ -91,7 +92,7 @@ def push_after_child(config: Any, exit_by: float | None, log: Any) -> str:
 
     folder = Path(config.output_dir)
     if not folder.exists() or not any(folder.iterdir()):
-        return ""
+        return None, ""
     budget = PUSH_CAP if exit_by is None else max(0.0, (exit_by - time.monotonic()) / 3)
     outcome: dict[str, Any] = {}
 
@@ -106,12 +107,12 @@ def push_after_child(config: Any, exit_by: float | None, log: Any) -> str:
     worker.join(budget)
     if worker.is_alive():
         log.warning("supervisor.push_incomplete", seconds=round(budget, 3))
-        return f"outputs not fully pushed within {budget:.1f} s"
+        return None, f"outputs not fully pushed within {budget:.1f} s"
     if "error" in outcome:
         log.error("supervisor.push_failed", error=str(outcome["error"]))
-        return f"outputs not pushed: {outcome['error']}"
+        return None, f"outputs not pushed: {outcome['error']}"
     log.info("supervisor.pushed", **outcome["result"].__dict__)
-    return ""
+    return outcome["result"], ""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,8 +143,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def pull_before_child(config: Any, stopped: Callable[[], bool], log: Any, *, poll: float = 0.05) -> Exception | None:
-    """Pull ``PODTRAIN_DATA_URI`` into ``PODTRAIN_DATA_DIR`` before the child starts; the error, or None.
+def pull_before_child(
+    config: Any, stopped: Callable[[], bool], log: Any, *, poll: float = 0.05
+) -> tuple[Any, Exception | None]:
+    """Pull ``PODTRAIN_DATA_URI`` into ``PODTRAIN_DATA_DIR`` before the child starts: ``(PullResult, None)``,
+    ``(None, error)``, or ``(None, None)`` when there is nothing to pull or the pull was stopped.
 
     The pull runs in a thread so that a SIGTERM (``stopped()``) is noticed within ``poll`` seconds: the pull is
     then told to stop after the files in flight, and the supervisor goes on to exit 75 without starting the child.
@@ -151,7 +155,7 @@ def pull_before_child(config: Any, stopped: Callable[[], bool], log: Any, *, pol
     from sdk.pull import pull
 
     if not config.data_uris:
-        return None
+        return None, None
     outcome: dict[str, Any] = {}
     cancel = threading.Event()
     include, exclude = config.data_globs
@@ -170,10 +174,10 @@ def pull_before_child(config: Any, stopped: Callable[[], bool], log: Any, *, pol
             cancel.set()
             log.warning("supervisor.pull_stopped", reason="SIGTERM during the data pull")
             worker.join(timeout=max(0.0, config.grace_seconds / 4))
-            return None
+            return None, None
         worker.join(timeout=poll)
     if "error" in outcome:
         log.error("supervisor.pull_failed", error=f"{type(outcome['error']).__name__}: {outcome['error']}")
-        return outcome["error"]
+        return None, outcome["error"]
     log.info("supervisor.pulled", wall_s=round(time.monotonic() - started, 3), **outcome["result"].__dict__)
-    return None
+    return outcome["result"], None

@@ -35,6 +35,7 @@ __all__ = [
     "record",
     "render",
     "signal_name",
+    "within",
     "write_termination_log",
 ]
 
@@ -152,7 +153,7 @@ def newest_checkpoint(
 
         return Checkpointer(uri, run_id=run_id, attempt=attempt or 1, retry=_quick_retry(timeout)).list(verify=False)
 
-    infos, problem = _within(timeout, look, "podtrain-newest-checkpoint")
+    infos, problem = within(timeout, look, "podtrain-newest-checkpoint")
     if problem:
         return None, None, f"checkpoint store {uri} {problem}"
     if not infos:
@@ -177,7 +178,7 @@ def derive_attempt(uri: str, *, run_id: str, timeout: float) -> tuple[int | None
 
         return Checkpointer(uri, run_id=run_id, retry=_quick_retry(timeout)).attempt
 
-    attempt, problem = _within(timeout, look, "podtrain-derive-attempt")
+    attempt, problem = within(timeout, look, "podtrain-derive-attempt")
     return attempt, f"checkpoint store {uri} {problem}" if problem else ""
 
 
@@ -187,7 +188,7 @@ def _quick_retry(timeout: float) -> Any:
     return RetryPolicy(attempts=2, initial_wait=0.1, max_wait=0.5, jitter=0.1, timeout=max(timeout, 1.0))
 
 
-def _within(timeout: float, fn: Callable[[], Any], name: str) -> tuple[Any, str]:
+def within(timeout: float, fn: Callable[[], Any], name: str) -> tuple[Any, str]:
     """``(fn(), "")``, or ``(None, why)`` when it raised or did not return within ``timeout`` (it is left behind)."""
     result: dict[str, Any] = {}
 

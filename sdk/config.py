@@ -57,6 +57,8 @@ class Config:
     termination_log: str = "/dev/termination-log"
     log_format: LogFormat = "auto"
     log_level: str = "info"
+    node_name: str = ""  # the Kubernetes node (downward API spec.nodeName), for the run record
+    report_file: str = ""  # set by `podtrain run`: where the child reports its progress (sdk.report)
 
     def __post_init__(self) -> None:
         home = Path.cwd() / ".podtrain" / self.run_id

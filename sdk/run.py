@@ -29,6 +29,7 @@ from sdk.errors import ConfigError, PodtrainError, exit_code
 from sdk.preemption import EXIT_PREEMPTED, Preemption
 from sdk.pull import PullResult
 from sdk.push import PushResult
+from sdk.report import Report
 from sdk.saver import AsyncSaver
 
 __all__ = ["EXIT_PREEMPTED", "Run", "init"]
@@ -65,6 +66,7 @@ class Run:
         self.deferred_saves = 0
         self.agreement = Agreement(config.world_size) if config.world_size > 1 else None
         self._metrics: dict[str, Any] | None = None  # the last record log_metrics() wrote
+        self.report = Report(config.report_file if config.rank == 0 else "", clock=clock)  # for the run record
 
     @property
     def last_checkpoint(self) -> CheckpointInfo | None:
@@ -77,6 +79,7 @@ class Run:
         step = self.checkpointer.load(state)
         if self.config.rank == 0:  # this attempt now owns the run after `step`; older ones are fenced
             self.checkpointer.claim(step or 0)
+        self.report.update(resumed_from=step or 0, last_step=step or 0)
         if step is None:
             self.log.info("run.fresh_start", checkpoint_uri=self.checkpointer.url)
             return 0
@@ -98,7 +101,9 @@ class Run:
         include, exclude = self.config.data_globs
         options.setdefault("include", include)
         options.setdefault("exclude", exclude)
-        return pull(sources, dest or self.config.data_dir, **options)
+        result = pull(sources, dest or self.config.data_dir, **options)
+        self.report.update(data_bytes=result.bytes_fetched, data_files=result.fetched, data_seconds=result.seconds)
+        return result
 
     def push_artifacts(self, path: str | None = None, *, name: str | None = None, **options: Any) -> PushResult:
         """Upload ``path`` (default ``PODTRAIN_OUTPUT_DIR``) to ``PODTRAIN_ARTIFACT_URI/<run_id>[/name]``.
@@ -126,6 +131,7 @@ class Run:
         with (folder / name).open("a") as out:
             out.write(json.dumps(record) + "\n")
         self._metrics = record
+        self.report.step(step)
 
     def export(self, model: Any, *, step: int, name: str = "model", **meta: Any) -> PushResult:
         """Write the final weights as ``export/<name>.safetensors`` with a JSON sidecar (step, run_id, attempt,
@@ -210,6 +216,7 @@ class Run:
         if self.saver:
             self.saver.check()
         self._latest = (step, state)
+        self.report.step(step)
         due = force or self._owed or self.should_checkpoint(step)
         busy = bool(self.saver and self.saver.busy)
         if self.agreement is not None and due:
@@ -264,6 +271,7 @@ class Run:
         """
         if not self.preemption.requested:  # another rank got the signal: this one's deadline starts now
             self.preemption.request()
+        self.report.flush()  # the steps reached, before anything that might not finish in time
         reason = self._emergency_blocker()
         save = reason is None
         if self.agreement is not None:
@@ -373,6 +381,8 @@ def _opened(config: Config | None, preemption: Preemption | None, overrides: dic
         run.close()
     finally:
         run.preemption.uninstall()
+        if run.report.pending:
+            run.report.flush()
     run.log.info("run.end", last_checkpoint=run.last_checkpoint.url if run.last_checkpoint else None)
 
 

@@ -79,6 +79,8 @@ def train(args: argparse.Namespace, progress) -> None:  # type: ignore[no-untype
             loss.backward()
             optimizer.step()
             run.checkpoint(step + 1, state)
+            if (step + 1) % args.every == 0:
+                run.log_metrics(step + 1, loss=loss.detach())  # pushed with the outputs, preempted or not
             write(str(step + 1))
             if run.should_stop():  # leaving the block commits this step if it fits, then exits 75
                 break

@@ -35,7 +35,7 @@ def test_a_sigterm_during_the_pull_cancels_it_and_the_child_is_left_to_the_super
     config = Config(data_uri=(tmp_path / "s").as_uri(), data_dir=str(tmp_path / "d"), grace_seconds=4)
     calls = iter([False, False, True])
     log = _Log()
-    assert pull_before_child(config, lambda: next(calls, True), log, poll=0.01) is None
+    assert pull_before_child(config, lambda: next(calls, True), log, poll=0.01) == (None, None)
     assert seen["cancel"].is_set()
     assert log.events == ["supervisor.pull_stopped"]
 
@@ -43,5 +43,5 @@ def test_a_sigterm_during_the_pull_cancels_it_and_the_child_is_left_to_the_super
 def test_no_data_uri_means_no_pull(tmp_path: Path) -> None:
     """Without PODTRAIN_DATA_URI nothing is pulled and nothing logged."""
     log = _Log()
-    assert pull_before_child(Config(data_dir=str(tmp_path)), lambda: False, log) is None
+    assert pull_before_child(Config(data_dir=str(tmp_path)), lambda: False, log) == (None, None)
     assert log.events == []

@@ -1,0 +1,89 @@
+"""What the training process tells its supervisor for the run record: steps reached, where it resumed, its GPUs.
+
+``podtrain run`` sets ``PODTRAIN_REPORT_FILE`` to a private temporary file; rank 0 of the child keeps a small
+JSON document there (written whole, then renamed, so the supervisor never reads half of one). The supervisor
+reads it after the child ends, whatever the outcome: a child killed with SIGKILL leaves its last report.
+Without the variable (``python train.py`` on a laptop) nothing is written.
+
+Writes are throttled to one per :data:`EVERY` seconds while steps advance, plus one at each event that matters
+(resume, a data pull, the end), so a run that dies loses at most that much of its step count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EVERY", "Report", "gpu_info", "read"]
+
+EVERY = 1.0
+
+
+class Report:
+    """The child's side: ``update(**fields)``, ``step(n)`` on every step, ``flush()`` at events."""
+
+    def __init__(self, path: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = Path(path) if path else None
+        self.fields: dict[str, Any] = {}
+        self._clock = clock
+        self._written_at = float("-inf")
+        self._dirty = False
+
+    def update(self, **fields: Any) -> None:
+        """Record ``fields`` and write them now."""
+        self.fields.update(fields)
+        self.flush()
+
+    def step(self, step: int) -> None:
+        """The loop reached ``step``; written when :data:`EVERY` seconds passed since the last write."""
+        if step <= self.fields.get("last_step", -1):
+            return
+        self.fields["last_step"] = step
+        self._dirty = True
+        if self._clock() - self._written_at >= EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.path is None:
+            return
+        if "gpu_model" not in self.fields:
+            self.fields.update(gpu_info())
+        partial = self.path.with_name(self.path.name + ".tmp")
+        try:
+            partial.write_text(json.dumps(self.fields))
+            os.replace(partial, self.path)
+        except OSError:
+            self.path = None  # the supervisor's folder is gone: keep training, stop reporting
+            return
+        self._written_at = self._clock()
+        self._dirty = False
+
+    @property
+    def pending(self) -> bool:
+        """Steps were reached since the last write."""
+        return self._dirty
+
+
+def gpu_info() -> dict[str, Any]:
+    """``{"gpu_model", "gpu_count"}`` from torch when the training process already imported it and sees CUDA."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available():
+            return {"gpu_model": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count()}
+    except Exception:  # noqa: S110 - a broken driver must not stop training; the supervisor counts from the env
+        pass
+    return {"gpu_model": None, "gpu_count": 0}
+
+
+def read(path: str) -> dict[str, Any]:
+    """The child's last report, or ``{}`` when it wrote none."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
