@@ -20,10 +20,13 @@ EXAMPLES = """examples:
   podtrain pull s3://bucket/datasets/shakespeare/ --dest /data
   podtrain pull gs://bucket/imagenet/train gs://bucket/imagenet/val --dest /data --workers 32
   podtrain pull s3://bucket/corpus/ --include '*.parquet' --exclude 'tmp/*' --json
+  podtrain pull s3://bucket/shards/ --dest /data --piece-mib 32 --stall-seconds 30 --no-progress
   PODTRAIN_DATA_URI=s3://bucket/corpus/ PODTRAIN_DATA_DIR=/data podtrain pull
 
-A file is renamed into place only once its size (and the store's CRC32C, where it keeps one) matched; a second
-pull fetches only what changed in the store (.podtrain-pull.jsonl in the folder remembers what was fetched).
+A file is renamed into place only once its size and the store's checksum (CRC32C, CRC32 or a single-part MD5
+ETag, where it keeps one) matched. A second pull fetches only what changed in the store (.podtrain-pull.jsonl
+in the folder remembers what was fetched); files already there by other means are kept when their checksum
+matches. Objects over --piece-mib come in parallel byte ranges; memory stays under workers x piece size.
 """
 
 
@@ -40,8 +43,10 @@ def add_parser(commands: Any) -> None:
     pull.add_argument("--dest", default=None, help="the local folder (default: PODTRAIN_DATA_DIR)")
     pull.add_argument("--include", action="append", default=None, help="only names matching this glob (repeatable)")
     pull.add_argument("--exclude", action="append", default=None, help="skip names matching this glob (repeatable)")
-    pull.add_argument("--workers", type=int, default=16, help="objects fetched at once (default 16)")
-    pull.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    _transfer_options(pull, "objects or byte ranges fetched at once")
+    pull.add_argument(
+        "--piece-mib", type=int, default=16, help="objects over this size come in ranges of this size (default 16)"
+    )
 
 
 def add_push_parser(commands: Any) -> None:
@@ -51,13 +56,30 @@ def add_push_parser(commands: Any) -> None:
         description="Upload every file under DIR to URI "
         "(default: PODTRAIN_OUTPUT_DIR to PODTRAIN_ARTIFACT_URI/<run_id>).",
         epilog="examples:\n  podtrain push /output s3://bucket/artifacts/run-7\n"
-        "  podtrain push   # PODTRAIN_OUTPUT_DIR to PODTRAIN_ARTIFACT_URI/<run_id>",
+        "  podtrain push /output/export gs://bucket/models/run-7 --workers 4 --json\n"
+        "  podtrain push   # PODTRAIN_OUTPUT_DIR to PODTRAIN_ARTIFACT_URI/<run_id>\n\n"
+        "Each file goes up with its CRC32C, which the store checks; its size and checksum are read back after.\n"
+        "Pushing again sends only new or changed files (.podtrain-push.jsonl in the folder remembers).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     push.add_argument("dir", nargs="?", default=None, help="the folder or file (default: PODTRAIN_OUTPUT_DIR)")
     push.add_argument("uri", nargs="?", default=None, help="where to (default: PODTRAIN_ARTIFACT_URI/<run_id>)")
-    push.add_argument("--workers", type=int, default=16, help="files uploaded at once (default 16)")
-    push.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    _transfer_options(push, "files uploaded at once")
+
+
+def _transfer_options(parser: argparse.ArgumentParser, workers: str) -> None:
+    """What pull and push share: concurrency, the stall limit, the bar, JSON output."""
+    parser.add_argument("--workers", type=int, default=16, help=f"{workers} (default 16)")
+    parser.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=None,
+        help="a request that moves no byte for this long is cut and retried (default: PODTRAIN_STALL_SECONDS, 60)",
+    )
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, help="a progress bar (default: on a terminal)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON document")
 
 
 def run_push(args: argparse.Namespace) -> int:
@@ -69,7 +91,11 @@ def run_push(args: argparse.Namespace) -> int:
     config = Config.from_env()
     configure(fmt=config.log_format, level=config.log_level)
     result = push(
-        args.dir or config.output_dir, args.uri or default_url(config.artifact_uri, config.run_id), workers=args.workers
+        args.dir or config.output_dir,
+        args.uri or default_url(config.artifact_uri, config.run_id),
+        workers=args.workers,
+        stall_seconds=args.stall_seconds or config.stall_seconds,
+        progress=args.progress,
     )
     if args.json:
         print(json.dumps(result.__dict__))
@@ -98,7 +124,9 @@ def push_after_child(config: Any, exit_by: float | None, log: Any) -> tuple[Any,
 
     def work() -> None:
         try:
-            outcome["result"] = push(folder, default_url(config.artifact_uri, config.run_id))
+            outcome["result"] = push(
+                folder, default_url(config.artifact_uri, config.run_id), stall_seconds=config.stall_seconds
+            )
         except Exception as exc:
             outcome["error"] = exc
 
@@ -126,19 +154,27 @@ def run(args: argparse.Namespace) -> int:
     uris = list(args.uris) or config.data_uris
     if not uris:
         raise ConfigError("nothing to pull: name a URI, or set PODTRAIN_DATA_URI")
-    if args.workers < 1:
-        raise ConfigError(f"--workers {args.workers} is invalid: at least 1")
+    if args.workers < 1 or args.piece_mib < 1:
+        raise ConfigError(f"--workers {args.workers} / --piece-mib {args.piece_mib} is invalid: at least 1")
     include, exclude = config.data_globs
     configure(fmt=config.log_format, level=config.log_level)
     result = pull(
-        uris, config.data_dir, include=args.include or include, exclude=args.exclude or exclude, workers=args.workers
+        uris,
+        config.data_dir,
+        include=args.include or include,
+        exclude=args.exclude or exclude,
+        workers=args.workers,
+        piece_size=args.piece_mib * 2**20,
+        stall_seconds=args.stall_seconds or config.stall_seconds,
+        progress=args.progress,
     )
     if args.json:
         print(json.dumps({"dest": config.data_dir, **result.__dict__}))
     else:
         print(
             f"{config.data_dir}: {result.files} files, {result.fetched} fetched ({result.bytes_fetched} bytes), "
-            f"{result.skipped} already there, in {result.seconds:.1f} s"
+            f"{result.skipped} already there ({result.adopted} of them recognised by checksum), "
+            f"in {result.seconds:.1f} s"
         )
     return 0
 
@@ -162,7 +198,15 @@ def pull_before_child(
 
     def work() -> None:
         try:
-            outcome["result"] = pull(config.data_uris, config.data_dir, include=include, exclude=exclude, cancel=cancel)
+            outcome["result"] = pull(
+                config.data_uris,
+                config.data_dir,
+                include=include,
+                exclude=exclude,
+                cancel=cancel,
+                stall_seconds=config.stall_seconds,
+                progress=False,  # the supervisor's output is the pod's log: log lines, not a bar
+            )
         except Exception as exc:
             outcome["error"] = exc
 

@@ -16,12 +16,15 @@ On other fsspec backends an exclusive write checks for the object first: not ato
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import contextlib
 import functools
 import json
 import os
+import re
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -32,7 +35,29 @@ from fsspec.asyn import sync
 from sdk import checksum
 from sdk.errors import BackendMissingError
 
-__all__ = ["Backend", "GCSBackend", "LocalBackend", "S3Backend", "connect", "require_backend", "split_url"]
+__all__ = [
+    "Backend",
+    "Checksums",
+    "GCSBackend",
+    "LocalBackend",
+    "ObjectInfo",
+    "S3Backend",
+    "connect",
+    "require_backend",
+    "split_url",
+]
+
+Checksums = dict[str, int | str]  # "crc32c" / "crc32": int; "md5" / "etag_md5": lowercase hex
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its size, a fingerprint that changes with its content, and listed checksums."""
+
+    size: int
+    fingerprint: str
+    checksums: Checksums = field(default_factory=dict)
+
 
 _EXTRAS = {
     "s3": "podtrain[s3]' (s3fs, boto3)",
@@ -107,6 +132,18 @@ class Backend:
     def get(self, path: str) -> bytes:
         return bytes(self.fs.cat_file(path))
 
+    def read(self, path: str, start: int | None = None, end: int | None = None) -> tuple[bytes, Checksums]:
+        """Bytes ``[start, end)`` (the whole object when ``start`` is None), and the whole object's checksums
+        when the response carried them (S3 sends them with a whole-object GET)."""
+        if start is None:
+            return self.get(path), {}
+        return bytes(self.fs.cat_file(path, start=start, end=end)), {}
+
+    def checksums(self, path: str) -> Checksums:
+        """The checksums the store keeps for the whole object (one metadata request)."""
+        crc = self.native_crc32c(path)
+        return {} if crc is None else {"crc32c": crc}
+
     def exists(self, path: str) -> bool:
         return bool(self.fs.exists(path))
 
@@ -131,11 +168,11 @@ class Backend:
         prefix = path.rstrip("/") + "/"
         return sorted(str(p)[len(prefix) :] for p in found if str(p).startswith(prefix))
 
-    def objects(self, path: str) -> dict[str, tuple[int, str]]:
-        """Every object under ``path``: relative name → (size, fingerprint); ``""`` when ``path`` is one object.
+    def objects(self, path: str) -> dict[str, ObjectInfo]:
+        """Every object under ``path``, by relative name (``""`` when ``path`` is one object).
 
         The fingerprint changes whenever the content does: the ETag (S3), the generation (GCS), else the
-        modification time and size.
+        modification time and size. Checksums come with the listing where the store lists them (GCS).
         """
         self.invalidate(path)
         found = self.fs.find(path, detail=True)
@@ -146,7 +183,7 @@ class Backend:
             rel = full[len(prefix) :] if full.startswith(prefix) else ""
             if info.get("type", "file") != "file":
                 continue
-            out[rel] = (int(info.get("size") or 0), _fingerprint(info))
+            out[rel] = ObjectInfo(int(info.get("size") or 0), _fingerprint(info), _listed_checksums(info))
         return out
 
     def delete(self, path: str, *, recursive: bool) -> None:
@@ -294,13 +331,27 @@ class S3Backend(Backend):
             raise
 
     def native_crc32c(self, path: str) -> int | None:
+        crc = self.checksums(path).get("crc32c")
+        return None if crc is None else int(crc)
+
+    def checksums(self, path: str) -> Checksums:
         bucket, key, _ = self.fs.split_path(path)
-        head = self._s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
-        value = head.get("ChecksumCRC32C")
-        multipart = "-" in str(head.get("ETag", ""))
-        if not value or "-" in value or (multipart and head.get("ChecksumType") != "FULL_OBJECT"):
-            return None  # absent, or a COMPOSITE of part checksums (some servers omit its "-N" suffix)
-        return checksum.from_b64(value)
+        return _s3_checksums(self._s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
+
+    def read(self, path: str, start: int | None = None, end: int | None = None) -> tuple[bytes, Checksums]:
+        # One GET, whose answer carries the object's checksums when it is the whole object: no HEAD needed.
+        bucket, key, _ = self.fs.split_path(path)
+        return sync(self.fs.loop, self._read, bucket, key, start, end)
+
+    async def _read(self, bucket: str, key: str, start: int | None, end: int | None) -> tuple[bytes, Checksums]:
+        extra = {"ChecksumMode": "ENABLED"} if start is None else {"Range": f"bytes={start}-{(end or 0) - 1}"}
+        response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
+        body = response["Body"]
+        try:
+            data = await body.read()
+        finally:
+            body.close()
+        return data, (_s3_checksums(response) if start is None else {})
 
     def check_root(self, root: str) -> None:
         bucket = root.split("/", 1)[0]
@@ -362,9 +413,12 @@ class GCSBackend(Backend):
         return True
 
     def native_crc32c(self, path: str) -> int | None:
+        crc = self.checksums(path).get("crc32c")
+        return None if crc is None else int(crc)
+
+    def checksums(self, path: str) -> Checksums:
         self.invalidate(path)
-        value = self.fs.info(path).get("crc32c")
-        return checksum.from_b64(value) if value else None
+        return _listed_checksums(self.fs.info(path))
 
     def check_root(self, root: str) -> None:
         bucket = root.split("/", 1)[0]
@@ -399,6 +453,41 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _s3_checksums(response: dict[str, Any]) -> Checksums:
+    """The whole-object checksums in an S3 HEAD or GET answer.
+
+    A COMPOSITE checksum (of the parts of a multipart upload; some servers omit its ``-N`` suffix) is not the
+    object's and is left out. A single-part ETag is the MD5 of the bytes unless the object is encrypted with
+    KMS or a customer key, where it is not.
+    """
+    sums: Checksums = {}
+    etag = str(response.get("ETag", "")).strip('"')
+    multipart = "-" in etag
+    for name, key in (("crc32c", "ChecksumCRC32C"), ("crc32", "ChecksumCRC32")):
+        value = response.get(key)
+        if value and "-" not in value and not (multipart and response.get("ChecksumType") != "FULL_OBJECT"):
+            sums[name] = checksum.from_b64(value)
+    encrypted = response.get("ServerSideEncryption") == "aws:kms" or response.get("SSECustomerAlgorithm")
+    if re.fullmatch(r"[0-9a-f]{32}", etag) and not encrypted:
+        sums["md5"] = etag
+    return sums
+
+
+def _listed_checksums(info: dict[str, Any]) -> Checksums:
+    """Checksums in a listing entry: GCS lists ``crc32c`` and ``md5Hash`` (base64) for every object. An S3
+    listing's single-part ETag is kept as ``etag_md5``: a hint only (it is not the MD5 under KMS encryption),
+    good for recognising a file already on disk, never for failing a download."""
+    sums: Checksums = {}
+    etag = str(info.get("ETag", "")).strip('"')
+    if re.fullmatch(r"[0-9a-f]{32}", etag):
+        sums["etag_md5"] = etag
+    if info.get("crc32c"):
+        sums["crc32c"] = checksum.from_b64(str(info["crc32c"]))
+    if info.get("md5Hash"):
+        sums["md5"] = base64.b64decode(str(info["md5Hash"])).hex()
+    return sums
 
 
 def _fingerprint(info: dict[str, Any]) -> str:

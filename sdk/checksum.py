@@ -8,24 +8,39 @@ manifest it is 8 lowercase hex digits; on the wire both clouds use base64 of the
 from __future__ import annotations
 
 import base64
+import functools
 import io
+from collections.abc import Sequence
 from typing import BinaryIO
 
 import google_crc32c
 
-__all__ = ["ChecksumWriter", "crc32c", "extend", "from_b64", "from_hex", "to_b64", "to_hex"]
+__all__ = [
+    "CRC32C_POLY",
+    "CRC32_POLY",
+    "ChecksumWriter",
+    "combine",
+    "crc32c",
+    "extend",
+    "from_b64",
+    "from_hex",
+    "to_b64",
+    "to_hex",
+]
+
+CRC32C_POLY = 0x82F63B78  # reflected Castagnoli polynomial
+CRC32_POLY = 0xEDB88320  # reflected IEEE polynomial (zlib.crc32)
 
 
 SLICE = 2**20
 
 
-def crc32c(data: bytes | bytearray | memoryview) -> int:
-    """The CRC32C of ``data``, in 1 MiB slices: google-crc32c holds the GIL while it runs, and a background
-    save must let the training thread run between slices."""
+def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """The CRC32C of ``data`` (continuing ``crc``), in 1 MiB slices: google-crc32c holds the GIL while it runs,
+    and a background save or a parallel download must let other threads run between slices."""
     if len(data) <= SLICE:
-        return int(google_crc32c.value(_readonly(data)))
+        return int(google_crc32c.extend(crc, _readonly(data))) if crc else int(google_crc32c.value(_readonly(data)))
     view = memoryview(data)
-    crc = 0
     for start in range(0, len(view), SLICE):
         crc = int(google_crc32c.extend(crc, view[start : start + SLICE].tobytes()))
     return crc
@@ -39,6 +54,47 @@ def extend(crc: int, data: bytes | bytearray | memoryview) -> int:
 def _readonly(data: bytes | bytearray | memoryview) -> bytes:
     # google-crc32c accepts only bytes; a memoryview or bytearray is copied (serializers mostly hand bytes).
     return data if isinstance(data, bytes) else bytes(data)
+
+
+def combine(crc1: int, crc2: int, len2: int, poly: int = CRC32C_POLY) -> int:
+    """The CRC of ``A + B`` from ``crc(A)``, ``crc(B)`` and ``len(B)``, without the data (as zlib's crc32_combine).
+
+    Pieces of one object fetched in parallel are checksummed as they arrive and combined in order: the whole
+    object is never read twice. Works for CRC32C (default) and CRC32 (``poly=CRC32_POLY``). The operator that
+    appends ``len2`` zero bytes is built once per length (pieces mostly share one) and cached.
+    """
+    if len2 <= 0:
+        return crc1
+    return _gf2_times(_zeros_operator(len2, poly), crc1) ^ crc2
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_operator(nbytes: int, poly: int) -> tuple[int, ...]:
+    """The GF(2) matrix (column n: the image of bit n) that feeds ``nbytes`` zero bytes through the CRC."""
+    op = [poly] + [1 << n for n in range(31)]  # one zero bit
+    for _ in range(3):
+        op = _gf2_compose(op, op)  # one zero byte
+    result = [1 << n for n in range(32)]
+    while nbytes:
+        if nbytes & 1:
+            result = _gf2_compose(op, result)
+        op = _gf2_compose(op, op)
+        nbytes >>= 1
+    return tuple(result)
+
+
+def _gf2_times(matrix: Sequence[int], vector: int) -> int:
+    total, n = 0, 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[n]
+        vector >>= 1
+        n += 1
+    return total
+
+
+def _gf2_compose(outer: Sequence[int], inner: Sequence[int]) -> list[int]:
+    return [_gf2_times(outer, column) for column in inner]
 
 
 def to_hex(crc: int) -> str:

@@ -51,6 +51,7 @@ class Config:
     checkpoint_every_seconds: float | None = None
     checkpoint_mode: CheckpointMode = "async"
     artifact_uri: str = ""
+    stall_seconds: float = 60.0  # a data pull or artifact push that moves no byte for this long is cut and retried
     output_dir: str = ""
     grace_seconds: float = 30.0
     stop_signals: str = "SIGTERM,SIGINT,SIGUSR1"
@@ -104,6 +105,8 @@ class Config:
             parse_signals(self.stop_signals)
         except ValueError as exc:
             _fail("stop_signals", self.stop_signals, f"{exc}; name signals like SIGTERM,SIGUSR1")
+        if not self.stall_seconds > 0:
+            _fail("stall_seconds", self.stall_seconds, "seconds without a byte before a transfer is retried (> 0)")
         if not self.grace_seconds > 0:
             _fail("grace_seconds", self.grace_seconds, "set it to the pod's terminationGracePeriodSeconds (> 0)")
         if self.log_format not in ("auto", "json", "console"):

@@ -17,12 +17,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdk import checksum
 from sdk.errors import TransientStorageError
 from sdk.log import get_logger
+from sdk.progress import Progress
 from sdk.storage import RetryPolicy, open_store
 
 __all__ = ["PUSH_INDEX", "PushResult", "default_url", "push"]
@@ -49,11 +50,16 @@ def push(
     url: str,
     *,
     workers: int = 16,
+    stall_seconds: float | None = None,
     retry: RetryPolicy | None = None,
     clock: Callable[[], float] = time.monotonic,
+    progress: bool | None = None,
 ) -> PushResult:
-    """Upload every file under ``source`` (a folder, or one file) to ``url``; see the module."""
+    """Upload every file under ``source`` (a folder, or one file) to ``url``; see the module. ``progress``: a
+    terminal bar (default: when stderr is a terminal), log lines every few seconds otherwise."""
     started = clock()
+    if stall_seconds is not None:  # a request that moves no byte for this long is cut and retried
+        retry = replace(retry or RetryPolicy(), timeout=stall_seconds)
     root = Path(source)
     if not root.exists():
         return PushResult(url, 0, 0, 0, 0, clock() - started)
@@ -68,6 +74,7 @@ def push(
         if sent_before.get(rel) != (stat.st_size, stat.st_mtime_ns):
             todo.append((path, rel, stat.st_size, stat.st_mtime_ns))
     lock = threading.Lock()
+    bar = Progress("push", len(todo), sum(size for _, _, size, _ in todo), clock=clock, bar=progress)
 
     def send(item: tuple[Path, str, int, int]) -> int:
         path, rel, size, mtime_ns = item
@@ -80,10 +87,15 @@ def push(
             raise TransientStorageError(f"{store.url_of(rel)} does not match {path} after upload", url=store.url)
         with lock, (base / PUSH_INDEX).open("a") as out:
             out.write(json.dumps({"rel": rel, "size": size, "mtime_ns": mtime_ns, "url": store.url}) + "\n")
+        bar.add_bytes(len(data))
+        bar.add_file()
         return len(data)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="podtrain-push") as pool:
-        sent_bytes = sum(pool.map(send, todo))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="podtrain-push") as pool:
+            sent_bytes = sum(pool.map(send, todo))
+    finally:
+        bar.close()
     result = PushResult(store.url, len(files), len(todo), len(files) - len(todo), sent_bytes, clock() - started)
     log.info("push.done", **result.__dict__)
     return result

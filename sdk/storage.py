@@ -20,11 +20,12 @@ from typing import TypeVar
 import tenacity
 
 from sdk import backend as _backend
+from sdk.backend import Checksums, ObjectInfo
 from sdk.errors import PodtrainError, TransientStorageError
 from sdk.fault import classify
 from sdk.log import get_logger
 
-__all__ = ["RetryPolicy", "Store", "open_store", "require_backend", "split_url"]
+__all__ = ["Checksums", "ObjectInfo", "RetryPolicy", "Store", "open_store", "require_backend", "split_url"]
 
 T = TypeVar("T")
 log = get_logger("podtrain.storage")
@@ -120,8 +121,17 @@ class Store:
         """Every object under ``rel``, as paths relative to ``rel``."""
         yield from self._call("find", rel, lambda: self.backend.find(self.path(rel)))
 
-    def objects(self, rel: str = "") -> dict[str, tuple[int, str]]:
-        """Every object under ``rel``: name → (size, fingerprint); the name is ``""`` when ``rel`` is an object."""
+    def read(self, rel: str, start: int | None = None, end: int | None = None) -> tuple[bytes, Checksums]:
+        """Bytes ``[start, end)`` of ``rel`` (all of it when ``start`` is None), and the whole object's checksums
+        where the answer carried them (``{"crc32c": int, "crc32": int, "md5": hex}``, any subset)."""
+        return self._call("get", rel, lambda: self.backend.read(self.path(rel), start, end))
+
+    def checksums(self, rel: str) -> Checksums:
+        """The checksums the store keeps for the whole object ``rel`` (any subset of crc32c, crc32, md5)."""
+        return self._call("checksum", rel, lambda: self.backend.checksums(self.path(rel)))
+
+    def objects(self, rel: str = "") -> dict[str, ObjectInfo]:
+        """Every object under ``rel`` by name (``""`` when ``rel`` is an object): size, fingerprint, checksums."""
         return self._call("find", rel, lambda: self.backend.objects(self.path(rel)))
 
     def delete(self, rel: str, *, recursive: bool = False) -> None:
