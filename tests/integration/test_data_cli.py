@@ -79,7 +79,7 @@ def test_run_pulls_the_data_before_the_child_starts(tmp_path: Path) -> None:
         "PODTRAIN_TERMINATION_LOG": str(tmp_path / "term"),
     }
     child = f'ls "$PODTRAIN_DATA_DIR/train" > {seen}'
-    done = _podtrain("run", "--", "sh", "-c", child, env=env)
+    done = _podtrain("run", "--", "sh", "-c", child, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert seen.read_text().split() == ["a.bin"]
 
@@ -93,9 +93,12 @@ def test_run_whose_data_pull_fails_does_not_start_the_child(tmp_path: Path) -> N
         "PODTRAIN_ATTEMPT": "1",
         "PODTRAIN_CHECKPOINT_URI": str(tmp_path / "ckpt"),
         "PODTRAIN_TERMINATION_LOG": str(tmp_path / "term"),
+        "PODTRAIN_ARTIFACT_URI": str(tmp_path / "art"),
     }
-    done = _podtrain("run", "--", "touch", str(seen), env=env)
+    done = _podtrain("run", "--", "touch", str(seen), env=env, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert not seen.exists()
     message = json.loads((tmp_path / "term").read_text())
     assert message["outcome"] == "config_error" and "data pull failed" in message["message"]
+    (entry,) = json.loads((tmp_path / "art" / "local" / "run.json").read_text())["attempts"]
+    assert (entry["outcome"], entry["exit_code"]) == ("config_error", 2), "the run record says so too"
