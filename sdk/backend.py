@@ -139,10 +139,11 @@ class Backend:
             return self.get(path), {}
         return bytes(self.fs.cat_file(path, start=start, end=end)), {}
 
-    def checksums(self, path: str) -> Checksums:
-        """The checksums the store keeps for the whole object (one metadata request)."""
-        crc = self.native_crc32c(path)
-        return {} if crc is None else {"crc32c": crc}
+    def describe(self, path: str) -> ObjectInfo:
+        """The object's size, fingerprint and the checksums the store keeps for it (one metadata request)."""
+        self.invalidate(path)
+        info = self.fs.info(path)
+        return ObjectInfo(int(info.get("size") or 0), _fingerprint(info), _listed_checksums(info))
 
     def exists(self, path: str) -> bool:
         return bool(self.fs.exists(path))
@@ -151,7 +152,8 @@ class Backend:
         return int(self.fs.size(path))
 
     def native_crc32c(self, path: str) -> int | None:
-        return None
+        crc = self.describe(path).checksums.get("crc32c")
+        return None if crc is None else int(crc)
 
     def list(self, path: str) -> list[str]:
         self.invalidate(path)
@@ -330,13 +332,10 @@ class S3Backend(Backend):
                 await call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
             raise
 
-    def native_crc32c(self, path: str) -> int | None:
-        crc = self.checksums(path).get("crc32c")
-        return None if crc is None else int(crc)
-
-    def checksums(self, path: str) -> Checksums:
+    def describe(self, path: str) -> ObjectInfo:
         bucket, key, _ = self.fs.split_path(path)
-        return _s3_checksums(self._s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
+        head = self._s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        return ObjectInfo(int(head["ContentLength"]), _fingerprint(head), _s3_checksums(head))
 
     def read(self, path: str, start: int | None = None, end: int | None = None) -> tuple[bytes, Checksums]:
         # One GET, whose answer carries the object's checksums when it is the whole object: no HEAD needed.
@@ -411,14 +410,6 @@ class GCSBackend(Backend):
         finally:
             self.invalidate(path)
         return True
-
-    def native_crc32c(self, path: str) -> int | None:
-        crc = self.checksums(path).get("crc32c")
-        return None if crc is None else int(crc)
-
-    def checksums(self, path: str) -> Checksums:
-        self.invalidate(path)
-        return _listed_checksums(self.fs.info(path))
 
     def check_root(self, root: str) -> None:
         bucket = root.split("/", 1)[0]

@@ -180,7 +180,7 @@ def _adopt(wanted: _Wanted, target: Path, index: _Index) -> str:
             return ""
     except OSError:
         return ""
-    sums = wanted.info.checksums or wanted.store.checksums(wanted.rel)
+    sums = wanted.info.checksums or wanted.store.describe(wanted.rel).checksums
     digest = Digest.for_checksums(sums)
     if digest is None:
         return ""  # nothing to compare with: fetch it
@@ -219,7 +219,7 @@ class _Transfer:
                 self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.ftruncate(self._fd, self.wanted.info.size)
                 if self.ranged and not self._sums:  # ranged GETs carry no checksum: ask once
-                    self._sums = self.wanted.store.checksums(self.wanted.rel)
+                    self._sums = dict(self.wanted.store.describe(self.wanted.rel).checksums)
                     self._sums.pop("md5", None)  # MD5 cannot be combined from pieces
                     self._sums.pop("etag_md5", None)
             return self._fd

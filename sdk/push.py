@@ -6,16 +6,20 @@ and the store's CRC32C where it keeps one, are compared with the local bytes. ``
 folder records what was sent (name, size, mtime, URL), so pushing again — at a preemption, then at the end —
 sends only new or changed files. Temporary files (``*.podtrain-partial``) and the records themselves stay local.
 
-Files are read whole, several at a time (``workers``). Transient errors are retried by the store; a permanent
-one fails the push with the store's message.
+Files are read whole, several at a time (``workers``), with at most ``max_bytes`` (1 GiB) of them in memory at
+once (a larger file goes alone). After each upload one metadata request reads back the object's size and the
+store's CRC32C. Transient errors are retried by the store; a request that moves no byte for ``stall_seconds`` is
+cut and retried; a permanent error fails the push with the store's message. Progress: a bar on a terminal,
+``push.progress`` log lines otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +35,27 @@ __all__ = ["PUSH_INDEX", "PushResult", "default_url", "push"]
 log = get_logger("podtrain.push")
 PUSH_INDEX = ".podtrain-push.jsonl"
 _LOCAL_ONLY = (PUSH_INDEX, ".podtrain-pull.jsonl")
+MAX_BYTES = 1 << 30  # file bytes held in memory at once by the uploads in flight (one bigger file still goes)
+
+
+class _Budget:
+    """Bounds the bytes of the files being uploaded at once; a file over the whole budget goes alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.limit)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= nbytes
+                self._cond.notify_all()
 
 
 @dataclass(frozen=True)
@@ -50,6 +75,7 @@ def push(
     url: str,
     *,
     workers: int = 16,
+    max_bytes: int = MAX_BYTES,
     stall_seconds: float | None = None,
     retry: RetryPolicy | None = None,
     clock: Callable[[], float] = time.monotonic,
@@ -76,20 +102,24 @@ def push(
     lock = threading.Lock()
     bar = Progress("push", len(todo), sum(size for _, _, size, _ in todo), clock=clock, bar=progress)
 
+    budget = _Budget(max_bytes)
+
     def send(item: tuple[Path, str, int, int]) -> int:
         path, rel, size, mtime_ns = item
-        data = path.read_bytes()
-        crc = checksum.crc32c(data)
-        store.put(rel, data, crc32c=crc)
-        remote = store.size(rel)
-        native = store.native_crc32c(rel)
-        if remote != len(data) or (native is not None and native != crc):
+        with budget.hold(size):
+            data = path.read_bytes()
+            sent, crc = len(data), checksum.crc32c(data)
+            store.put(rel, data, crc32c=crc)
+            del data
+        remote = store.describe(rel)  # one HEAD: the size and the store's own checksum, read back
+        native = remote.checksums.get("crc32c")
+        if remote.size != sent or (native is not None and native != crc):
             raise TransientStorageError(f"{store.url_of(rel)} does not match {path} after upload", url=store.url)
         with lock, (base / PUSH_INDEX).open("a") as out:
             out.write(json.dumps({"rel": rel, "size": size, "mtime_ns": mtime_ns, "url": store.url}) + "\n")
-        bar.add_bytes(len(data))
+        bar.add_bytes(sent)
         bar.add_file()
-        return len(data)
+        return sent
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="podtrain-push") as pool:

@@ -126,9 +126,9 @@ class Store:
         where the answer carried them (``{"crc32c": int, "crc32": int, "md5": hex}``, any subset)."""
         return self._call("get", rel, lambda: self.backend.read(self.path(rel), start, end))
 
-    def checksums(self, rel: str) -> Checksums:
-        """The checksums the store keeps for the whole object ``rel`` (any subset of crc32c, crc32, md5)."""
-        return self._call("checksum", rel, lambda: self.backend.checksums(self.path(rel)))
+    def describe(self, rel: str) -> ObjectInfo:
+        """Size, fingerprint and the store's whole-object checksums of ``rel`` (any of crc32c, crc32, md5)."""
+        return self._call("describe", rel, lambda: self.backend.describe(self.path(rel)))
 
     def objects(self, rel: str = "") -> dict[str, ObjectInfo]:
         """Every object under ``rel`` by name (``""`` when ``rel`` is an object): size, fingerprint, checksums."""

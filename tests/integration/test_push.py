@@ -118,3 +118,37 @@ def test_metrics_and_the_exported_model_reach_the_store_verified(s3_url: str, tm
     sidecar = json.loads(store.get("model.json"))
     assert sidecar["step"] == 2 and sidecar["run_id"] == "r5" and sidecar["dataset"] == "toy"
     assert sidecar["metrics"]["loss"] == 1.25
+
+
+def test_the_files_held_in_memory_at_once_stay_within_the_budget(memory_url: str, tmp_path: Path) -> None:
+    """With max_bytes=250 KB, 16 workers and ten 100 KB files, never more than two are read and in flight at once;
+    a file over the whole budget still goes (alone)."""
+    import threading
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for n in range(10):
+        (out / f"shard-{n}.bin").write_bytes(os.urandom(100_000))
+    (out / "big.bin").write_bytes(os.urandom(400_000))
+    lock, live, seen = threading.Lock(), [], []
+    original = Store.put
+
+    def counting(self: Store, rel: str, data: bytes, **kwargs: object) -> bool:
+        with lock:
+            live.append(len(data))
+            seen.append(sorted(live))
+        time.sleep(0.02)
+        try:
+            return original(self, rel, data, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                live.remove(len(data))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Store, "put", counting)
+        result = push(out, f"{memory_url}/run", workers=16, max_bytes=250_000)
+    assert result.sent == 11
+    assert [400_000] in seen, "the file over the budget went, alone"
+    assert all(sum(at_once) <= 250_000 for at_once in seen if at_once != [400_000])
+    assert any(len(at_once) == 2 for at_once in seen), "files still go in parallel within the budget"
