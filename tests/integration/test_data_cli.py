@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sdk.storage import open_store
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))
@@ -102,3 +104,16 @@ def test_run_whose_data_pull_fails_does_not_start_the_child(tmp_path: Path) -> N
     assert message["outcome"] == "config_error" and "data pull failed" in message["message"]
     (entry,) = json.loads((tmp_path / "art" / "local" / "run.json").read_text())["attempts"]
     assert (entry["outcome"], entry["exit_code"]) == ("config_error", 2), "the run record says so too"
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [("pull", ["--include", "--piece-mib", "--stall-seconds"]), ("push", ["--workers"]), ("record", ["--json"])],
+)
+def test_each_data_command_has_help_with_examples(command: str, options: list[str]) -> None:
+    """`podtrain pull|push|record --help`: exit 0, its options, and an examples section with runnable lines."""
+    helped = _podtrain(command, "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert all(option in helped.stdout for option in options)
+    examples = helped.stdout.split("examples:", 1)[1]
+    assert f"podtrain {command} " in examples
