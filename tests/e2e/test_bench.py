@@ -1,4 +1,4 @@
-"""`make bench` runs: a quick pass of both benchmarks prints their ratio tables (structure only, never timing)."""
+"""`make bench` runs: a quick pass of every benchmark prints its ratio tables (structure only, never timing)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ NUMBER = r"-?\d+(?:\.\d+)?"
 
 @pytest.fixture(scope="module")
 def bench_output() -> str:
-    """`python -m bench --size-mib 8 --repeat 1`: both suites, small; the captured stdout."""
+    """`python -m bench --size-mib 8 --repeat 1`: every suite, small; the captured stdout."""
     out = subprocess.run(
         [sys.executable, "-m", "bench", "--size-mib", "8", "--repeat", "1"],
         capture_output=True,
@@ -87,3 +87,43 @@ def test_quick_benchmark_prints_the_stop_agreement_cost(bench_output: str) -> No
         assert match and float(match.group(1)) > 0, variant
     assert re.search(r"^podtrain agreed every \d+ steps", table, re.M)
     assert re.search(r"^goal: podtrain's overhead <= 1% of the step: (met|NOT met)$", table, re.M)
+
+
+def test_quick_benchmark_prints_transfer_ratios_against_the_aws_cli(bench_output: str) -> None:
+    """The transfer suite prints pull and push against `aws s3 sync`: wall and CPU tables, ratios, goals."""
+    if re.search(r"^data transfer against aws s3 sync: skipped: aws CLI unavailable", bench_output, re.M):
+        pytest.skip("the aws CLI could not be installed")
+    _, table = bench_output.split("data transfer against aws s3 sync: 16 x 0.25 MiB + 2 x 2 MiB = 8 MiB in 18 files", 1)
+    wall, cpu = table.split("client CPU seconds (user+sys of the client process)", 1)
+    cases = {
+        "cold-pull": "<= 1.00x",
+        "warm-pull": "<= 0.50x",
+        "warm-pull-vs-cold": "<= 0.05x",
+        "hand-filled-pull": "(info)",
+        "push": "<= 1.00x",
+        "warm-push": "<= 0.50x",
+    }
+    for case, goal in cases.items():
+        podtrain, baseline, ratio = row(wall, case, goal)
+        assert podtrain > 0 and baseline > 0
+        assert abs(ratio - podtrain / baseline) < 0.002 + 0.01 * ratio, case
+        met = re.search(rf"^{re.escape(case)}\s.*{re.escape(goal)}\s+(yes|NO|-)$", wall, re.M)
+        assert met and (met.group(1) == "-") == (goal == "(info)"), case
+    cpu_goals = {"cold-pull": "<= 0.50x", "push": "<= 0.50x"}
+    for case in ("cold-pull", "warm-pull", "hand-filled-pull", "push", "warm-push"):
+        goal = cpu_goals.get(case, "(info)")
+        found = re.search(
+            rf"^{re.escape(case)}\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})x\s+{re.escape(goal)}\s+(?:yes|NO|-)"
+            rf"\s+({NUMBER})\s+({NUMBER})$",
+            cpu,
+            re.M,
+        )
+        assert found, f"no CPU row for {case} with goal {goal}:\n{cpu}"
+        cpu_p, cpu_a, cpu_ratio, server_p, server_a = (float(v) for v in found.groups())
+        assert cpu_p > 0 and cpu_a > 0 and server_p >= 0 and server_a >= 0, case
+        assert abs(cpu_ratio - cpu_p / cpu_a) < 0.01 + 0.01 * cpu_ratio + 0.005 / cpu_a, case
+    assert re.search(
+        r"^  hand-filled-pull: .* podtrain moved \d+ files \(\d+\.\d MiB\), aws s3 sync \d+ files", wall, re.M
+    )
+    assert "moto answers each ranged GET by reading the whole object" in cpu
+    assert re.search(r"^transfer benchmark: \d+ s of wall time$", cpu, re.M)
