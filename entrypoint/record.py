@@ -124,7 +124,8 @@ class Recorder:
         entry.update(wall_seconds=round(wall, 3), gpu_seconds=round(wall * (entry["gpu_count"] or 0), 3))
         resumed = child.get("resumed_from")
         last = child.get("last_step", resumed)
-        entry.update(resumed_from=resumed, last_step=last, checkpoint_step=checkpoint_step)
+        entry.update(resumed_from=resumed, resumed_from_url=child.get("resumed_from_url"), last_step=last)
+        entry["checkpoint_step"] = checkpoint_step
         if last is not None:
             entry["steps_done"] = max(0, last - (resumed or 0))
             kept = max(checkpoint_step or 0, resumed or 0)  # the next attempt resumes from here

@@ -96,6 +96,7 @@ class Checkpointer:
         self.max_workers = max_workers
         self.safe_globals = list(safe_globals)
         self.resumed_from: int | None = None
+        self.resumed_url: str | None = None  # the checkpoint load() restored
         self.claimed: fence.Claim | None = None
         self.last_save_seconds: float | None = None
         self._root_checked = False
@@ -360,7 +361,7 @@ class Checkpointer:
                     raise
                 log.warning("checkpoint.skipped", url=entry.url, reason=exc.reason)
                 continue
-            self.resumed_from = entry.step
+            self.resumed_from, self.resumed_url = entry.step, entry.url
             log.info("checkpoint.resumed", step=entry.step, url=entry.url, attempt=entry.manifest.attempt)
             return entry.step
         if candidates:

@@ -79,7 +79,7 @@ class Run:
         step = self.checkpointer.load(state)
         if self.config.rank == 0:  # this attempt now owns the run after `step`; older ones are fenced
             self.checkpointer.claim(step or 0)
-        self.report.update(resumed_from=step or 0, last_step=step or 0)
+        self.report.update(resumed_from=step or 0, resumed_from_url=self.checkpointer.resumed_url, last_step=step or 0)
         if step is None:
             self.log.info("run.fresh_start", checkpoint_uri=self.checkpointer.url)
             return 0

@@ -76,6 +76,7 @@ def test_a_preempted_attempt_and_its_resumption_share_one_record(
     assert [(e["attempt"], e["outcome"]) for e in merged["attempts"]] == [(1, "preempted"), (2, "succeeded")]
     second = merged["attempts"][1]
     assert second["resumed_from"] == first["checkpoint_step"] and second["last_step"] == 80
+    assert second["resumed_from_url"].startswith(f"{base}/ckpt") and first["resumed_from_url"] is None
     assert merged["totals"]["preemptions"] == 1 and merged["totals"]["last_step"] == 80
     assert json.loads(open_store(run_url).get("run.json"))["attempts"] == merged["attempts"]
     table = subprocess.run([PODTRAIN, "record", run_url], env=env, capture_output=True, text=True, timeout=60)
