@@ -17,8 +17,9 @@ file sizes stay 1 MiB and 64 MiB from 1024 up and shrink with it below (at least
 * **warm-pull**: the same commands again into the now-full folders. Goals: <= 0.5x the CLI's warm sync, and
   <= 0.05x podtrain's own cold pull (row *warm-pull-vs-cold*).
 * **hand-filled-pull** (information): the files copied into fresh folders by hand (new mtimes, no
-  ``.podtrain-pull.jsonl``). podtrain has no record there and fetches everything again; so does ``aws s3
-  sync``, which re-downloads a local file newer than its object. The files and bytes each side moved are shown.
+  ``.podtrain-pull.jsonl``). ``aws s3 sync`` re-downloads every local file newer than its object; podtrain has
+  no record there and fetches what it cannot match against the store's checksum (multipart objects have no
+  whole-object one). The files and bytes each side moved are printed under the table.
 * **push**: ``podtrain push <dir> s3://…/push-podtrain/`` against ``aws s3 sync <dir> s3://…/push-cli/``
   (``--exclude .podtrain-push.jsonl``, podtrain's record of what it sent). Goals: wall <= 1.0x, client CPU
   <= 0.5x. **warm-push**: both again, nothing changed. Goal: wall <= 0.5x.
