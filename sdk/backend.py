@@ -20,6 +20,7 @@ import base64
 import builtins
 import contextlib
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -59,8 +60,10 @@ class ObjectInfo:
     checksums: Checksums = field(default_factory=dict)
 
 
+_PACKAGES = {"s3": ("s3fs", "botocore"), "s3a": ("s3fs", "botocore"), "gs": ("gcsfs",), "gcs": ("gcsfs",)}
 _EXTRAS = {
     "s3": "podtrain[s3]' (s3fs, boto3)",
+    "s3a": "podtrain[s3]' (s3fs, boto3)",
     "gs": "podtrain[gcs]' (gcsfs)",
     "gcs": "podtrain[gcs]' (gcsfs)",
 }
@@ -85,6 +88,15 @@ def require_backend(url: str, variable: str = "") -> None:
     """Raise :class:`BackendMissingError` when ``url``'s scheme is unknown or its package is not installed."""
     protocol, _ = split_url(url)
     where = f"{variable}={url!r}" if variable else repr(url)
+    needed = _PACKAGES.get(protocol)
+    if needed is not None:  # found without importing them: s3fs and gcsfs take ~0.5 s to import
+        missing = [name for name in needed if importlib.util.find_spec(name) is None]
+        if missing:
+            raise BackendMissingError(
+                f"{where}: the {protocol}:// backend is not installed — pip install '{_EXTRAS[protocol]} "
+                f"(missing: {', '.join(missing)})"
+            )
+        return
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError as exc:
@@ -111,7 +123,7 @@ def connect(url: str, *, timeout: float) -> tuple[Backend, str]:
         backend = GCSBackend.create(timeout)
     else:
         backend = Backend(fsspec.filesystem(protocol))
-    return backend, str(backend.fs._strip_protocol(url)).rstrip("/")
+    return backend, backend.root_of(url)
 
 
 class Backend:
@@ -122,6 +134,10 @@ class Backend:
 
     def unstrip(self, path: str) -> str:
         return str(self.fs.unstrip_protocol(path))
+
+    def root_of(self, url: str) -> str:
+        """The backend path of ``url``."""
+        return str(self.fs._strip_protocol(url)).rstrip("/")
 
     def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
         if exclusive and self.fs.exists(path):
@@ -241,37 +257,64 @@ class LocalBackend(Backend):
 class S3Backend(Backend):
     """S3 and S3-compatible stores (endpoint from ``AWS_ENDPOINT_URL``), through s3fs's aiobotocore client."""
 
+    def __init__(self, aws_env: tuple[tuple[str, str], ...], timeout: float) -> None:
+        self._aws_env, self._timeout = aws_env, timeout  # no fsspec filesystem until one is needed
+
     @classmethod
     def create(cls, timeout: float) -> S3Backend:
-        aws_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+        return cls(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))), timeout)
+
+    @functools.cached_property
+    def fs(self) -> Any:
+        """s3fs, made on first use: listing, reading and describing objects (all a dataset pull does) go
+        through the synchronous client below and never import s3fs and aiobotocore (~0.5 s)."""
         fs = fsspec.filesystem(
-            "s3",
-            skip_instance_cache=True,
-            session=_aio_session(aws_env),
-            config_kwargs={
-                # total_max_attempts counts the first try; botocore's max_attempts counts retries only.
-                "retries": {"total_max_attempts": 1, "mode": "standard"},
-                "connect_timeout": timeout,
-                "read_timeout": timeout,
-                # Over plain http botocore would SHA256 every body to sign it (~0.75 CPU-s per GiB); each body
-                # already carries its CRC32C, which the store checks, so the signature covers headers only.
-                "s3": {"payload_signing_enabled": False},
-            },
+            "s3", skip_instance_cache=True, session=_aio_session(self._aws_env), config_kwargs=_s3_config(self._timeout)
         )
         fs.retries = 1  # one retry loop: ours, with logging and an injectable sleep
-        return cls(fs)
+        return fs
+
+    def unstrip(self, path: str) -> str:
+        return f"s3://{path}"
+
+    def root_of(self, url: str) -> str:
+        return split_url(url)[1]
+
+    def invalidate(self, path: str) -> None:
+        if "fs" in self.__dict__:
+            self.fs.invalidate_cache(path)
+
+    @staticmethod
+    def _split(path: str) -> tuple[str, str]:
+        bucket, _, key = path.partition("/")
+        return bucket, key
+
+    @functools.cached_property
+    def _client(self) -> Any:
+        """A synchronous botocore client for single requests from worker threads (botocore clients are
+        thread-safe): GET, HEAD, listing, single-part PUT. Only multipart uploads, whose parts overlap in one
+        event loop, and the rest of fsspec's API go through s3fs.
+
+        A dataset pull is a thousand GETs from sixteen threads: through the async client each one hops into
+        fsspec's event loop and back, and costs ~1.7x the CPU of the same GET made by the thread itself
+        (measured: 3.3 vs 1.9 CPU-s for 492 MiB in 303 objects).
+        """
+        from botocore.config import Config
+
+        return _sync_session(self._aws_env).create_client(
+            "s3", config=Config(**_s3_config(self._timeout), max_pool_connections=64)
+        )
 
     def _s3(self, method: str, **kwargs: Any) -> Any:
         return sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
 
     def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
-        bucket, key, _ = self.fs.split_path(path)
+        bucket, key = self._split(path)
         crc = checksum.crc32c(data) if crc32c is None else crc32c
         match = {"IfNoneMatch": "*"} if exclusive else {}
         try:
-            if len(data) <= S3_MULTIPART_THRESHOLD:
-                self._s3(
-                    "put_object",
+            if len(data) <= S3_MULTIPART_THRESHOLD:  # one request: made by this thread (see _client)
+                self._client.put_object(
                     Bucket=bucket,
                     Key=key,
                     Body=data,
@@ -283,6 +326,10 @@ class S3Backend(Backend):
                 sync(self.fs.loop, self._multipart, bucket, key, data, crc, match)
         except FileExistsError:
             return False
+        except Exception as exc:
+            if exclusive and _status(exc) == 412:  # If-None-Match: * and the object exists
+                return False
+            raise
         finally:
             self.invalidate(path)
         return True
@@ -333,21 +380,37 @@ class S3Backend(Backend):
             raise
 
     def describe(self, path: str) -> ObjectInfo:
-        bucket, key, _ = self.fs.split_path(path)
-        head = self._s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        bucket, key = self._split(path)
+        head = self._client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
         return ObjectInfo(int(head["ContentLength"]), _fingerprint(head), _s3_checksums(head))
+
+    def objects(self, path: str) -> dict[str, ObjectInfo]:
+        bucket, key = self._split(path)
+        prefix = key + "/" if key else ""
+        out = {}
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                rel = item["Key"][len(prefix) :]
+                if rel and not rel.endswith("/"):  # "folder/" markers are not files
+                    out[rel] = ObjectInfo(int(item["Size"]), _fingerprint(item), _listed_checksums(item))
+        if not out and key:  # the URL may name one object
+            try:
+                head = self._client.head_object(Bucket=bucket, Key=key)
+            except Exception as exc:
+                if _status(exc) == 404:
+                    return {}
+                raise
+            out[""] = ObjectInfo(int(head["ContentLength"]), _fingerprint(head), {})
+        return out
 
     def read(self, path: str, start: int | None = None, end: int | None = None) -> tuple[bytes, Checksums]:
         # One GET, whose answer carries the object's checksums when it is the whole object: no HEAD needed.
-        bucket, key, _ = self.fs.split_path(path)
-        return sync(self.fs.loop, self._read, bucket, key, start, end)
-
-    async def _read(self, bucket: str, key: str, start: int | None, end: int | None) -> tuple[bytes, Checksums]:
+        bucket, key = self._split(path)
         extra = {"ChecksumMode": "ENABLED"} if start is None else {"Range": f"bytes={start}-{(end or 0) - 1}"}
-        response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
+        response = self._client.get_object(Bucket=bucket, Key=key, **extra)
         body = response["Body"]
         try:
-            data = await body.read()
+            data = body.read()
         finally:
             body.close()
         return data, (_s3_checksums(response) if start is None else {})
@@ -416,6 +479,33 @@ class GCSBackend(Backend):
         sync(self.fs.loop, self.fs._call, "GET", "b/{}", bucket, json_out=True)
 
 
+def _s3_config(timeout: float) -> dict[str, Any]:
+    """botocore settings shared by the async (s3fs) and the sync client."""
+    return {
+        # total_max_attempts counts the first try; botocore's max_attempts counts retries only.
+        "retries": {"total_max_attempts": 1, "mode": "standard"},
+        "connect_timeout": timeout,
+        "read_timeout": timeout,
+        # Over plain http botocore would SHA256 every body to sign it (~0.75 CPU-s per GiB); each body
+        # already carries its CRC32C, which the store checks, so the signature covers headers only.
+        "s3": {"payload_signing_enabled": False},
+        # podtrain sends its own CRC32C with every upload and checks every download against the store's
+        # checksum itself; botocore's own pass over each body (CRC32 in Python wrappers) would be a second one.
+        "request_checksum_calculation": "when_required",
+        "response_checksum_validation": "when_required",
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def _sync_session(aws_env: tuple[tuple[str, str], ...]) -> Any:
+    """One botocore session per AWS_* environment, as :func:`_aio_session`."""
+    import botocore.session
+
+    session = botocore.session.get_session()
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
+    return session
+
+
 @functools.lru_cache(maxsize=4)
 def _aio_session(aws_env: tuple[tuple[str, str], ...]) -> Any:
     """One aiobotocore session per AWS_* environment: a session caches the parsed S3 service model, so each
@@ -424,7 +514,25 @@ def _aio_session(aws_env: tuple[tuple[str, str], ...]) -> Any:
 
     session = AioSession()
     session.register("before-send.s3", _drop_expect_continue)
+    # botocore parses every timestamp (each listed object's LastModified, each answer's Last-Modified header) with
+    # dateutil: ~8 % of a dataset pull's CPU. The standard library parses both formats S3 sends, ~20x faster.
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
     return session
+
+
+def _parse_timestamp(value: str) -> Any:
+    """S3's ISO 8601 (listings) and RFC 1123 (headers) times, tz-aware; anything else through botocore's parser."""
+    import datetime
+    import email.utils
+
+    from botocore.utils import parse_timestamp
+
+    try:
+        if value[:4].isdigit():
+            return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return email.utils.parsedate_to_datetime(value)
+    except (ValueError, TypeError, IndexError):
+        return parse_timestamp(value)
 
 
 def _drop_expect_continue(request: Any, **kwargs: Any) -> None:
@@ -464,6 +572,11 @@ def _s3_checksums(response: dict[str, Any]) -> Checksums:
     if re.fullmatch(r"[0-9a-f]{32}", etag) and not encrypted:
         sums["md5"] = etag
     return sums
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
 
 
 def _listed_checksums(info: dict[str, Any]) -> Checksums:

@@ -7,6 +7,7 @@ sleeps or talks to a server. The full storage contract runs on memory:// too.
 from __future__ import annotations
 
 import errno
+import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -232,6 +233,10 @@ def test_missing_backend_package_says_what_to_install(monkeypatch: pytest.Monkey
         raise ImportError(f"No module named '{protocol}fs'")
 
     monkeypatch.setattr(fsspec, "get_filesystem_class", not_installed)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(  # s3fs and gcsfs are looked for without being imported
+        importlib.util, "find_spec", lambda name, *a: None if name in ("s3fs", "gcsfs") else real_find_spec(name, *a)
+    )
     with pytest.raises(BackendMissingError) as caught:
         open_store(url)
     assert fix in str(caught.value)
