@@ -30,6 +30,7 @@ message.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -40,6 +41,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TextIO
 
 from sdk.errors import InsufficientSpaceError, StorageNotFoundError, TransientStorageError
 from sdk.integrity import Digest, matches
@@ -109,38 +111,43 @@ def pull(
     if stall_seconds is not None:
         retry = replace(retry or RetryPolicy(), timeout=stall_seconds)
     wanted = _list(sources, list(include), list(exclude), retry)
-    index = _Index(target / INDEX_NAME)
-    unknown = [w for w in wanted if not index.current(w.name, target / w.name, w.info.size, w.info.fingerprint)]
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="podtrain-pull") as pool:
-        adopted = {n for n in pool.map(lambda w: _adopt(w, target, index), unknown) if n}
-    todo = [w for w in unknown if w.name not in adopted]
-    need = sum(w.info.size for w in todo)
-    _check_space(target, len(todo), need)
-    log.info("pull.start", files=len(wanted), to_fetch=len(todo), adopted=len(adopted), bytes=need, dest=str(dest))
-    bar = Progress("pull", len(todo), need, clock=clock, every=progress_every, bar=progress)
-    transfers = [_Transfer(w, target, index, bar, piece_size) for w in todo]
-    failed = threading.Event()  # one piece failed: the others still queued do not start
+    with contextlib.closing(_Index(target / INDEX_NAME)) as index:
+        unknown = [w for w in wanted if not index.current(w.name, target / w.name, w.info.size, w.info.fingerprint)]
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="podtrain-pull") as pool:
+            adopted = {n for n in pool.map(lambda w: _adopt(w, target, index), unknown) if n}
+        todo = [w for w in unknown if w.name not in adopted]
+        need = sum(w.info.size for w in todo)
+        _check_space(target, len(todo), need)
+        log.info("pull.start", files=len(wanted), to_fetch=len(todo), adopted=len(adopted), bytes=need, dest=str(dest))
+        bar = Progress("pull", len(todo), need, clock=clock, every=progress_every, bar=progress)
+        _fetch_all([_Transfer(w, target, index, piece_size) for w in todo], bar, workers=workers, cancel=cancel)
+    result = PullResult(len(wanted), len(todo), len(wanted) - len(todo), need, clock() - started, len(adopted))
+    log.info("pull.done", **result.__dict__)
+    return result
+
+
+def _fetch_all(transfers: list[_Transfer], progress: Progress, *, workers: int, cancel: threading.Event | None) -> None:
+    """Every piece of every transfer through one pool; the first failure stops the pieces not yet started."""
+    failed = threading.Event()
 
     def run(transfer: _Transfer, start: int) -> None:
         if failed.is_set() or (cancel is not None and cancel.is_set()):
             raise PullCancelled(f"pull stopped before {transfer.wanted.name}")
-        transfer.fetch(start)
+        transfer.fetch(start, progress)
 
+    pieces = [(t, start) for t in transfers for start in t.starts]
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="podtrain-pull") as pool:
             try:
-                for _ in pool.map(run, *zip(*[(t, start) for t in transfers for start in t.starts], strict=True)):
+                for _ in pool.map(run, [t for t, _ in pieces], [start for _, start in pieces]):
                     pass
             except BaseException:
                 failed.set()
                 raise
     finally:
-        bar.close()
+        progress.close()
         for transfer in transfers:
             transfer.abandon()
-    result = PullResult(len(wanted), len(todo), len(wanted) - len(todo), need, clock() - started, len(adopted))
-    log.info("pull.done", **result.__dict__)
-    return result
 
 
 def _list(sources: Sequence[str], include: list[str], exclude: list[str], retry: RetryPolicy | None) -> list[_Wanted]:
@@ -197,8 +204,8 @@ def _adopt(wanted: _Wanted, target: Path, index: _Index) -> str:
 class _Transfer:
     """One object on its way: its pieces land in ``<name>.podtrain-partial``; the last one verifies and renames."""
 
-    def __init__(self, wanted: _Wanted, target: Path, index: _Index, progress: Progress, piece_size: int) -> None:
-        self.wanted, self.index, self.progress = wanted, index, progress
+    def __init__(self, wanted: _Wanted, target: Path, index: _Index, piece_size: int) -> None:
+        self.wanted, self.index = wanted, index
         self.path = target / wanted.name
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         size = wanted.info.size
@@ -224,18 +231,19 @@ class _Transfer:
                     self._sums.pop("etag_md5", None)
             return self._fd
 
-    def fetch(self, start: int) -> None:
+    def fetch(self, start: int, progress: Progress) -> None:
         """Read one piece, checked, and write it at its offset; the last piece completes the file."""
         fd = self.open()
         end = min(start + self.piece_size, self.wanted.info.size)
         data, digest = self._read_checked(start, end)
         os.pwrite(fd, data, start)
-        self.progress.add_bytes(len(data))
+        progress.add_bytes(len(data))
         with self._lock:
             self._parts[start] = (digest, len(data))
             last = len(self._parts) == len(self.starts)
         if last:
             self._complete()
+            progress.add_file()
 
     def _read_checked(self, start: int, end: int) -> tuple[bytes, Digest]:
         """The piece's bytes, of the right length; a whole object also matching the store's checksum."""
@@ -273,7 +281,6 @@ class _Transfer:
         os.replace(self.partial, self.path)
         self.index.record(self.path, self.wanted.name, self.wanted.info.size, self.wanted.info.fingerprint)
         self.done = True
-        self.progress.add_file()
 
     def _refetch_sequentially(self) -> None:
         assert self._fd is not None
@@ -312,6 +319,7 @@ class _Index:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._out: TextIO | None = None  # opened at the first record, kept open: one open for a thousand lines
         self.entries: dict[str, dict[str, object]] = {}
         if path.exists():
             for line in path.read_text().splitlines():
@@ -334,6 +342,15 @@ class _Index:
 
     def record(self, local: Path, rel: str, size: int, fingerprint: str) -> None:
         entry = {"rel": rel, "size": size, "fingerprint": fingerprint, "mtime_ns": local.stat().st_mtime_ns}
-        with self._lock, self.path.open("a") as out:
-            out.write(json.dumps(entry) + "\n")
-        self.entries[rel] = entry
+        with self._lock:
+            if self._out is None:
+                self._out = self.path.open("a")
+            self._out.write(json.dumps(entry) + "\n")
+            self._out.flush()  # a line per landed file, in the kernel's hands before the next one
+            self.entries[rel] = entry
+
+    def close(self) -> None:
+        with self._lock:
+            if self._out is not None:
+                self._out.close()
+                self._out = None

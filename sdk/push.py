@@ -115,14 +115,18 @@ def push(
         native = remote.checksums.get("crc32c")
         if remote.size != sent or (native is not None and native != crc):
             raise TransientStorageError(f"{store.url_of(rel)} does not match {path} after upload", url=store.url)
-        with lock, (base / PUSH_INDEX).open("a") as out:
-            out.write(json.dumps({"rel": rel, "size": size, "mtime_ns": mtime_ns, "url": store.url}) + "\n")
+        with lock:
+            record.write(json.dumps({"rel": rel, "size": size, "mtime_ns": mtime_ns, "url": store.url}) + "\n")
+            record.flush()
         bar.add_bytes(sent)
         bar.add_file()
         return sent
 
     try:
-        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="podtrain-push") as pool:
+        with (
+            (base / PUSH_INDEX).open("a") as record,
+            ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="podtrain-push") as pool,
+        ):
             sent_bytes = sum(pool.map(send, todo))
     finally:
         bar.close()
