@@ -145,6 +145,12 @@ class Backend:
         self.fs.pipe_file(path, data)
         return True
 
+    def upload(self, path: str, data: bytes, *, crc32c: int) -> ObjectInfo | None:
+        """Write ``data`` (not conditionally); what the store's answer says it stored, None when it says nothing
+        (then ask with :meth:`describe`)."""
+        self.put(path, data, crc32c=crc32c, exclusive=False)
+        return None
+
     def get(self, path: str) -> bytes:
         return bytes(self.fs.cat_file(path))
 
@@ -311,11 +317,30 @@ class S3Backend(Backend):
         return sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
 
     def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
-        bucket, key = self._split(path)
         crc = checksum.crc32c(data) if crc32c is None else crc32c
-        match = {"IfNoneMatch": "*"} if exclusive else {}
         try:
-            if len(data) <= S3_MULTIPART_THRESHOLD:  # one request: made by this thread (see _client)
+            self._put(path, data, crc, {"IfNoneMatch": "*"} if exclusive else {})
+        except FileExistsError:
+            return False
+        except Exception as exc:
+            if exclusive and _status(exc) == 412:  # If-None-Match: * and the object exists
+                return False
+            raise
+        return True
+
+    def upload(self, path: str, data: bytes, *, crc32c: int) -> ObjectInfo | None:
+        answer = self._put(path, data, crc32c, {})
+        # A PutObject answer echoes the CRC32C S3 checked and stored; a multipart completion has only the parts'.
+        return None if answer is None else ObjectInfo(len(data), _fingerprint(answer), _s3_checksums(answer))
+
+    def _put(self, path: str, data: bytes, crc: int, match: dict[str, str]) -> dict[str, Any] | None:
+        """PutObject (its answer), or a multipart upload (None) above :data:`S3_MULTIPART_THRESHOLD`."""
+        bucket, key = self._split(path)
+        try:
+            if len(data) > S3_MULTIPART_THRESHOLD:
+                sync(self.fs.loop, self._multipart, bucket, key, data, crc, match)
+                return None
+            return dict(  # one request: made by this thread (see _client)
                 self._client.put_object(
                     Bucket=bucket,
                     Key=key,
@@ -324,17 +349,9 @@ class S3Backend(Backend):
                     ChecksumCRC32C=checksum.to_b64(crc),
                     **match,
                 )
-            else:
-                sync(self.fs.loop, self._multipart, bucket, key, data, crc, match)
-        except FileExistsError:
-            return False
-        except Exception as exc:
-            if exclusive and _status(exc) == 412:  # If-None-Match: * and the object exists
-                return False
-            raise
+            )
         finally:
             self.invalidate(path)
-        return True
 
     async def _multipart(self, bucket: str, key: str, data: bytes, crc: int, match: dict[str, str]) -> None:
         """Parallel parts, each sent with its CRC32C so S3 checks every part on arrival.
@@ -447,8 +464,18 @@ class GCSBackend(Backend):
         return cls(GCSFileSystem(**options))
 
     def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
+        try:
+            self._post(path, data, checksum.crc32c(data) if crc32c is None else crc32c, exclusive)
+        except FileExistsError:
+            return False
+        return True
+
+    def upload(self, path: str, data: bytes, *, crc32c: int) -> ObjectInfo | None:
+        answer = self._post(path, data, crc32c, False)  # the new object's metadata: size, crc32c, generation
+        return ObjectInfo(int(answer.get("size") or 0), _fingerprint(answer), _listed_checksums(answer))
+
+    def _post(self, path: str, data: bytes, crc: int, exclusive: bool) -> dict[str, Any]:
         bucket, key, _ = self.fs.split_path(path)
-        crc = checksum.crc32c(data) if crc32c is None else crc32c
         metadata = json.dumps({"name": key, "crc32c": checksum.to_b64(crc)})
         body = (
             b"--==0==\nContent-Type: application/json; charset=UTF-8\n\n"
@@ -459,22 +486,21 @@ class GCSBackend(Backend):
         )
         kw = {"ifGenerationMatch": "0"} if exclusive else {}
         try:
-            sync(
-                self.fs.loop,
-                self.fs._call,
-                "POST",
-                f"{self.fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
-                uploadType="multipart",
-                headers={"Content-Type": 'multipart/related; boundary="==0=="'},
-                data=body,
-                json_out=True,
-                **kw,
+            return dict(
+                sync(
+                    self.fs.loop,
+                    self.fs._call,
+                    "POST",
+                    f"{self.fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
+                    uploadType="multipart",
+                    headers={"Content-Type": 'multipart/related; boundary="==0=="'},
+                    data=body,
+                    json_out=True,
+                    **kw,
+                )
             )
-        except FileExistsError:
-            return False
         finally:
             self.invalidate(path)
-        return True
 
     def check_root(self, root: str) -> None:
         bucket = root.split("/", 1)[0]

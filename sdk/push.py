@@ -7,9 +7,11 @@ folder records what was sent (name, size, mtime, URL), so pushing again — at a
 sends only new or changed files. Temporary files (``*.podtrain-partial``) and the records themselves stay local.
 
 Files are read whole, several at a time (``workers``), with at most ``max_bytes`` (1 GiB) of them in memory at
-once (a larger file goes alone). After each upload one metadata request reads back the object's size and the
-store's CRC32C. Transient errors are retried by the store; a request that moves no byte for ``stall_seconds`` is
-cut and retried; a permanent error fails the push with the store's message. Progress: a bar on a terminal,
+once (a larger file goes alone). After each upload the object's size and the store's CRC32C are compared with the
+local file's, from the store's answer (S3 PutObject echoes the CRC32C it checked; GCS returns the new object's
+metadata) or, where the answer does not say (a multipart upload, other stores), from one metadata request.
+Transient errors are retried by the store; a request that moves no byte for ``stall_seconds`` is cut and
+retried; a permanent error fails the push with the store's message. Progress: a bar on a terminal,
 ``push.progress`` log lines otherwise.
 """
 
@@ -109,9 +111,8 @@ def push(
         with budget.hold(size):
             data = path.read_bytes()
             sent, crc = len(data), checksum.crc32c(data)
-            store.put(rel, data, crc32c=crc)
+            remote = store.upload(rel, data, crc32c=crc)  # what the store holds, from its answer or a HEAD
             del data
-        remote = store.describe(rel)  # one HEAD: the size and the store's own checksum, read back
         native = remote.checksums.get("crc32c")
         if remote.size != sent or (native is not None and native != crc):
             raise TransientStorageError(f"{store.url_of(rel)} does not match {path} after upload", url=store.url)

@@ -99,6 +99,15 @@ class Store:
 
         return self._call("put", rel, attempt)
 
+    def upload(self, rel: str, data: bytes, *, crc32c: int) -> ObjectInfo:
+        """Write ``data`` at ``rel`` (the store checks ``crc32c`` on arrival) and return what the store then holds:
+        from its answer where it says (S3 single-part, GCS), else from one metadata request."""
+
+        def attempt() -> ObjectInfo:
+            return self.backend.upload(self.path(rel), data, crc32c=crc32c) or self.backend.describe(self.path(rel))
+
+        return self._call("put", rel, attempt)
+
     def get(self, rel: str) -> bytes:
         """The whole object at ``rel``."""
         return self._call("get", rel, lambda: self.backend.get(self.path(rel)))

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,13 +28,13 @@ def _outputs(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def puts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
-    original = Store.put
+    original = Store.upload
 
-    def spy(self: Store, rel: str, data: bytes, **kwargs: object) -> bool:
+    def spy(self: Store, rel: str, data: bytes, **kwargs: Any) -> Any:
         seen.append(rel)
-        return original(self, rel, data, **kwargs)  # type: ignore[arg-type]
+        return original(self, rel, data, **kwargs)
 
-    monkeypatch.setattr(Store, "put", spy)
+    monkeypatch.setattr(Store, "upload", spy)
     return seen
 
 
@@ -132,21 +133,21 @@ def test_the_files_held_in_memory_at_once_stay_within_the_budget(memory_url: str
         (out / f"shard-{n}.bin").write_bytes(os.urandom(100_000))
     (out / "big.bin").write_bytes(os.urandom(400_000))
     lock, live, seen = threading.Lock(), [], []
-    original = Store.put
+    original = Store.upload
 
-    def counting(self: Store, rel: str, data: bytes, **kwargs: object) -> bool:
+    def counting(self: Store, rel: str, data: bytes, **kwargs: Any) -> Any:
         with lock:
             live.append(len(data))
             seen.append(sorted(live))
         time.sleep(0.02)
         try:
-            return original(self, rel, data, **kwargs)  # type: ignore[arg-type]
+            return original(self, rel, data, **kwargs)
         finally:
             with lock:
                 live.remove(len(data))
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Store, "put", counting)
+        patch.setattr(Store, "upload", counting)
         result = push(out, f"{memory_url}/run", workers=16, max_bytes=250_000)
     assert result.sent == 11
     assert [400_000] in seen, "the file over the budget went, alone"

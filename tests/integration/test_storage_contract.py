@@ -65,6 +65,22 @@ class StoreContract:
         assert not store.exists("dir/other")
         assert store.size("dir/obj") == 1234
 
+    def test_upload_returns_what_the_store_holds_and_describe_agrees(self, store: Store) -> None:
+        """upload() answers with the stored size and, where the store keeps one, the CRC32C it checked;
+        describe() says the same; a ranged read returns exactly that slice."""
+        from sdk import checksum
+
+        data = _blob(70_000)
+        crc = checksum.crc32c(data)
+        held = store.upload("up/obj", data, crc32c=crc)
+        described = store.describe("up/obj")
+        assert held.size == described.size == len(data)
+        if self.native_checksums:
+            assert held.checksums["crc32c"] == described.checksums["crc32c"] == crc
+        assert store.read("up/obj", 1000, 1010)[0] == data[1000:1010]
+        whole, sums = store.read("up/obj")
+        assert whole == data and sums.get("crc32c", crc) == crc
+
     def test_get_of_a_missing_object_is_not_found_at_once(self, store: Store, no_sleep: RecordedSleep) -> None:
         """Reading an object that is not there is StorageNotFoundError naming its URL, with no retry."""
         with pytest.raises(StorageNotFoundError) as caught:
