@@ -25,6 +25,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,10 +291,30 @@ class S3Backend(Backend):
         if "fs" in self.__dict__:
             self.fs.invalidate_cache(path)
 
+    def _head(self, bucket: str, key: str) -> dict[str, Any]:
+        if self._http is not None:
+            return dict(self._http.head(bucket, key))
+        return dict(self._client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
+
+    def _list(self, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+        if self._http is not None:
+            yield from self._http.list(bucket, prefix)
+            return
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            yield from page.get("Contents", [])
+
     @staticmethod
     def _split(path: str) -> tuple[str, str]:
         bucket, _, key = path.partition("/")
         return bucket, key
+
+    @functools.cached_property
+    def _http(self) -> Any:
+        """The lean client (:mod:`sdk.s3http`) for GET, HEAD, listing and single-part PUT; None where the
+        environment asks for something only botocore does (then :attr:`_client`)."""
+        from sdk import s3http
+
+        return s3http.create(_sync_session(self._aws_env), timeout=self._timeout)
 
     @functools.cached_property
     def _client(self) -> Any:
@@ -340,6 +361,10 @@ class S3Backend(Backend):
             if len(data) > S3_MULTIPART_THRESHOLD:
                 sync(self.fs.loop, self._multipart, bucket, key, data, crc, match)
                 return None
+            if self._http is not None:
+                return dict(
+                    self._http.put(bucket, key, data, crc32c_b64=checksum.to_b64(crc), if_none_match=bool(match))
+                )
             return dict(  # one request: made by this thread (see _client)
                 self._client.put_object(
                     Bucket=bucket,
@@ -400,21 +425,20 @@ class S3Backend(Backend):
 
     def describe(self, path: str) -> ObjectInfo:
         bucket, key = self._split(path)
-        head = self._client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        head = self._head(bucket, key)
         return ObjectInfo(int(head["ContentLength"]), _fingerprint(head), _s3_checksums(head))
 
     def objects(self, path: str) -> dict[str, ObjectInfo]:
         bucket, key = self._split(path)
         prefix = key + "/" if key else ""
         out = {}
-        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                rel = item["Key"][len(prefix) :]
-                if rel and not rel.endswith("/"):  # "folder/" markers are not files
-                    out[rel] = ObjectInfo(int(item["Size"]), _fingerprint(item), _listed_checksums(item))
+        for item in self._list(bucket, prefix):
+            rel = item["Key"][len(prefix) :]
+            if rel and not rel.endswith("/"):  # "folder/" markers are not files
+                out[rel] = ObjectInfo(int(item["Size"]), _fingerprint(item), _listed_checksums(item))
         if not out and key:  # the URL may name one object
             try:
-                head = self._client.head_object(Bucket=bucket, Key=key)
+                head = self._head(bucket, key)
             except Exception as exc:
                 if _status(exc) == 404:
                     return {}
@@ -425,6 +449,9 @@ class S3Backend(Backend):
     def read(self, path: str, start: int | None = None, end: int | None = None) -> tuple[bytes, Checksums]:
         # One GET, whose answer carries the object's checksums when it is the whole object: no HEAD needed.
         bucket, key = self._split(path)
+        if self._http is not None:
+            data, answer = self._http.get(bucket, key, start, end)
+            return data, (_s3_checksums(answer) if start is None else {})
         extra = {"ChecksumMode": "ENABLED"} if start is None else {"Range": f"bytes={start}-{(end or 0) - 1}"}
         response = self._client.get_object(Bucket=bucket, Key=key, **extra)
         body = response["Body"]
@@ -610,6 +637,10 @@ def _skip_response_validation(context: dict[str, Any], **kwargs: Any) -> None:
 
 
 def _status(exc: BaseException) -> int | None:
+    """The HTTP status of a botocore ClientError or an :class:`sdk.s3http.S3Error`."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        return status
     response = getattr(exc, "response", None)
     return response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
 

@@ -1,0 +1,218 @@
+"""Signed S3 requests on plain keep-alive HTTP connections: the hot path of dataset pulls and artifact pushes.
+
+botocore spends ~3.6 ms of CPU on each request (measured here: building, emitting events, signing, parsing), so
+a pull of a thousand 1 MiB objects spends more client CPU on requests than on bytes: 1.7 CPU-s for 300 x 1 MiB
+from 16 threads, against 0.7 CPU-s for the same GETs built here. This module makes the four requests a transfer
+repeats — GetObject (whole or a byte range), HeadObject, ListObjectsV2, PutObject — itself, and still relies on
+botocore for what must be right: credentials (every source botocore knows, refreshed as it refreshes them) and
+the SigV4 signature (``S3SigV4Auth``, unsigned payloads: each body carries its CRC32C, which S3 checks).
+
+It covers a custom endpoint (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``: MinIO, moto, … with path-style
+addresses) and AWS's regional endpoints (virtual-hosted addresses; a bucket in another region is followed once
+from S3's ``x-amz-bucket-region`` answer). :func:`create` returns None — and the caller uses botocore — for what it
+does not do: proxies, FIPS or dual-stack endpoints, transfer acceleration, a config file's S3 settings or
+endpoint, or no region at all. Answers come back as dicts named like botocore's (``ETag``, ``ChecksumCRC32C``,
+``ContentLength``…); errors as :class:`S3Error` with the HTTP status and S3's error code, which
+:func:`sdk.fault.classify` sorts like botocore's.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import ssl
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import quote, unquote_plus, urlencode, urlsplit
+
+__all__ = ["S3Error", "S3HTTP", "create"]
+
+_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+_HEADERS = {  # response header -> botocore's name for it
+    "etag": "ETag",
+    "content-length": "ContentLength",
+    "x-amz-checksum-crc32c": "ChecksumCRC32C",
+    "x-amz-checksum-crc32": "ChecksumCRC32",
+    "x-amz-checksum-type": "ChecksumType",
+    "x-amz-server-side-encryption": "ServerSideEncryption",
+    "x-amz-server-side-encryption-customer-algorithm": "SSECustomerAlgorithm",
+    "last-modified": "LastModified",
+}
+_UNSUPPORTED_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "AWS_USE_FIPS_ENDPOINT")
+_UNSUPPORTED_CONFIG = ("s3", "endpoint_url", "use_fips_endpoint", "use_dualstack_endpoint", "services")
+
+
+class S3Error(OSError):
+    """S3 answered with an error: ``status`` (HTTP) and ``s3_code`` (``NoSuchKey``, ``SlowDown``…)."""
+
+    def __init__(self, status: int, s3_code: str, message: str) -> None:
+        super().__init__(f"{status} {s3_code}: {message}")
+        self.status = self.code = status
+        self.s3_code = s3_code
+
+
+def create(session: Any, *, timeout: float) -> S3HTTP | None:
+    """A client for ``session``'s credentials and endpoint, or None where only botocore will do."""
+    if any(os.environ.get(name) for name in _UNSUPPORTED_ENV):
+        return None
+    config = session.get_scoped_config()
+    if any(key in config for key in _UNSUPPORTED_CONFIG):
+        return None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = session.get_config_variable("region")
+    if not endpoint and not region:
+        return None
+    return S3HTTP(session, endpoint=endpoint, region=region or "us-east-1", timeout=timeout)
+
+
+class S3HTTP:
+    """Thread-safe: each thread keeps its own connection per host."""
+
+    def __init__(self, session: Any, *, endpoint: str | None, region: str, timeout: float) -> None:
+        from botocore.config import Config
+
+        self._session, self._endpoint, self._region, self._timeout = session, endpoint, region, timeout
+        self._credentials = session.get_credentials()
+        self._context = {"client_config": Config(s3={"payload_signing_enabled": False})}
+        self._regions: dict[str, str] = {}  # bucket -> region, learnt from a redirect
+        self._local = threading.local()
+        self._tls: ssl.SSLContext | None = None
+
+    # -- the four requests ---------------------------------------------------------------------------------
+    def get(
+        self, bucket: str, key: str, start: int | None = None, end: int | None = None
+    ) -> tuple[bytes, dict[str, Any]]:
+        """The object's bytes (``[start, end)`` when given) and its answer's headers; whole-object GETs ask
+        for the stored checksums."""
+        headers = {"x-amz-checksum-mode": "ENABLED"} if start is None else {"Range": f"bytes={start}-{(end or 0) - 1}"}
+        return self._request("GET", bucket, key, headers=headers)
+
+    def head(self, bucket: str, key: str) -> dict[str, Any]:
+        return self._request("HEAD", bucket, key, headers={"x-amz-checksum-mode": "ENABLED"})[1]
+
+    def put(
+        self, bucket: str, key: str, body: bytes, *, crc32c_b64: str, if_none_match: bool = False
+    ) -> dict[str, Any]:
+        """PutObject with the body's CRC32C (S3 refuses a body that does not match); ``if_none_match``: only if
+        no object has the key (412 otherwise)."""
+        headers = {"x-amz-checksum-crc32c": crc32c_b64, "x-amz-sdk-checksum-algorithm": "CRC32C"}
+        if if_none_match:
+            headers["If-None-Match"] = "*"
+        return self._request("PUT", bucket, key, headers=headers, body=body)[1]
+
+    def list(self, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+        """Every object under ``prefix``: dicts with ``Key``, ``Size``, ``ETag``, page after page."""
+        token = None
+        while True:
+            query = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
+            if token:
+                query["continuation-token"] = token
+            body, _ = self._request("GET", bucket, "", query=query)
+            root = ET.fromstring(body)  # noqa: S314 - the answer of the store we asked, not user input
+            for item in root.iter(f"{_NS}Contents"):
+                yield {
+                    "Key": unquote_plus(item.findtext(f"{_NS}Key") or ""),
+                    "Size": int(item.findtext(f"{_NS}Size") or 0),
+                    "ETag": item.findtext(f"{_NS}ETag") or "",
+                }
+            token = root.findtext(f"{_NS}NextContinuationToken")
+            if root.findtext(f"{_NS}IsTruncated") != "true" or not token:
+                return
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+    def _request(
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+        body: bytes = b"",
+    ) -> tuple[bytes, dict[str, Any]]:
+        for _ in range(2):  # the second time only after S3 named the bucket's region
+            url = self._url(bucket, key, query)
+            status, answer, data = self._send(method, url, dict(headers or {}), body, self._region_of(bucket))
+            if status < 300:
+                return data, answer
+            moved = answer.get("x-amz-bucket-region")
+            if moved and moved != self._region_of(bucket) and status in (301, 307, 400):
+                self._regions[bucket] = moved
+                continue
+            code, message = _error(data, status)
+            raise S3Error(status, code, f"{message} ({method} {url})")
+        raise S3Error(301, "PermanentRedirect", f"bucket {bucket} moved twice")
+
+    def _region_of(self, bucket: str) -> str:
+        return self._regions.get(bucket, self._region)
+
+    def _url(self, bucket: str, key: str, query: Mapping[str, str] | None) -> str:
+        path = quote(key, safe="/~")
+        if self._endpoint:
+            base = f"{self._endpoint.rstrip('/')}/{bucket}/{path}"
+        elif "." in bucket or bucket.lower() != bucket:  # not a valid host name: path-style
+            base = f"https://s3.{self._region_of(bucket)}.amazonaws.com/{bucket}/{path}"
+        else:
+            base = f"https://{bucket}.s3.{self._region_of(bucket)}.amazonaws.com/{path}"
+        return base + ("?" + urlencode(query, quote_via=quote) if query else "")
+
+    def _send(
+        self, method: str, url: str, headers: dict[str, str], body: bytes, region: str
+    ) -> tuple[int, dict[str, Any], bytes]:
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        request = AWSRequest(method=method, url=url, headers=headers, data=body)
+        request.context.update(self._context)
+        S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", region).add_auth(request)
+        parts = urlsplit(url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection = self._connection(parts.scheme, parts.netloc)
+        try:
+            connection.request(method, target, body=body or None, headers=dict(request.headers.items()))
+            response = connection.getresponse()
+            data = response.read()  # empty for HEAD; read anyway so the connection can carry the next request
+        except BaseException:
+            self._drop(parts.netloc)  # a half-read answer leaves the connection unusable
+            raise
+        answer: dict[str, Any] = {_HEADERS.get(k.lower(), k.lower()): v for k, v in response.getheaders()}
+        if "ContentLength" in answer:
+            answer["ContentLength"] = int(answer["ContentLength"])
+        if response.will_close:
+            self._drop(parts.netloc)
+        return response.status, answer, data
+
+    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        pool: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("pool", {})
+        connection = pool.get(netloc)
+        if connection is None:
+            if scheme == "https":
+                connection = http.client.HTTPSConnection(netloc, timeout=self._timeout, context=self._tls_context())
+            else:
+                connection = http.client.HTTPConnection(netloc, timeout=self._timeout)
+            pool[netloc] = connection
+        return connection
+
+    def _drop(self, netloc: str) -> None:
+        connection = self._local.__dict__.get("pool", {}).pop(netloc, None)
+        if connection is not None:
+            connection.close()
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            from botocore.httpsession import get_cert_path
+
+            bundle = os.environ.get("AWS_CA_BUNDLE") or self._session.get_config_variable("ca_bundle")
+            self._tls = ssl.create_default_context(cafile=bundle or get_cert_path(True))
+        return self._tls
+
+
+def _error(body: bytes, status: int) -> tuple[str, str]:
+    """S3's error code and message from an error answer (a HEAD answer has no body)."""
+    try:
+        root = ET.fromstring(body)  # noqa: S314 - the store's own error document
+        return root.findtext("Code") or str(status), root.findtext("Message") or ""
+    except ET.ParseError:
+        return {404: "NotFound", 403: "Forbidden", 412: "PreconditionFailed"}.get(status, str(status)), ""
