@@ -169,14 +169,21 @@ class S3HTTP:
         S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", region).add_auth(request)
         parts = urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        connection = self._connection(parts.scheme, parts.netloc)
-        try:
-            connection.request(method, target, body=body or None, headers=dict(request.headers.items()))
-            response = connection.getresponse()
-            data = response.read()  # empty for HEAD; read anyway so the connection can carry the next request
-        except BaseException:
-            self._drop(parts.netloc)  # a half-read answer leaves the connection unusable
-            raise
+        for fresh in (False, True):
+            connection, reused = self._connection(parts.scheme, parts.netloc)
+            try:
+                connection.request(method, target, body=body or None, headers=dict(request.headers.items()))
+                response = connection.getresponse()
+                data = response.read()  # empty for HEAD; read anyway so the connection can carry the next request
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self._drop(parts.netloc)
+                if fresh or not reused:
+                    raise
+                # the server closed an idle kept-alive connection: try once more on a new one, at once
+            except BaseException:
+                self._drop(parts.netloc)  # a half-read answer leaves the connection unusable
+                raise
         answer: dict[str, Any] = {_HEADERS.get(k.lower(), k.lower()): v for k, v in response.getheaders()}
         if "ContentLength" in answer:
             answer["ContentLength"] = int(answer["ContentLength"])
@@ -184,16 +191,18 @@ class S3HTTP:
             self._drop(parts.netloc)
         return response.status, answer, data
 
-    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+    def _connection(self, scheme: str, netloc: str) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection to ``netloc``, and whether it carried a request before."""
         pool: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("pool", {})
         connection = pool.get(netloc)
-        if connection is None:
-            if scheme == "https":
-                connection = http.client.HTTPSConnection(netloc, timeout=self._timeout, context=self._tls_context())
-            else:
-                connection = http.client.HTTPConnection(netloc, timeout=self._timeout)
-            pool[netloc] = connection
-        return connection
+        if connection is not None:
+            return connection, True
+        if scheme == "https":
+            connection = http.client.HTTPSConnection(netloc, timeout=self._timeout, context=self._tls_context())
+        else:
+            connection = http.client.HTTPConnection(netloc, timeout=self._timeout)
+        pool[netloc] = connection
+        return connection, False
 
     def _drop(self, netloc: str) -> None:
         connection = self._local.__dict__.get("pool", {}).pop(netloc, None)

@@ -88,6 +88,8 @@ class _Store(http.server.BaseHTTPRequestHandler):
             )
         else:
             self._answer(200, b"hello", crc="mnG7TA==")
+            if self.path.endswith("/then-hang-up"):
+                self.close_connection = True  # no "Connection: close" said: the client believes it may reuse it
 
     def _answer(self, status: int, body: bytes, *, region: str = "", crc: str = "") -> None:
         self.send_response(status)
@@ -133,3 +135,11 @@ def test_error_answers_carry_the_status_and_s3_s_code_and_sort_like_botocore_s(s
         client.get("bkt", "busy")
     assert isinstance(classify(busy.value, url="s3://bkt/busy"), TransientStorageError)
     assert client.get("bkt", "obj")[0] == b"hello", "the connection is still good after error answers"
+
+
+def test_a_kept_alive_connection_the_server_closed_is_replaced_at_once(session: Any, server: str) -> None:
+    """The server drops an idle connection silently: the next request goes on a new one, without an error."""
+    client = s3http.S3HTTP(session, endpoint=server, region="us-west-2", timeout=5)
+    assert client.get("bkt", "then-hang-up")[0] == b"hello"
+    assert client.get("bkt", "obj")[0] == b"hello"
+    assert len(_Store.seen) == 2
