@@ -224,7 +224,8 @@ class _Transfer:
             if self._fd is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.ftruncate(self._fd, self.wanted.info.size)
+                if self.ranged:  # pieces land anywhere in it: the full size at once
+                    os.ftruncate(self._fd, self.wanted.info.size)
                 if self.ranged and not self._sums:  # ranged GETs carry no checksum: ask once
                     self._sums = dict(self.wanted.store.describe(self.wanted.rel).checksums)
                     self._sums.pop("md5", None)  # MD5 cannot be combined from pieces
