@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from sdk import backend, checksum
+from sdk import checksum, s3
 from sdk.errors import StorageNotFoundError, StoragePermissionError
 from sdk.storage import Store, open_store, split_url
 
@@ -246,8 +246,8 @@ class TestS3Store(StoreContract):
     @pytest.fixture
     def small_parts(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Multipart above 6 MiB, in 5 MiB parts (S3's smallest but the last), so tests stay small."""
-        monkeypatch.setattr(backend, "S3_MULTIPART_THRESHOLD", 6 * 2**20)
-        monkeypatch.setattr(backend, "S3_PART_SIZE", 5 * 2**20)
+        monkeypatch.setattr(s3, "S3_MULTIPART_THRESHOLD", 6 * 2**20)
+        monkeypatch.setattr(s3, "S3_PART_SIZE", 5 * 2**20)
 
     @pytest.mark.usefixtures("small_parts")
     def test_multipart_upload_sends_a_crc32c_with_every_part(self, store: Store) -> None:
