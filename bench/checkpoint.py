@@ -284,13 +284,22 @@ def table(cases: list[Row], size_mib: int, repeat: int) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=1024, help="size of the model state (default 1024)")
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions of each case; median (default 3)")
+def suite_args(
+    argv: list[str] | None, *, prog: str, doc: str, default_repeat: int, size_help: str = "size of the model state"
+) -> argparse.Namespace:
+    """``--size-mib`` and ``--repeat``, as every suite takes them (both at least 1)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n", maxsplit=1)[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help=f"{size_help} (default 1024)")
+    repeat_help = f"repetitions of each case; median (default {default_repeat})"
+    parser.add_argument("--repeat", type=int, default=default_repeat, help=repeat_help)
     args = parser.parse_args(argv)
     if args.size_mib < 1 or args.repeat < 1:
         parser.error("--size-mib and --repeat must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = suite_args(argv, prog="python -m bench", doc=__doc__ or "", default_repeat=3)
 
     from sdk import log
 

@@ -37,7 +37,6 @@ cores (and for the GIL): the step figures are what comes out here, not what a GP
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import os
@@ -52,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.checkpoint import BUCKET, MIB, Row, build_model, delete_prefix, s3_server, state_bytes
+from bench.checkpoint import BUCKET, MIB, Row, build_model, delete_prefix, s3_server, state_bytes, suite_args
 
 if TYPE_CHECKING:
     from sdk.config import CheckpointMode
@@ -580,17 +579,7 @@ def table(rows: list[Row], skipped: list[str], size_mib: int, repeat: int) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.stall", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=1024, help="size of the model state (default 1024)")
-    parser.add_argument(
-        "--repeat",
-        type=int,
-        default=DEFAULT_REPEAT,
-        help=f"repetitions of each case; median (default {DEFAULT_REPEAT})",
-    )
-    args = parser.parse_args(argv)
-    if args.size_mib < 1 or args.repeat < 1:
-        parser.error("--size-mib and --repeat must be at least 1")
+    args = suite_args(argv, prog="python -m bench.stall", doc=__doc__ or "", default_repeat=DEFAULT_REPEAT)
 
     from sdk import log
 

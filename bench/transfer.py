@@ -36,7 +36,6 @@ S3 does not charge, and so would any ranged reads of podtrain's. Measure ranged-
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -52,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.checkpoint import BUCKET, MIB, Row, delete_prefix, s3_server, timed
+from bench.checkpoint import BUCKET, MIB, Row, delete_prefix, s3_server, suite_args, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 AWSCLI = "awscli==1.46.2"
@@ -366,17 +365,13 @@ def table(cases: list[Case], files: dict[str, int], repeat: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.transfer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=1024, help="dataset scale: 1024 is 1.5 GiB (default 1024)")
-    parser.add_argument(
-        "--repeat",
-        type=int,
-        default=DEFAULT_REPEAT,
-        help=f"repetitions of each case; median (default {DEFAULT_REPEAT})",
+    args = suite_args(
+        argv,
+        prog="python -m bench.transfer",
+        doc=__doc__ or "",
+        default_repeat=DEFAULT_REPEAT,
+        size_help="dataset scale: 1024 is 1.5 GiB",
     )
-    args = parser.parse_args(argv)
-    if args.size_mib < 1 or args.repeat < 1:
-        parser.error("--size-mib and --repeat must be at least 1")
 
     def say(text: str) -> None:
         print(text, flush=True)
