@@ -41,7 +41,7 @@ class Report:
 
     def step(self, step: int) -> None:
         """The loop reached ``step``; written when :data:`EVERY` seconds passed since the last write."""
-        if step <= self.fields.get("last_step", -1):
+        if self.path is None or step <= self.fields.get("last_step", -1):
             return
         self.fields["last_step"] = step
         self._dirty = True

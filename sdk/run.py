@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sdk import log as _log
+from sdk import outputs
 from sdk.agreement import Agreement
 from sdk.checkpoint import Checkpointer, CheckpointInfo
 from sdk.config import Config
@@ -119,44 +120,18 @@ class Run:
     def log_metrics(self, step: int, **values: Any) -> None:
         """Append ``{"step": step, "time": ..., **values}`` as a JSON line to ``PODTRAIN_OUTPUT_DIR/metrics.jsonl``
         (``metrics-rank<r>.jsonl`` on ranks other than 0); pushed with the outputs. Tensors become numbers."""
-        import json
-        from datetime import UTC, datetime
-        from pathlib import Path
-
-        folder = Path(self.config.output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        name = "metrics.jsonl" if self.config.rank == 0 else f"metrics-rank{self.config.rank}.jsonl"
-        record = {"step": step, "time": datetime.now(UTC).isoformat(timespec="milliseconds")}
-        record.update({k: v.item() if hasattr(v, "item") else v for k, v in values.items()})
-        with (folder / name).open("a") as out:
-            out.write(json.dumps(record) + "\n")
-        self._metrics = record
+        self._metrics = outputs.append_metrics(self.config.output_dir, step, values, rank=self.config.rank)
         self.report.step(step)
 
     def export(self, model: Any, *, step: int, name: str = "model", **meta: Any) -> PushResult:
         """Write the final weights as ``export/<name>.safetensors`` with a JSON sidecar (step, run_id, attempt,
         the last metrics, ``meta``) in ``PODTRAIN_OUTPUT_DIR``, push both, and verify them in the store."""
-        import json
-        from pathlib import Path
-
-        from sdk import serialization
         from sdk.push import default_url, push
 
-        folder = Path(self.config.output_dir) / "export"
-        folder.mkdir(parents=True, exist_ok=True)
-        state = model.state_dict() if hasattr(model, "state_dict") else model
-        (encoded,) = serialization.encode(name, dict(state), shard_bytes=2**62)
-        (folder / f"{name}.safetensors").write_bytes(encoded.data)
-        sidecar = {
-            "run_id": self.config.run_id,
-            "attempt": self.checkpointer.attempt,
-            "step": step,
-            "crc32c": f"{encoded.crc32c:08x}",
-            "bytes": encoded.size,
-            "metrics": self._metrics,
-            **meta,
-        }
-        (folder / f"{name}.json").write_text(json.dumps(sidecar, indent=1) + "\n")
+        sidecar = {"run_id": self.config.run_id, "attempt": self.checkpointer.attempt, "step": step}
+        folder = outputs.write_export(
+            self.config.output_dir, model, name=name, sidecar={**sidecar, "metrics": self._metrics, **meta}
+        )
         return push(folder, f"{default_url(self.config.artifact_uri, self.config.run_id)}/export")
 
     def should_stop(self) -> bool:
