@@ -24,7 +24,6 @@ import signal
 import sys
 import threading
 import time
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from entrypoint import data, record, termination
@@ -51,10 +50,23 @@ EXAMPLES = """examples:
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # ~0.05 s: only for --version
+
     try:
         return version("podtrain")
     except PackageNotFoundError:  # running from a source tree without an install
         return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(f"podtrain {_version()}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"podtrain {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="print podtrain's version and exit")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(commands)
     data.add_parser(commands)

@@ -82,7 +82,7 @@ class S3Backend(Backend):
         environment asks for something only botocore does (then :attr:`_client`)."""
         from sdk import s3http
 
-        return s3http.create(_sync_session(self._aws_env), timeout=self._timeout)
+        return s3http.create(timeout=self._timeout, session=lambda: _sync_session(self._aws_env))
 
     @functools.cached_property
     def _client(self) -> Any:

@@ -30,7 +30,7 @@ def session(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Any:
 
 def test_aws_addresses_are_virtual_hosted_and_path_style_where_a_bucket_cannot_be_a_host(session: Any) -> None:
     """bucket.s3.<region>.amazonaws.com/key, keys percent-encoded; dotted buckets and custom endpoints by path."""
-    client = s3http.create(session, timeout=5)
+    client = s3http.create(timeout=5, session=lambda: session)
     assert client is not None
     assert (
         client._url("my-bucket", "a b/c+d.bin", None) == "https://my-bucket.s3.eu-west-1.amazonaws.com/a%20b/c%2Bd.bin"
@@ -39,8 +39,14 @@ def test_aws_addresses_are_virtual_hosted_and_path_style_where_a_bucket_cannot_b
     assert client._url("b", "", {"list-type": "2", "prefix": "x y/"}) == (
         "https://b.s3.eu-west-1.amazonaws.com/?list-type=2&prefix=x%20y%2F"
     )
-    local = s3http.S3HTTP(session, endpoint="http://127.0.0.1:9000/", region="us-east-1", timeout=5)
+    local = s3http.S3HTTP(None, endpoint="http://127.0.0.1:9000/", region="us-east-1", timeout=5)
     assert local._url("bkt", "dir/obj", None) == "http://127.0.0.1:9000/bkt/dir/obj"
+
+
+def test_keys_and_region_in_the_environment_need_no_botocore_session(session: Any) -> None:
+    """With AWS_ACCESS_KEY_ID/SECRET and a region set and no config file, botocore's session is never made."""
+    client = s3http.create(timeout=5, session=lambda: pytest.fail("a botocore session was made"))
+    assert client is not None and client._credentials.get_frozen_credentials().access_key == "AKIDEXAMPLE"
 
 
 @pytest.mark.parametrize(
@@ -66,7 +72,7 @@ def test_what_only_botocore_does_makes_it_step_aside(
     else:
         monkeypatch.delenv("AWS_DEFAULT_REGION")
         monkeypatch.delenv("AWS_REGION", raising=False)
-    assert s3http.create(botocore.session.get_session(), timeout=5) is None
+    assert s3http.create(timeout=5, session=botocore.session.get_session) is None
 
 
 class _Store(http.server.BaseHTTPRequestHandler):
@@ -117,7 +123,7 @@ def server() -> Iterator[str]:
 
 def test_a_bucket_in_another_region_is_followed_once_and_remembered(session: Any, server: str) -> None:
     """The first GET is signed for us-east-1, S3 names us-west-2, the retry and every later request use it."""
-    client = s3http.S3HTTP(session, endpoint=server, region="us-east-1", timeout=5)
+    client = s3http.S3HTTP(session.get_credentials(), endpoint=server, region="us-east-1", timeout=5)
     data, answer = client.get("bkt", "obj")
     assert data == b"hello" and answer["ChecksumCRC32C"] == "mnG7TA==" and answer["ContentLength"] == 5
     assert client.get("bkt", "obj", 0, 2)[0] == b"hello"
@@ -126,7 +132,7 @@ def test_a_bucket_in_another_region_is_followed_once_and_remembered(session: Any
 
 def test_error_answers_carry_the_status_and_s3_s_code_and_sort_like_botocore_s(session: Any, server: str) -> None:
     """404 NoSuchKey is not found (fail fast); 503 SlowDown is transient (retry)."""
-    client = s3http.S3HTTP(session, endpoint=server, region="us-west-2", timeout=5)
+    client = s3http.S3HTTP(session.get_credentials(), endpoint=server, region="us-west-2", timeout=5)
     with pytest.raises(s3http.S3Error) as missing:
         client.get("bkt", "missing")
     assert (missing.value.status, missing.value.s3_code) == (404, "NoSuchKey")
@@ -139,7 +145,7 @@ def test_error_answers_carry_the_status_and_s3_s_code_and_sort_like_botocore_s(s
 
 def test_a_kept_alive_connection_the_server_closed_is_replaced_at_once(session: Any, server: str) -> None:
     """The server drops an idle connection silently: the next request goes on a new one, without an error."""
-    client = s3http.S3HTTP(session, endpoint=server, region="us-west-2", timeout=5)
+    client = s3http.S3HTTP(session.get_credentials(), endpoint=server, region="us-west-2", timeout=5)
     assert client.get("bkt", "then-hang-up")[0] == b"hello"
     assert client.get("bkt", "obj")[0] == b"hello"
     assert len(_Store.seen) == 2
