@@ -240,6 +240,8 @@ class Chain:
             "PODTRAIN_RUN_ID": "chaos",
             "PODTRAIN_ATTEMPT": str(number),
             "PODTRAIN_CHECKPOINT_URI": self.uri,
+            "PODTRAIN_OUTPUT_DIR": str(self.folder / f"output-{number}"),  # outputs and records stay in the test's
+            "PODTRAIN_ARTIFACT_URI": str(self.folder / "artifacts"),  # folder, never the working directory
             "PODTRAIN_GRACE_SECONDS": str(GRACE),
             "PODTRAIN_TERMINATION_LOG": str(termlog),
             "PODTRAIN_LOG_LEVEL": "warning",
@@ -320,6 +322,8 @@ class Reference:
             "PODTRAIN_RUN_ID": "reference",
             "PODTRAIN_ATTEMPT": "1",
             "PODTRAIN_CHECKPOINT_URI": (folder / "ckpt").as_uri(),
+            "PODTRAIN_OUTPUT_DIR": str(folder / "output"),
+            "PODTRAIN_ARTIFACT_URI": str(folder / "artifacts"),
             "PODTRAIN_LOG_LEVEL": "warning",
         }
         cmd = [PY, str(TRAIN), "--steps", str(STEPS), "--every", str(EVERY), "--checkpoint-mode", "sync"]

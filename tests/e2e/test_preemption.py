@@ -23,6 +23,8 @@ def test_sigterm_mid_training_commits_the_current_step_and_exits_75(tmp_path: Pa
         "PODTRAIN_RUN_ID": "pre",
         "PODTRAIN_ATTEMPT": "1",
         "PODTRAIN_CHECKPOINT_URI": store.as_uri(),
+        "PODTRAIN_OUTPUT_DIR": str(tmp_path / "output"),
+        "PODTRAIN_ARTIFACT_URI": str(tmp_path / "artifacts"),
         "PODTRAIN_GRACE_SECONDS": "30",
         "PODTRAIN_TERMINATION_LOG": str(term_log),
         "PODTRAIN_LOG_LEVEL": "warning",

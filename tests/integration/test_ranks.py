@@ -44,6 +44,8 @@ def _env(tmp: Path, attempt: int, uri: str) -> dict[str, str]:
         "PODTRAIN_RUN_ID": "ddp",
         "PODTRAIN_ATTEMPT": str(attempt),
         "PODTRAIN_CHECKPOINT_URI": uri,
+        "PODTRAIN_OUTPUT_DIR": str(tmp / "output"),
+        "PODTRAIN_ARTIFACT_URI": str(tmp / "artifacts"),
         "PODTRAIN_GRACE_SECONDS": "20",
         "PODTRAIN_TERMINATION_LOG": str(tmp / f"termination-{attempt}"),
         "PODTRAIN_LOG_LEVEL": "warning",
