@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import os
 import shutil
 import threading
@@ -44,23 +43,20 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TextIO
 
 from sdk.errors import InsufficientSpaceError, StorageNotFoundError, TransientStorageError
 from sdk.integrity import Digest, matches
 from sdk.log import get_logger
 from sdk.progress import Progress
 from sdk.storage import ObjectInfo, RetryPolicy, Store, open_store
+from sdk.warmcache import INDEX_NAME, WarmCache
 
 __all__ = ["INDEX_NAME", "PARTIAL_SUFFIX", "PIECE_SIZE", "PullCancelled", "PullResult", "pull"]
 
 log = get_logger("podtrain.pull")
-INDEX_NAME = ".podtrain-pull.jsonl"
 PARTIAL_SUFFIX = ".podtrain-partial"
 PIECE_SIZE = 16 * 2**20
 SPACE_MARGIN = 64 * 2**20  # bytes kept free on the volume beyond the dataset
-DURABLE_BYTES = 256 * 2**20  # landed files are synced to disk, and their index lines written, after this many bytes
-DURABLE_SECONDS = 2.0  # … or this long
 _READS = 3
 
 
@@ -116,7 +112,7 @@ def pull(
     if stall_seconds is not None:
         retry = replace(retry or RetryPolicy(), timeout=stall_seconds)
     wanted = _list(sources, list(include), list(exclude), retry)
-    with contextlib.closing(_Index(target / INDEX_NAME)) as index:
+    with contextlib.closing(WarmCache(target / INDEX_NAME)) as index:
         unknown = [w for w in wanted if not index.current(w.name, target / w.name, w.info.size, w.info.fingerprint)]
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="podtrain-pull") as pool:
             adopted = {n for n in pool.map(lambda w: _adopt(w, target, index), unknown) if n}
@@ -184,7 +180,7 @@ def _check_space(target: Path, files: int, need: int) -> None:
         )
 
 
-def _adopt(wanted: _Wanted, target: Path, index: _Index) -> str:
+def _adopt(wanted: _Wanted, target: Path, index: WarmCache) -> str:
     """The name, when a file of the right size is already there (no record) and matches the store's checksum."""
     path = target / wanted.name
     try:
@@ -209,7 +205,7 @@ def _adopt(wanted: _Wanted, target: Path, index: _Index) -> str:
 class _Transfer:
     """One object on its way: its pieces land in ``<name>.podtrain-partial``; the last one verifies and renames."""
 
-    def __init__(self, wanted: _Wanted, target: Path, index: _Index, piece_size: int) -> None:
+    def __init__(self, wanted: _Wanted, target: Path, index: WarmCache, piece_size: int) -> None:
         self.wanted, self.index = wanted, index
         self.path = target / wanted.name
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
@@ -281,7 +277,7 @@ class _Transfer:
                 log.warning("pull.reread", url=self.wanted.store.url_of(self.wanted.rel), read=1, reason=problem)
                 self._refetch_sequentially()
         assert self._fd is not None
-        os.close(self._fd)  # made durable with others before its index line is written (see _Index)
+        os.close(self._fd)  # made durable with others before its index line is written (see sdk.warmcache)
         self._fd = None
         os.replace(self.partial, self.path)
         self.index.record(self.path, self.wanted.name, self.wanted.info.size, self.wanted.info.fingerprint)
@@ -316,100 +312,3 @@ class _Transfer:
             self._fd = None
         if not self.done:
             self.partial.unlink(missing_ok=True)
-
-
-class _Index:
-    """The warm-cache records: one JSON line per fetched file; the last line for a name wins."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._out: TextIO | None = None  # opened at the first record, kept open: one open for a thousand lines
-        self._pending: list[tuple[Path, dict[str, object]]] = []  # landed, not yet known to be on disk
-        self._pending_bytes = 0
-        self._committed_at = time.monotonic()
-        self.entries: dict[str, dict[str, object]] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                    self.entries[str(entry["rel"])] = entry
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn last line from an interrupted pull
-
-    def current(self, rel: str, local: Path, size: int, fingerprint: str) -> bool:
-        """Whether ``local`` holds exactly the listed object ``rel`` already."""
-        entry = self.entries.get(rel)
-        if entry is None or entry.get("fingerprint") != fingerprint or entry.get("size") != size:
-            return False
-        try:
-            stat = local.stat()
-        except FileNotFoundError:
-            return False
-        return stat.st_size == size and stat.st_mtime_ns == entry.get("mtime_ns")
-
-    def record(self, local: Path, rel: str, size: int, fingerprint: str) -> None:
-        """Note a landed file; its line is written once its bytes are on disk (:meth:`commit`)."""
-        entry = {"rel": rel, "size": size, "fingerprint": fingerprint, "mtime_ns": local.stat().st_mtime_ns}
-        with self._lock:
-            self._pending.append((local, entry))
-            self._pending_bytes += size
-            due = self._pending_bytes >= DURABLE_BYTES or time.monotonic() - self._committed_at >= DURABLE_SECONDS
-        if due:
-            self.commit()
-
-    def commit(self) -> None:
-        """Make the noted files durable (one ``syncfs`` of the volume, not one ``fsync`` per file), then write
-        their lines. A crash in between leaves files in place without a line: the next pull checks them against
-        the store's checksum (adoption) or fetches them again, never trusts them."""
-        with self._lock:
-            pending, self._pending, self._pending_bytes = self._pending, [], 0
-            self._committed_at = time.monotonic()
-        if not pending:
-            return
-        _sync(self.path.parent, [local for local, _ in pending])
-        with self._lock:
-            if self._out is None:
-                self._out = self.path.open("a")
-            for _, entry in pending:
-                self._out.write(json.dumps(entry) + "\n")
-                self.entries[str(entry["rel"])] = entry
-            self._out.flush()
-
-    def close(self) -> None:
-        self.commit()
-        with self._lock:
-            if self._out is not None:
-                self._out.close()
-                self._out = None
-
-
-def _sync(folder: Path, files: list[Path]) -> None:
-    """Flush ``files`` (and their renames) to disk: ``syncfs`` on the folder's volume where libc has it (Linux),
-    else an ``fsync`` per file and one of the folder."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        if _SYNCFS is not None and _SYNCFS(fd) == 0:
-            return
-        for path in files:
-            with contextlib.suppress(FileNotFoundError):
-                file_fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(file_fd)
-                finally:
-                    os.close(file_fd)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _libc_syncfs() -> Callable[[int], int] | None:
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-
-
-_SYNCFS = _libc_syncfs()

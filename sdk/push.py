@@ -31,12 +31,13 @@ from sdk.errors import TransientStorageError
 from sdk.log import get_logger
 from sdk.progress import Progress
 from sdk.storage import RetryPolicy, open_store
+from sdk.warmcache import INDEX_NAME
 
 __all__ = ["PUSH_INDEX", "PushResult", "default_url", "push"]
 
 log = get_logger("podtrain.push")
 PUSH_INDEX = ".podtrain-push.jsonl"
-_LOCAL_ONLY = (PUSH_INDEX, ".podtrain-pull.jsonl")
+_LOCAL_ONLY = (PUSH_INDEX, INDEX_NAME)
 MAX_BYTES = 1 << 30  # file bytes held in memory at once by the uploads in flight (one bigger file still goes)
 
 

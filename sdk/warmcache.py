@@ -1,0 +1,124 @@
+"""The warm cache of a pulled folder: ``.podtrain-pull.jsonl``, what was fetched, and proof it is on disk.
+
+One JSON line per landed file: its name, size, the object's fingerprint (ETag, GCS generation, or mtime and
+size) and the local file's mtime. A file whose line matches both the store's listing and the disk is current
+(:meth:`WarmCache.current`) and is not fetched again. Lines are written only once their files are on disk:
+landed files are made durable together — one ``syncfs`` of the volume every :data:`DURABLE_BYTES` or
+:data:`DURABLE_SECONDS`, an ``fsync`` per file where libc has no ``syncfs`` — and then their lines go out. A
+crash in between leaves files in place without a line, which the next pull checks against the store's checksum
+(adoption) or fetches again, and never trusts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["DURABLE_BYTES", "DURABLE_SECONDS", "INDEX_NAME", "WarmCache"]
+
+INDEX_NAME = ".podtrain-pull.jsonl"
+DURABLE_BYTES = 256 * 2**20  # landed files are synced to disk, and their lines written, after this many bytes
+DURABLE_SECONDS = 2.0  # … or this long
+
+
+class WarmCache:
+    """The records: one JSON line per fetched file; the last line for a name wins."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._out: TextIO | None = None  # opened at the first record, kept open: one open for a thousand lines
+        self._pending: list[tuple[Path, dict[str, object]]] = []  # landed, not yet known to be on disk
+        self._pending_bytes = 0
+        self._committed_at = time.monotonic()
+        self.entries: dict[str, dict[str, object]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.entries[str(entry["rel"])] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line from an interrupted pull
+
+    def current(self, rel: str, local: Path, size: int, fingerprint: str) -> bool:
+        """Whether ``local`` holds exactly the listed object ``rel`` already."""
+        entry = self.entries.get(rel)
+        if entry is None or entry.get("fingerprint") != fingerprint or entry.get("size") != size:
+            return False
+        try:
+            stat = local.stat()
+        except FileNotFoundError:
+            return False
+        return stat.st_size == size and stat.st_mtime_ns == entry.get("mtime_ns")
+
+    def record(self, local: Path, rel: str, size: int, fingerprint: str) -> None:
+        """Note a landed file; its line is written once its bytes are on disk (:meth:`commit`)."""
+        entry = {"rel": rel, "size": size, "fingerprint": fingerprint, "mtime_ns": local.stat().st_mtime_ns}
+        with self._lock:
+            self._pending.append((local, entry))
+            self._pending_bytes += size
+            due = self._pending_bytes >= DURABLE_BYTES or time.monotonic() - self._committed_at >= DURABLE_SECONDS
+        if due:
+            self.commit()
+
+    def commit(self) -> None:
+        """Make the noted files durable (one ``syncfs`` of the volume, not one ``fsync`` per file), then write
+        their lines. A crash in between leaves files in place without a line: the next pull checks them against
+        the store's checksum (adoption) or fetches them again, never trusts them."""
+        with self._lock:
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+            self._committed_at = time.monotonic()
+        if not pending:
+            return
+        _sync(self.path.parent, [local for local, _ in pending])
+        with self._lock:
+            if self._out is None:
+                self._out = self.path.open("a")
+            for _, entry in pending:
+                self._out.write(json.dumps(entry) + "\n")
+                self.entries[str(entry["rel"])] = entry
+            self._out.flush()
+
+    def close(self) -> None:
+        self.commit()
+        with self._lock:
+            if self._out is not None:
+                self._out.close()
+                self._out = None
+
+
+def _sync(folder: Path, files: list[Path]) -> None:
+    """Flush ``files`` (and their renames) to disk: ``syncfs`` on the folder's volume where libc has it (Linux),
+    else an ``fsync`` per file and one of the folder."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if _SYNCFS is not None and _SYNCFS(fd) == 0:
+            return
+        for path in files:
+            with contextlib.suppress(FileNotFoundError):
+                file_fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(file_fd)
+                finally:
+                    os.close(file_fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _libc_syncfs() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _libc_syncfs()
