@@ -55,6 +55,16 @@ class RecordedSleep:
         return f"RecordedSleep({self.calls})"
 
 
+class ManualClock:
+    """A clock for ``clock=`` parameters: reads ``now``, which the test moves by hand."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class CapturedLog:
     """podtrain's log lines, as written (JSON, one object a line)."""
 

@@ -5,20 +5,12 @@ from __future__ import annotations
 import pytest
 
 from sdk.progress import Progress
-from tests.conftest import CapturedLog
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import CapturedLog, ManualClock
 
 
 def test_without_a_terminal_progress_is_a_log_line_every_period_and_one_at_the_end(captured_log: CapturedLog) -> None:
     """Lines at most every `every` seconds with files, bytes, rate and ETA; the last file always gives one."""
-    clock = _Clock()
+    clock = ManualClock(100.0)
     progress = Progress("pull", 3, 3 * 2**20, clock=clock, every=5.0, bar=False)
     for _ in range(2):
         clock.now += 1.0

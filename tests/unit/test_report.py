@@ -7,19 +7,12 @@ from pathlib import Path
 
 from sdk import report
 from sdk.report import Report
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import ManualClock
 
 
 def test_steps_are_written_at_most_once_a_second_and_events_at_once(tmp_path: Path) -> None:
     """step() writes when EVERY seconds passed; update() writes at once; the file is always whole JSON."""
-    clock = _Clock()
+    clock = ManualClock()
     path = tmp_path / "report.json"
     rep = Report(str(path), clock=clock)
     rep.update(resumed_from=20, last_step=20)

@@ -12,6 +12,7 @@ import torch
 
 import sdk
 from sdk.config import Config
+from tests.conftest import ManualClock
 
 
 def test_import_sdk_and_the_cli_do_not_import_torch() -> None:
@@ -64,19 +65,11 @@ def test_init_reads_podtrain_variables(tmp_path: Path, monkeypatch: pytest.Monke
         assert run.config.run_id == "env-run"
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_time_policy_saves_when_enough_seconds_passed(tmp_path: Path) -> None:
     """checkpoint_every_seconds=60: no save before a minute has passed since the last, one after."""
     from sdk.run import Run
 
-    clock = _Clock()
+    clock = ManualClock()
     config = Config(
         checkpoint_uri=str(tmp_path), attempt=1, checkpoint_every_seconds=60, keep_last=10, checkpoint_mode="sync"
     )
@@ -117,7 +110,7 @@ def test_preempted_run_skips_a_save_that_cannot_finish_in_time(tmp_path: Path) -
     from sdk.preemption import Preemption
     from sdk.run import Run
 
-    clock = _Clock()
+    clock = ManualClock()
     stop = Preemption(30, clock=clock)
     config = Config(checkpoint_uri=str(tmp_path), attempt=1, checkpoint_every_steps=10, checkpoint_mode="sync")
     run = Run(config, sdk.Checkpointer.from_config(config), stop, clock=clock)
