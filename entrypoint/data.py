@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from entrypoint import termination
+
 __all__ = ["EXAMPLES", "add_parser", "pull_before_child", "push_after_child", "run", "run_push"]
 
 PUSH_CAP = 300.0  # seconds the supervisor spends pushing outputs when no deadline runs
@@ -120,27 +122,24 @@ def push_after_child(config: Any, exit_by: float | None, log: Any) -> tuple[Any,
     if not folder.exists() or not any(folder.iterdir()):
         return None, ""
     budget = PUSH_CAP if exit_by is None else max(0.0, (exit_by - time.monotonic()) / 3)
-    outcome: dict[str, Any] = {}
 
-    def work() -> None:
+    def work() -> tuple[Any, Exception | None]:
         try:
-            outcome["result"] = push(
-                folder, default_url(config.artifact_uri, config.run_id), stall_seconds=config.stall_seconds
-            )
+            url = default_url(config.artifact_uri, config.run_id)
+            return push(folder, url, stall_seconds=config.stall_seconds), None
         except Exception as exc:
-            outcome["error"] = exc
+            return None, exc
 
-    worker = threading.Thread(target=work, name="podtrain-push-outputs", daemon=True)
-    worker.start()
-    worker.join(budget)
-    if worker.is_alive():
+    done, problem = termination.within(budget, work, "podtrain-push-outputs")
+    if problem:  # still running: left behind, as a daemon thread
         log.warning("supervisor.push_incomplete", seconds=round(budget, 3))
         return None, f"outputs not fully pushed within {budget:.1f} s"
-    if "error" in outcome:
-        log.error("supervisor.push_failed", error=str(outcome["error"]))
-        return None, f"outputs not pushed: {outcome['error']}"
-    log.info("supervisor.pushed", **outcome["result"].__dict__)
-    return outcome["result"], ""
+    result, error = done
+    if error is not None:
+        log.error("supervisor.push_failed", error=str(error))
+        return None, f"outputs not pushed: {error}"
+    log.info("supervisor.pushed", **result.__dict__)
+    return result, ""
 
 
 def run(args: argparse.Namespace) -> int:
