@@ -49,6 +49,13 @@ def add_parser(commands: Any) -> None:
     pull.add_argument(
         "--piece-mib", type=int, default=16, help="objects over this size come in ranges of this size (default 16)"
     )
+    pull.add_argument(
+        "--direct",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write files around the page cache where the file system allows (less CPU; default); "
+        "--no-direct leaves them cached in memory for a first epoch that reads them at once",
+    )
 
 
 def add_push_parser(commands: Any) -> None:
@@ -166,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         piece_size=args.piece_mib * 2**20,
         stall_seconds=args.stall_seconds or config.stall_seconds,
         progress=args.progress,
+        direct=args.direct,
     )
     if args.json:
         print(json.dumps({"dest": config.data_dir, **result.__dict__}))

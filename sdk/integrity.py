@@ -2,7 +2,7 @@
 
 Stores report different things (:data:`sdk.storage.Checksums`): S3 a CRC32C or CRC32 when the uploader sent one,
 and a single-part ETag that is the MD5; GCS a CRC32C and an MD5 for every object. :class:`Digest` picks the
-first the store offers of CRC32C (hardware, ~10 GB/s), CRC32 (zlib), MD5, and the ETag hint (MD5), and
+first the store offers of CRC32C (hardware, ~10 GB/s), CRC32 (zlib-ng, SIMD), MD5, and the ETag hint (MD5), and
 computes it over the bytes as they arrive. CRCs of pieces fetched in parallel are combined without the data
 (:func:`sdk.checksum.combine`); an MD5 cannot be, so ranged transfers use a CRC or the size alone.
 """
@@ -10,7 +10,6 @@ computes it over the bytes as they arrive. CRCs of pieces fetched in parallel ar
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import Mapping, Sequence
 
 from sdk import checksum
@@ -45,7 +44,7 @@ class Digest:
         if self.name == "crc32c":
             self._crc = checksum.crc32c(data, self._crc)
         elif self.name == "crc32":
-            self._crc = zlib.crc32(data, self._crc)
+            self._crc = checksum.crc32(data, self._crc)
         elif self._md5 is not None:
             self._md5.update(data)
 

@@ -46,6 +46,7 @@ from pathlib import Path
 
 from sdk.errors import InsufficientSpaceError, StorageNotFoundError, TransientStorageError
 from sdk.integrity import Digest, matches
+from sdk.landing import LandingFile
 from sdk.log import get_logger
 from sdk.progress import Progress
 from sdk.storage import ObjectInfo, RetryPolicy, Store, open_store
@@ -99,12 +100,14 @@ def pull(
     progress_every: float = 5.0,
     clock: Callable[[], float] = time.monotonic,
     cancel: threading.Event | None = None,
+    direct: bool = True,
 ) -> PullResult:
     """Fetch every object under ``sources`` into ``dest`` that is not already there unchanged; see the module.
 
     ``stall_seconds``: a transfer receiving nothing for this long is aborted and retried (default: the retry
     policy's timeout, 60 s). ``progress``: a terminal bar (default: when stderr is a terminal). ``cancel``:
-    once set, no further piece is started and :class:`PullCancelled` is raised.
+    once set, no further piece is started and :class:`PullCancelled` is raised. ``direct``: write files around
+    the page cache where the file system allows (:mod:`sdk.landing`); False leaves them cached in memory.
     """
     started = clock()
     target = Path(dest)
@@ -121,7 +124,8 @@ def pull(
         _check_space(target, len(todo), need)
         log.info("pull.start", files=len(wanted), to_fetch=len(todo), adopted=len(adopted), bytes=need, dest=str(dest))
         bar = Progress("pull", len(todo), need, clock=clock, every=progress_every, bar=progress)
-        _fetch_all([_Transfer(w, target, index, piece_size) for w in todo], bar, workers=workers, cancel=cancel)
+        transfers = [_Transfer(w, target, index, piece_size, direct=direct) for w in todo]
+        _fetch_all(transfers, bar, workers=workers, cancel=cancel)
     result = PullResult(len(wanted), len(todo), len(wanted) - len(todo), need, clock() - started, len(adopted))
     log.info("pull.done", **result.__dict__)
     return result
@@ -205,8 +209,8 @@ def _adopt(wanted: _Wanted, target: Path, index: WarmCache) -> str:
 class _Transfer:
     """One object on its way: its pieces land in ``<name>.podtrain-partial``; the last one verifies and renames."""
 
-    def __init__(self, wanted: _Wanted, target: Path, index: WarmCache, piece_size: int) -> None:
-        self.wanted, self.index = wanted, index
+    def __init__(self, wanted: _Wanted, target: Path, index: WarmCache, piece_size: int, *, direct: bool) -> None:
+        self.wanted, self.index, self.direct = wanted, index, direct
         self.path = target / wanted.name
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         size = wanted.info.size
@@ -214,31 +218,31 @@ class _Transfer:
         self.starts = list(range(0, size, self.piece_size)) or [0]
         self.ranged = len(self.starts) > 1
         self._lock = threading.Lock()
-        self._fd: int | None = None
+        self._file: LandingFile | None = None
         self._parts: dict[int, tuple[Digest, int]] = {}  # piece start -> (its digest, its length)
         self._sums = dict(wanted.info.checksums)
         self._sums.pop("etag_md5", None)  # a hint, never a reason to fail
         self.done = False
 
-    def open(self) -> int:
+    def open(self) -> LandingFile:
         with self._lock:
-            if self._fd is None:
+            if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                if self.ranged:  # pieces land anywhere in it: the full size at once
-                    os.ftruncate(self._fd, self.wanted.info.size)
+                self._file = LandingFile(
+                    self.partial, self.wanted.info.size, direct=self.direct, preallocate=self.ranged
+                )
                 if self.ranged and not self._sums:  # ranged GETs carry no checksum: ask once
                     self._sums = dict(self.wanted.store.describe(self.wanted.rel).checksums)
                     self._sums.pop("md5", None)  # MD5 cannot be combined from pieces
                     self._sums.pop("etag_md5", None)
-            return self._fd
+            return self._file
 
     def fetch(self, start: int, progress: Progress) -> None:
         """Read one piece, checked, and write it at its offset; the last piece completes the file."""
-        fd = self.open()
+        file = self.open()
         end = min(start + self.piece_size, self.wanted.info.size)
         data, digest = self._read_checked(start, end)
-        os.pwrite(fd, data, start)
+        file.write(data, start)
         progress.add_bytes(len(data))
         with self._lock:
             self._parts[start] = (digest, len(data))
@@ -276,21 +280,21 @@ class _Transfer:
             if problem:  # pieces were each the right length, yet the whole is wrong: fetch it again, in order
                 log.warning("pull.reread", url=self.wanted.store.url_of(self.wanted.rel), read=1, reason=problem)
                 self._refetch_sequentially()
-        assert self._fd is not None
-        os.close(self._fd)  # made durable with others before its index line is written (see sdk.warmcache)
-        self._fd = None
+        assert self._file is not None
+        self._file.close()  # made durable with others before its index line is written (see sdk.warmcache)
+        self._file = None
         os.replace(self.partial, self.path)
         self.index.record(self.path, self.wanted.name, self.wanted.info.size, self.wanted.info.fingerprint)
         self.done = True
 
     def _refetch_sequentially(self) -> None:
-        assert self._fd is not None
+        assert self._file is not None
         for read in range(2, _READS + 1):
             parts = []
             for start in self.starts:
                 end = min(start + self.piece_size, self.wanted.info.size)
                 data, _ = self.wanted.store.read(self.wanted.rel, start, end)
-                os.pwrite(self._fd, data, start)
+                self._file.write(data, start)
                 parts.append((Digest.of(data, self._sums), len(data)))
             problem = self._mismatch(Digest.combine(parts))
             if not problem:
@@ -307,8 +311,8 @@ class _Transfer:
 
     def abandon(self) -> None:
         """After a failure or a cancel: close and remove what was not completed (it is fetched again next time)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if not self.done:
             self.partial.unlink(missing_ok=True)

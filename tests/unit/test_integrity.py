@@ -44,3 +44,13 @@ def test_pieces_combine_in_order_and_a_flipped_byte_shows() -> None:
     pieces[2] = b"\x00" + pieces[2][1:] if pieces[2][0] else b"\x01" + pieces[2][1:]
     parts = [(Digest.of(p, sums), len(p)) for p in pieces]
     assert not matches(Digest.combine(parts), sums)
+
+
+def test_the_fast_crc32_is_zlib_s_crc32_for_bytes_and_buffers_and_continues() -> None:
+    """checksum.crc32 (zlib-ng) gives the standard library's values, over bytes and memoryviews, in pieces too."""
+    data = os.urandom(3 * 2**20 + 17)
+    assert checksum.crc32(data) == zlib.crc32(data)
+    view = memoryview(bytearray(data))
+    assert checksum.crc32(view[1000:]) == zlib.crc32(data[1000:])
+    assert checksum.crc32(data[5:], checksum.crc32(data[:5])) == zlib.crc32(data)
+    assert checksum.crc32(b"") == 0

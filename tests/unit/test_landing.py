@@ -1,0 +1,140 @@
+"""sdk.landing: pulled pieces written around the page cache, exact bytes whatever the alignment or the file system."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from sdk import landing
+from sdk.landing import ALIGN, LandingFile
+
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def _supports_direct(folder: Path) -> bool:
+    if not O_DIRECT:
+        return False
+    probe = folder / ".probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | O_DIRECT, 0o644))
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+    return True
+
+
+def _flags(file: LandingFile) -> int:
+    return fcntl.fcntl(file._direct_fd if file.direct else file._plain_fd, fcntl.F_GETFL)
+
+
+needs_direct = pytest.mark.skipif(not O_DIRECT, reason="this platform has no O_DIRECT")
+
+
+@needs_direct
+def test_a_whole_small_file_of_odd_length_is_written_direct_and_cut_to_its_size(tmp_path: Path) -> None:
+    """One unaligned write goes around the page cache, padded, and the file is cut back to its real length."""
+    if not _supports_direct(tmp_path):
+        pytest.skip(f"{tmp_path}'s file system refuses O_DIRECT")
+    data = random.Random(1).randbytes(ALIGN * 3 + 123)
+    file = LandingFile(tmp_path / "f", len(data))
+    assert file.direct and _flags(file) & O_DIRECT
+    file.write(data, 0)
+    file.close()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+@needs_direct
+def test_pieces_from_many_threads_in_any_order_give_the_exact_file(tmp_path: Path) -> None:
+    """Ranged pieces written concurrently and out of order, the last one unaligned, land byte for byte."""
+    piece = 64 * 1024
+    data = random.Random(2).randbytes(piece * 7 + 999)
+    file = LandingFile(tmp_path / "f", len(data), preallocate=True)
+    starts = list(range(0, len(data), piece))
+    random.Random(3).shuffle(starts)
+    threads = [threading.Thread(target=file.write, args=(data[s : s + piece], s)) for s in starts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    file.close()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_an_unaligned_piece_inside_the_file_never_pads_over_its_neighbour(tmp_path: Path) -> None:
+    """A piece whose length is not a block multiple (and does not end the file) is written through the page
+    cache, so no zero padding lands on the next piece's bytes."""
+    data = random.Random(4).randbytes(10_000)
+    file = LandingFile(tmp_path / "f", len(data), preallocate=True)
+    file.write(data[5_000:], 5_000)  # the neighbour first
+    file.write(data[:5_000], 0)  # aligned offset, unaligned length, not the end
+    file.close()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_a_file_system_refusing_o_direct_at_open_gets_a_page_cache_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EINVAL for O_DIRECT at open (tmpfs on old kernels, FUSE) means a normal file, same bytes."""
+    real_open = os.open
+
+    def refusing(path: object, flags: int, *args: object) -> int:
+        if flags & O_DIRECT and O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(landing.os, "open", refusing)
+    data = random.Random(5).randbytes(ALIGN + 7)
+    file = LandingFile(tmp_path / "f", len(data))
+    assert not file.direct
+    file.write(data, 0)
+    file.close()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+@needs_direct
+def test_a_file_system_refusing_the_first_direct_write_switches_to_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EINVAL at the first direct write (a file system that takes the flag but not the alignment) is not an
+    error: that piece and the rest go through the page cache, and the file is whole."""
+    if not _supports_direct(tmp_path):
+        pytest.skip(f"{tmp_path}'s file system refuses O_DIRECT")
+    real_pwrite = os.pwrite
+    refused = []
+
+    def refusing(fd: int, data: bytes, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(landing.os, "pwrite", refusing)
+    data = random.Random(6).randbytes(ALIGN * 4 + 1)
+    file = LandingFile(tmp_path / "f", len(data), preallocate=True)
+    file.write(data[: ALIGN * 2], 0)
+    file.write(data[ALIGN * 2 :], ALIGN * 2)
+    assert refused == [0] and not file.direct
+    file.close()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_direct_false_never_opens_with_o_direct(tmp_path: Path) -> None:
+    """``direct=False`` (``podtrain pull --no-direct``) keeps files in the page cache."""
+    file = LandingFile(tmp_path / "f", 10, direct=False)
+    assert not file.direct and not (_flags(file) & O_DIRECT if O_DIRECT else 0)
+    file.write(b"0123456789", 0)
+    file.close()
+    assert (tmp_path / "f").read_bytes() == b"0123456789"
+
+
+def test_other_open_errors_are_not_swallowed(tmp_path: Path) -> None:
+    """Only EINVAL means "no O_DIRECT here"; a missing folder is still an error the caller sees."""
+    with pytest.raises(FileNotFoundError):
+        LandingFile(tmp_path / "missing" / "f", 10)
