@@ -6,13 +6,14 @@ and the store's CRC32C where it keeps one, are compared with the local bytes. ``
 folder records what was sent (name, size, mtime, URL), so pushing again — at a preemption, then at the end —
 sends only new or changed files. Temporary files (``*.podtrain-partial``) and the records themselves stay local.
 
-Files are read whole, several at a time (``workers``), with at most ``max_bytes`` (1 GiB) of them in memory at
-once (a larger file goes alone). After each upload the object's size and the store's CRC32C are compared with the
-local file's, from the store's answer (S3 PutObject echoes the CRC32C it checked; GCS returns the new object's
-metadata) or, where the answer does not say (a multipart upload, other stores), from one metadata request.
-Transient errors are retried by the store; a request that moves no byte for ``stall_seconds`` is cut and
-retried; a permanent error fails the push with the store's message. Progress: a bar on a terminal,
-``push.progress`` log lines otherwise.
+Several files go at once (``workers``), with at most ``max_bytes`` (1 GiB) of them in memory: a file is read
+whole, except on S3, where one over 32 MiB is sent in parts read from the disk as they go (10 parts in memory at
+most, whatever its size). A file larger than the whole budget goes alone. After each upload the object's size
+and the store's CRC32C are compared with the local file's, from the store's answer (S3 PutObject echoes the
+CRC32C it checked; GCS returns the new object's metadata) or, where the answer does not say (a multipart upload,
+other stores), from one metadata request. Transient errors are retried by the store; a request that moves no
+byte for ``stall_seconds`` is cut and retried; a permanent error fails the push with the store's message.
+Progress: a bar on a terminal, ``push.progress`` log lines otherwise.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sdk import checksum
 from sdk.errors import TransientStorageError
 from sdk.log import get_logger
 from sdk.progress import Progress
@@ -109,11 +109,8 @@ def push(
 
     def send(item: tuple[Path, str, int, int]) -> int:
         path, rel, size, mtime_ns = item
-        with budget.hold(size):
-            data = path.read_bytes()
-            sent, crc = len(data), checksum.crc32c(data)
-            remote = store.upload(rel, data, crc32c=crc)  # what the store holds, from its answer or a HEAD
-            del data
+        with budget.hold(store.upload_memory(size)):
+            remote, crc, sent = store.upload_file(rel, path)  # what the store holds, from its answer or a HEAD
         native = remote.checksums.get("crc32c")
         if remote.size != sent or (native is not None and native != crc):
             raise TransientStorageError(f"{store.url_of(rel)} does not match {path} after upload", url=store.url)

@@ -1,8 +1,9 @@
 """S3 and S3-compatible stores: conditional create, CRC32C on every upload, the lean request path.
 
-:class:`S3Backend` makes GET, HEAD, ListObjectsV2 and single-part PUT through :mod:`sdk.s3http` (or botocore's
-synchronous client where that steps aside), multipart uploads through s3fs's aiobotocore client, and everything
-else through s3fs, made on first use. See ``docs/design.md`` (Storage) for the measurements behind each choice.
+:class:`S3Backend` makes GET, HEAD, ListObjectsV2, PUT and multipart uploads through :mod:`sdk.s3http` (or,
+where that steps aside, botocore's synchronous client, and s3fs's aiobotocore client for multipart uploads), and
+everything else through s3fs, made on first use. See ``docs/design.md`` (Storage) for the measurements behind
+each choice.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import contextlib
 import functools
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -20,6 +23,7 @@ from fsspec.asyn import sync
 
 from sdk import checksum
 from sdk.backend import Backend, Checksums, ObjectInfo, _fingerprint, _listed_checksums, _status, split_url
+from sdk.errors import PermanentStorageError
 
 __all__ = ["S3_MULTIPART_THRESHOLD", "S3_PART_SIZE", "S3Backend"]
 
@@ -122,10 +126,44 @@ class S3Backend(Backend):
         # A PutObject answer echoes the CRC32C S3 checked and stored; a multipart completion has only the parts'.
         return None if answer is None else ObjectInfo(len(data), _fingerprint(answer), _s3_checksums(answer))
 
+    def upload_file(self, path: str, local: Path) -> tuple[ObjectInfo | None, int, int]:
+        """A file over :data:`S3_MULTIPART_THRESHOLD` goes up in parts read from the disk as they are sent, so
+        memory holds :data:`S3_CONCURRENCY` parts at most, whatever the file's size; smaller files in one PUT."""
+        size = local.stat().st_size
+        if size <= S3_MULTIPART_THRESHOLD or self._http is None:
+            return super().upload_file(path, local)
+        bucket, key = self._split(path)
+        fd = os.open(local, os.O_RDONLY)
+        try:
+
+            def read(start: int, length: int) -> bytes:
+                data = os.pread(fd, length, start)
+                if len(data) != length:
+                    raise PermanentStorageError(f"{local} changed while it was uploaded: {size} bytes expected")
+                return data
+
+            crc = self._multipart_http(bucket, key, size, read, if_none_match=False)
+        finally:
+            os.close(fd)
+            self.invalidate(path)
+        return None, crc, size
+
+    def upload_memory(self, size: int) -> int:
+        if size <= S3_MULTIPART_THRESHOLD or self._http is None:
+            return size
+        return min(size, S3_CONCURRENCY * _part_size(size))
+
     def _put(self, path: str, data: bytes, crc: int, match: dict[str, str]) -> dict[str, Any] | None:
         """PutObject (its answer), or a multipart upload (None) above :data:`S3_MULTIPART_THRESHOLD`."""
         bucket, key = self._split(path)
         try:
+            if len(data) > S3_MULTIPART_THRESHOLD and self._http is not None:
+                whole = self._multipart_http(
+                    bucket, key, len(data), lambda start, n: data[start : start + n], if_none_match=bool(match)
+                )
+                if whole != crc:  # the caller's CRC32C is of other bytes than those sent: never silently
+                    raise PermanentStorageError(f"s3://{path}: CRC32C of the parts sent differs from the caller's")
+                return None
             if len(data) > S3_MULTIPART_THRESHOLD:
                 sync(self.fs.loop, self._multipart, bucket, key, data, crc, match)
                 return None
@@ -146,6 +184,42 @@ class S3Backend(Backend):
         finally:
             self.invalidate(path)
 
+    def _multipart_http(
+        self, bucket: str, key: str, size: int, read: Callable[[int, int], bytes], *, if_none_match: bool
+    ) -> int:
+        """A multipart upload through :mod:`sdk.s3http`: ``read(start, length)`` supplies each part, sent from
+        up to :data:`S3_CONCURRENCY` threads with its CRC32C (S3 checks each on arrival; the object gets the
+        COMPOSITE checksum, see :meth:`_multipart`). Returns the whole object's CRC32C, combined from the parts'.
+        Any failure aborts the upload, so no parts are left for S3 to bill."""
+        http = self._http
+        part_size = _part_size(size)
+        starts = list(range(0, size, part_size))
+        upload_id = http.create_multipart(bucket, key)
+
+        def part(number: int, start: int) -> tuple[tuple[int, str, str], int, int]:
+            body = read(start, min(part_size, size - start))
+            crc = checksum.crc32c(body)
+            b64 = checksum.to_b64(crc)
+            answer = http.upload_part(bucket, key, upload_id, number, body, crc32c_b64=b64)
+            return (number, str(answer.get("ETag", "")), b64), crc, len(body)
+
+        pool = ThreadPoolExecutor(max_workers=min(S3_CONCURRENCY, len(starts)), thread_name_prefix="podtrain-s3-part")
+        try:
+            futures = [pool.submit(part, i + 1, start) for i, start in enumerate(starts)]
+            parts = [f.result() for f in futures]  # the first failure raises; the rest are cancelled below
+            http.complete_multipart(bucket, key, upload_id, [p[0] for p in parts], if_none_match=if_none_match)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                http.abort_multipart(bucket, key, upload_id)
+            raise
+        finally:
+            pool.shutdown(wait=True)
+        whole = parts[0][1]
+        for _, crc, length in parts[1:]:
+            whole = checksum.combine(whole, crc, length)
+        return whole
+
     async def _multipart(self, bucket: str, key: str, data: bytes, crc: int, match: dict[str, str]) -> None:
         """Parallel parts, each sent with its CRC32C so S3 checks every part on arrival.
 
@@ -158,7 +232,7 @@ class S3Backend(Backend):
         mpu = await call("create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32C")
         upload_id = mpu["UploadId"]
         limit = asyncio.Semaphore(S3_CONCURRENCY)
-        part_size = max(S3_PART_SIZE, -(-len(data) // S3_MAX_PARTS))
+        part_size = _part_size(len(data))
 
         async def part(number: int, start: int) -> dict[str, Any]:
             body = data[start : start + part_size]  # botocore takes bytes, not memoryview
@@ -255,6 +329,11 @@ def _s3_config(timeout: float) -> dict[str, Any]:
         "request_checksum_calculation": "when_required",
         "response_checksum_validation": "when_required",
     }
+
+
+def _part_size(size: int) -> int:
+    """:data:`S3_PART_SIZE`, grown for big objects so that none needs more than S3's 10,000 parts."""
+    return max(S3_PART_SIZE, -(-size // S3_MAX_PARTS))
 
 
 @functools.lru_cache(maxsize=4)

@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import tenacity
@@ -107,6 +108,21 @@ class Store:
             return self.backend.upload(self.path(rel), data, crc32c=crc32c) or self.backend.describe(self.path(rel))
 
         return self._call("put", rel, attempt)
+
+    def upload_file(self, rel: str, local: Path) -> tuple[ObjectInfo, int, int]:
+        """Upload the file ``local`` to ``rel`` (streamed in parts where the store allows) and return what the
+        store then holds, with the CRC32C and size of the bytes sent (the store checked that CRC32C, or each
+        part's, on arrival)."""
+
+        def attempt() -> tuple[ObjectInfo, int, int]:
+            info, crc, size = self.backend.upload_file(self.path(rel), local)
+            return (info or self.backend.describe(self.path(rel))), crc, size
+
+        return self._call("put", rel, attempt)
+
+    def upload_memory(self, size: int) -> int:
+        """The bytes :meth:`upload_file` holds in memory at once for a file of ``size``."""
+        return self.backend.upload_memory(size)
 
     def get(self, rel: str) -> bytes:
         """The whole object at ``rel``."""

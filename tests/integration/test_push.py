@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from sdk.backend import Backend
 from sdk.push import PUSH_INDEX, push
 from sdk.storage import Store, open_store
 
@@ -28,13 +29,13 @@ def _outputs(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def puts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
-    original = Store.upload
+    original = Store.upload_file
 
-    def spy(self: Store, rel: str, data: bytes, **kwargs: Any) -> Any:
+    def spy(self: Store, rel: str, local: Path) -> Any:
         seen.append(rel)
-        return original(self, rel, data, **kwargs)
+        return original(self, rel, local)
 
-    monkeypatch.setattr(Store, "upload", spy)
+    monkeypatch.setattr(Store, "upload_file", spy)
     return seen
 
 
@@ -133,21 +134,21 @@ def test_the_files_held_in_memory_at_once_stay_within_the_budget(memory_url: str
         (out / f"shard-{n}.bin").write_bytes(os.urandom(100_000))
     (out / "big.bin").write_bytes(os.urandom(400_000))
     lock, live, seen = threading.Lock(), [], []
-    original = Store.upload
+    original = Backend.upload
 
-    def counting(self: Store, rel: str, data: bytes, **kwargs: Any) -> Any:
+    def counting(self: Backend, path: str, data: bytes, **kwargs: Any) -> Any:
         with lock:
             live.append(len(data))
             seen.append(sorted(live))
         time.sleep(0.02)
         try:
-            return original(self, rel, data, **kwargs)
+            return original(self, path, data, **kwargs)
         finally:
             with lock:
                 live.remove(len(data))
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Store, "upload", counting)
+        patch.setattr(Backend, "upload", counting)
         result = push(out, f"{memory_url}/run", workers=16, max_bytes=250_000)
     assert result.sent == 11
     assert [400_000] in seen, "the file over the budget went, alone"

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from sdk import checksum, s3
-from sdk.errors import StorageNotFoundError, StoragePermissionError
+from sdk.errors import PermanentStorageError, StorageNotFoundError, StoragePermissionError
 from sdk.storage import Store, open_store, split_url
 
 if TYPE_CHECKING:
@@ -44,6 +45,14 @@ class StoreContract:
         data = _blob(100_000)
         assert store.put("a/b/c.bin", data) is True
         assert store.get("a/b/c.bin") == data
+
+    def test_upload_file_lands_the_file_and_reports_what_it_sent(self, store: Store, tmp_path: Path) -> None:
+        """A local file uploads byte for byte; the answer is the stored size and the CRC32C of the bytes sent."""
+        data = _blob(300_000, seed=3)
+        (tmp_path / "f.bin").write_bytes(data)
+        info, crc, size = store.upload_file("up/f.bin", tmp_path / "f.bin")
+        assert (info.size, crc, size) == (len(data), checksum.crc32c(data), len(data))
+        assert store.get("up/f.bin") == data
 
     def test_empty_object_round_trips(self, store: Store) -> None:
         """A zero-byte object is stored, exists, has size 0 and reads back empty."""
@@ -264,6 +273,73 @@ class TestS3Store(StoreContract):
         assert head["ChecksumCRC32C"].split("-")[0] == checksum.to_b64(composite)  # each part's CRC32C was sent
         assert store.native_crc32c("big.bin") is None  # a composite is not the file's CRC32C: reads check it
         assert store.get("big.bin") == data
+
+    @pytest.mark.usefixtures("small_parts")
+    def test_a_large_file_goes_up_in_parts_read_from_disk(
+        self, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A file over the threshold is read a part at a time (never whole), each part checked by S3; the CRC32C
+        returned is the whole file's, combined from the parts'; memory held is bounded by parts, not file size."""
+        data = os.urandom(11 * 2**20)
+        (tmp_path / "big.bin").write_bytes(data)
+        reads: list[int] = []
+        real_pread = os.pread
+
+        def pread(fd: int, length: int, offset: int) -> bytes:
+            reads.append(length)
+            return real_pread(fd, length, offset)
+
+        monkeypatch.setattr(s3.os, "pread", pread)
+        info, crc, size = store.upload_file("big.bin", tmp_path / "big.bin")
+        assert sorted(reads) == [2**20, 5 * 2**20, 5 * 2**20]
+        assert (info.size, size, crc) == (len(data), len(data), checksum.crc32c(data))
+        assert store.get("big.bin") == data
+        assert store.upload_memory(2**40) == s3.S3_CONCURRENCY * -(-(2**40) // s3.S3_MAX_PARTS)  # 10 parts of 110 MB
+        assert store.upload_memory(3 * 2**20) == 3 * 2**20  # one PUT: the file itself
+
+    @pytest.mark.usefixtures("small_parts")
+    def test_a_failed_part_aborts_the_multipart_upload(
+        self, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """When a part is refused, the upload fails with S3's error and is aborted: no object, no parts left over
+        for S3 to bill."""
+        from sdk import s3http
+
+        (tmp_path / "big.bin").write_bytes(os.urandom(11 * 2**20))
+        real = s3http.S3HTTP.upload_part
+
+        def refuse_second(self: s3http.S3HTTP, *args: Any, **kwargs: Any) -> Any:
+            if args[3] == 2:  # part number
+                raise s3http.S3Error(403, "AccessDenied", "part 2 refused")
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(s3http.S3HTTP, "upload_part", refuse_second)
+        with pytest.raises(StoragePermissionError, match="part 2 refused"):
+            store.upload_file("big.bin", tmp_path / "big.bin")
+        import boto3
+
+        bucket, _, prefix = store.root.partition("/")
+        client = boto3.client("s3")
+        assert client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", []) == []
+        assert not store.exists("big.bin")
+
+    @pytest.mark.usefixtures("small_parts")
+    def test_a_file_that_shrinks_while_it_is_uploaded_fails_with_a_message(self, store: Store, tmp_path: Path) -> None:
+        """Bytes missing at read time (a writer truncated the file) fail the upload clearly, never a short object."""
+        path = tmp_path / "big.bin"
+        path.write_bytes(os.urandom(11 * 2**20))
+        real_stat = Path.stat
+
+        def stat_then_truncate(self: Path, **kwargs: Any) -> Any:
+            result = real_stat(self, **kwargs)
+            if self == path:
+                os.truncate(path, 7 * 2**20)
+            return result
+
+        with pytest.MonkeyPatch.context() as patch, pytest.raises(PermanentStorageError, match="changed while"):
+            patch.setattr(Path, "stat", stat_then_truncate)
+            store.upload_file("big.bin", path)
+        assert not store.exists("big.bin")
 
     @pytest.mark.usefixtures("small_parts")
     def test_exclusive_multipart_upload_loses_to_an_existing_object(self, store: Store) -> None:
