@@ -34,6 +34,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check sdk entrypoint tests bench examples
 	$(VENV)/bin/ruff format --check sdk entrypoint tests bench examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.example
 
 demo: $(STAMP)
 	$(PY) examples/quickstart.py --workdir .demo
