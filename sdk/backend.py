@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
 from sdk import checksum
 from sdk.errors import BackendMissingError
 
@@ -86,6 +84,8 @@ def require_backend(url: str, variable: str = "") -> None:
                 f"(missing: {', '.join(missing)})"
             )
         return
+    import fsspec
+
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError as exc:
@@ -105,6 +105,8 @@ def connect(url: str, *, timeout: float) -> tuple[Backend, str]:
     protocol, path = split_url(url)
     backend: Backend
     if protocol == "file":
+        import fsspec  # here, not at the top: S3 transfers never need it (~35-60 ms of every command's start)
+
         return LocalBackend(fsspec.filesystem("file")), path
     if protocol in ("s3", "s3a"):
         from sdk.s3 import S3Backend
@@ -115,6 +117,8 @@ def connect(url: str, *, timeout: float) -> tuple[Backend, str]:
 
         backend = GCSBackend.create(timeout)
     else:
+        import fsspec
+
         backend = Backend(fsspec.filesystem(protocol))
     return backend, backend.root_of(url)
 

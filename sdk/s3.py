@@ -18,9 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import fsspec
-from fsspec.asyn import sync
-
 from sdk import checksum
 from sdk.backend import Backend, Checksums, ObjectInfo, _fingerprint, _listed_checksums, _status, split_url
 from sdk.errors import PermanentStorageError
@@ -47,6 +44,8 @@ class S3Backend(Backend):
     def fs(self) -> Any:
         """s3fs, made on first use: listing, reading and describing objects (all a dataset pull does) go
         through the synchronous client below and never import s3fs and aiobotocore (~0.5 s)."""
+        import fsspec
+
         fs = fsspec.filesystem(
             "s3", skip_instance_cache=True, session=_aio_session(self._aws_env), config_kwargs=_s3_config(self._timeout)
         )
@@ -107,6 +106,8 @@ class S3Backend(Backend):
         return client
 
     def _s3(self, method: str, **kwargs: Any) -> Any:
+        from fsspec.asyn import sync
+
         return sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
 
     def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
@@ -165,6 +166,8 @@ class S3Backend(Backend):
                     raise PermanentStorageError(f"s3://{path}: CRC32C of the parts sent differs from the caller's")
                 return None
             if len(data) > S3_MULTIPART_THRESHOLD:
+                from fsspec.asyn import sync
+
                 sync(self.fs.loop, self._multipart, bucket, key, data, crc, match)
                 return None
             if self._http is not None:

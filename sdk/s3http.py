@@ -4,9 +4,10 @@ botocore spends ~3.6 ms of CPU on each request (measured here: building, emittin
 a pull of a thousand 1 MiB objects spends more client CPU on requests than on bytes: 1.7 CPU-s for 300 x 1 MiB
 from 16 threads, against 0.7 CPU-s for the same GETs built here. This module makes the requests a transfer
 repeats — GetObject (whole or a byte range), HeadObject, ListObjectsV2, PutObject, and the four of a multipart
-upload (create, part, complete, abort) — itself, and still relies on
-botocore for what must be right: credentials (every source botocore knows, refreshed as it refreshes them) and
-the SigV4 signature (``S3SigV4Auth``, unsigned payloads: each body carries its CRC32C, which S3 checks).
+upload (create, part, complete, abort) — itself. Requests are signed by :mod:`sdk.sigv4` (the same headers as
+botocore's ``S3SigV4Auth``, tested; unsigned payloads: each body carries its CRC32C, which S3 checks). Keys in the
+environment need no botocore at all; any other credentials come from botocore's chain (every source it knows,
+refreshed as it refreshes them).
 
 It covers a custom endpoint (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``: MinIO, moto, … with path-style
 addresses) and AWS's regional endpoints (virtual-hosted addresses; a bucket in another region is followed once
@@ -28,6 +29,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, unquote_plus, urlencode, urlsplit
 from xml.sax.saxutils import escape
+
+from sdk import sigv4
 
 __all__ = ["S3Error", "S3HTTP", "create"]
 
@@ -66,12 +69,14 @@ def create(*, timeout: float, session: Callable[[], Any]) -> S3HTTP | None:
         return None
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     bundle = os.environ.get("AWS_CA_BUNDLE")
-    static = _static_credentials()
+    static = _static_keys()
     if static is not None:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if not endpoint and not region:
             return None
-        return S3HTTP(static, endpoint=endpoint, region=region or "us-east-1", timeout=timeout, ca_bundle=bundle)
+        return S3HTTP(
+            lambda: static, endpoint=endpoint, region=region or "us-east-1", timeout=timeout, ca_bundle=bundle
+        )
     botocore_session = session()
     if any(key in botocore_session.get_scoped_config() for key in _UNSUPPORTED_CONFIG):
         return None
@@ -80,32 +85,40 @@ def create(*, timeout: float, session: Callable[[], Any]) -> S3HTTP | None:
         return None
     bundle = bundle or botocore_session.get_config_variable("ca_bundle")
     credentials = botocore_session.get_credentials()
-    return S3HTTP(credentials, endpoint=endpoint, region=region or "us-east-1", timeout=timeout, ca_bundle=bundle)
+    if credentials is None:  # botocore's own client then fails with its usual "Unable to locate credentials"
+        return None
+
+    def keys() -> sigv4.Keys:  # refreshed by botocore when they are temporary
+        frozen = credentials.get_frozen_credentials()
+        return sigv4.Keys(access_key=frozen.access_key, secret_key=frozen.secret_key, token=frozen.token)
+
+    return S3HTTP(keys, endpoint=endpoint, region=region or "us-east-1", timeout=timeout, ca_bundle=bundle)
 
 
-def _static_credentials() -> Any:
-    """botocore ``Credentials`` from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` when nothing else could
-    change what botocore resolves (no profile, no config file); else None."""
+def _static_keys() -> sigv4.Keys | None:
+    """The keys in ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` when nothing else could change what botocore
+    would resolve (no profile, no config file); else None."""
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     config_file = os.path.expanduser(os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config")
     if not key or not secret or os.environ.get("AWS_PROFILE") or os.path.exists(config_file):
         return None
-    from botocore.credentials import Credentials
-
-    return Credentials(key, secret, os.environ.get("AWS_SESSION_TOKEN"), method="env")
+    return sigv4.Keys(access_key=key, secret_key=secret, token=os.environ.get("AWS_SESSION_TOKEN") or None)
 
 
 class S3HTTP:
     """Thread-safe: each thread keeps its own connection per host."""
 
     def __init__(
-        self, credentials: Any, *, endpoint: str | None, region: str, timeout: float, ca_bundle: str | None = None
+        self,
+        keys: Callable[[], sigv4.Keys],
+        *,
+        endpoint: str | None,
+        region: str,
+        timeout: float,
+        ca_bundle: str | None = None,
     ) -> None:
-        from botocore.config import Config
-
-        self._credentials, self._endpoint, self._region, self._timeout = credentials, endpoint, region, timeout
+        self._keys, self._endpoint, self._region, self._timeout = keys, endpoint, region, timeout
         self._ca_bundle = ca_bundle
-        self._context = {"client_config": Config(s3={"payload_signing_enabled": False})}
         self._regions: dict[str, str] = {}  # bucket -> region, learnt from a redirect
         self._local = threading.local()
         self._tls: ssl.SSLContext | None = None
@@ -233,22 +246,14 @@ class S3HTTP:
     def _send(
         self, method: str, url: str, headers: dict[str, str], body: bytes | memoryview, region: str
     ) -> tuple[int, dict[str, Any], bytes]:
-        from botocore.auth import S3SigV4Auth
-        from botocore.awsrequest import AWSRequest
-
-        # The payload is not signed (UNSIGNED-PAYLOAD: each body carries its CRC32C): sign the headers alone,
-        # so a memoryview body is never copied for botocore.
-        request = AWSRequest(method=method, url=url, headers=headers, data=b"")
-        request.context.update(self._context)
-        S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", region).add_auth(request)
+        headers["Host"] = sigv4.host(url)  # sent as signed, not left to http.client
+        signed = sigv4.sign(method, url, headers, self._keys(), region)
         parts = urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         for fresh in (False, True):
             connection, reused = self._connection(parts.scheme, parts.netloc)
             try:
-                connection.request(
-                    method, target, body=body if len(body) else None, headers=dict(request.headers.items())
-                )
+                connection.request(method, target, body=body if len(body) else None, headers=signed)
                 response = connection.getresponse()
                 data = response.read()  # empty for HEAD; read anyway so the connection can carry the next request
                 break
@@ -287,10 +292,18 @@ class S3HTTP:
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
-            from botocore.httpsession import get_cert_path
-
-            self._tls = ssl.create_default_context(cafile=self._ca_bundle or get_cert_path(True))
+            self._tls = ssl.create_default_context(cafile=self._ca_bundle or _ca_file())
         return self._tls
+
+
+def _ca_file() -> str | None:
+    """The CA bundle botocore would use: certifi's where it is installed (it comes with botocore), else the
+    system's (None)."""
+    try:
+        import certifi
+    except ImportError:
+        return None
+    return str(certifi.where())
 
 
 def _find(root: ET.Element, name: str) -> str:
