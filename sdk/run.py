@@ -213,7 +213,10 @@ class Run:
             return None
         self._owed = False
         self._last_save_at = self._clock()
-        return self.saver.submit(step, state, meta=meta)
+        future = self.saver.submit(step, state, meta=meta)
+        stall = self.saver.last_stall or 0.0
+        self.log.info("checkpoint.started", step=step, stall_seconds=round(stall, 4), mode=self.config.checkpoint_mode)
+        return future
 
     def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
         """Wait for the save in flight; raise its failure; return the newest committed checkpoint."""
