@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv test test-all lint demo bench clean
 
 help:
-	@echo "make demo   train a few steps, checkpoint to a local file:// store, list, verify, resume"
+	@echo "make demo   pull, train, SIGTERM, resume, push: the whole flow on a local file:// bucket (S3=1: on moto)"
 	@echo "make test   build .venv, run the whole suite (real S3/GCS servers on 127.0.0.1)"
 	@echo "make lint   ruff + mypy"
 	@echo "make bench  checkpoint save/resume benchmarks, as ratios against boto3"
@@ -36,8 +36,9 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.example
 
+# S3=1: the bucket is an S3 server (moto) on 127.0.0.1 instead of a local folder.
 demo: $(STAMP)
-	$(PY) examples/quickstart.py --workdir .demo
+	$(PY) examples/demo.py --workdir .demo $(if $(S3),--s3)
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_sigterm_mid_training_commits_the_current_step_and_exits_75(tmp_path: Path) -> None:
     """The supervisor forwards SIGTERM; train.py breaks on should_stop(), commits its step, and 75 names it."""
-    store, report, term_log = tmp_path / "ckpt", tmp_path / "report.json", tmp_path / "termination-log"
+    store, term_log = tmp_path / "ckpt", tmp_path / "termination-log"
     env = {
         **os.environ,
         "PODTRAIN_RUN_ID": "pre",
@@ -29,8 +29,10 @@ def test_sigterm_mid_training_commits_the_current_step_and_exits_75(tmp_path: Pa
         "PODTRAIN_TERMINATION_LOG": str(term_log),
         "PODTRAIN_LOG_LEVEL": "warning",
     }
-    train = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "train", "--steps", "100000", "--every", "50"]
-    cmd = [sys.executable, "-m", "entrypoint", "run", "--", *train, "--report", str(report)]
+    corpus = tmp_path / "corpus"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "dataset.py"), "--out", str(corpus)], check=True)
+    train = [sys.executable, str(ROOT / "examples" / "train.py"), "--data", str(corpus), "--steps", "100000"]
+    cmd = [sys.executable, "-m", "entrypoint", "run", "--", *train, "--checkpoint-every", "50"]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list(store.glob("step-*/MANIFEST.json")):  # training is under way once the first commit exists

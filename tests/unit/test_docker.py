@@ -685,7 +685,7 @@ def test_dockerignore_sends_what_the_dockerfiles_copy_and_nothing_else(image: Do
         "tests/conftest.py",
         "bench/__init__.py",
         "sdk/__pycache__/config.cpython-312.pyc",
-        "examples/quickstart.py",
+        "examples/demo.py",
     ):
         assert not _sent(excluded, rules), f"{excluded} would be sent to the Docker daemon"
 
