@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from entrypoint import data, record, termination
+from entrypoint import data, record, smoke, termination
 from entrypoint.early import EarlySignals
 from sdk.errors import ConfigError, PodtrainError, TransientStorageError, exit_code
 
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(commands)
     data.add_parser(commands)
     record.add_parser(commands)
+    smoke.add_parser(commands)
     checkpoints = commands.add_parser(
         "checkpoints",
         help="list and verify checkpoints",
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None, *, early: EarlySignals | None = None) ->
             return data.run_push(args)
         if args.command == "record":
             return record.run(args)
+        if args.command == "smoke":
+            return smoke.run(args)
         if args.command == "checkpoints" and args.action == "list":
             return _list(args)
         if args.command == "checkpoints" and args.action == "verify":
