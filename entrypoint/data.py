@@ -151,6 +151,13 @@ def push_after_child(config: Any, exit_by: float | None, log: Any) -> tuple[Any,
 
 def run(args: argparse.Namespace) -> int:
     """``podtrain pull``: 0 when everything is in place; errors are raised for the CLI to map."""
+    import os
+
+    from sdk import listing
+
+    for uri in list(args.uris) or os.environ.get("PODTRAIN_DATA_URI", "").split(","):
+        listing.start(uri.strip())  # S3: the first listing overlaps the imports below (sdk.listing)
+
     from sdk.config import Config
     from sdk.errors import ConfigError
     from sdk.log import configure

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sdk import checksum
+from sdk import checksum, listing
 from sdk.backend import Backend, Checksums, ObjectInfo, _fingerprint, _listed_checksums, _status, split_url
 from sdk.errors import PermanentStorageError
 
@@ -68,6 +68,10 @@ class S3Backend(Backend):
         return dict(self._client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
 
     def _list(self, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+        early = listing.take(bucket, prefix)  # started by `podtrain pull` before the rest of it loaded
+        if early is not None:
+            yield from early
+            return
         if self._http is not None:
             yield from self._http.list(bucket, prefix)
             return

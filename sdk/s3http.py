@@ -97,10 +97,10 @@ def create(*, timeout: float, session: Callable[[], Any]) -> S3HTTP | None:
 
 def _static_keys() -> sigv4.Keys | None:
     """The keys in ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` when nothing else could change what botocore
-    would resolve (no profile, no config file); else None."""
+    would resolve (no profile, no config file or an empty one); else None."""
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     config_file = os.path.expanduser(os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config")
-    if not key or not secret or os.environ.get("AWS_PROFILE") or os.path.exists(config_file):
+    if not key or not secret or os.environ.get("AWS_PROFILE") or _has_content(config_file):
         return None
     return sigv4.Keys(access_key=key, secret_key=secret, token=os.environ.get("AWS_SESSION_TOKEN") or None)
 
@@ -294,6 +294,16 @@ class S3HTTP:
         if self._tls is None:
             self._tls = ssl.create_default_context(cafile=self._ca_bundle or _ca_file())
         return self._tls
+
+
+def _has_content(path: str) -> bool:
+    """Whether a config file exists and says anything (an empty one, or /dev/null, changes nothing)."""
+    if path == os.devnull or not os.path.exists(path):
+        return False
+    try:
+        return not os.path.isfile(path) or os.path.getsize(path) > 0
+    except OSError:
+        return True  # there, but unreadable here: let botocore decide
 
 
 def _ca_file() -> str | None:
