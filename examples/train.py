@@ -185,7 +185,10 @@ def load_data(run: sdk.Run, args: argparse.Namespace, where: Where) -> torch.Ten
         )
     if where.local_rank == 0:  # one pull per machine; its other ranks wait for it
         pulled = run.pull_data()
-        where.say(f"data: {pulled.fetched} files fetched into {run.config.data_dir}")
+        where.say(
+            f"data: {pulled.files} files in {run.config.data_dir} ({pulled.fetched} fetched now, {pulled.skipped} "
+            "already there: under `podtrain run` the supervisor pulled them before starting this script)"
+        )
     if where.world > 1:
         dist.barrier()
     return read_tokens(Path(run.config.data_dir))
