@@ -251,6 +251,21 @@ class LossWindow:
         return mean, ms
 
 
+class ScalerState:
+    """The GradScaler's state in checkpoints on any device: empty on CPU (the scaler is off there), and a CUDA
+    run resuming a CPU checkpoint (or the reverse) starts its scaler fresh instead of failing."""
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict() if self.scaler.is_enabled() else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
+
+
 def checkpoint_every(args: argparse.Namespace) -> int | None:
     """--checkpoint-every; else the PODTRAIN_CHECKPOINT_EVERY_* policy when one is set; else 50 steps."""
     if args.checkpoint_every is not None:
@@ -287,9 +302,13 @@ def train(run: sdk.Run, args: argparse.Namespace, where: Where) -> None:
 
     # Resume: everything with state_dict()/load_state_dict() goes in (the unwrapped model, not DDP's wrapper);
     # RNG states are saved without asking. 0: nothing to resume, a fresh start.
-    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": loader}
-    if amp:
-        state["scaler"] = scaler
+    state: dict[str, Any] = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "loader": loader,
+        "scaler": ScalerState(scaler),
+    }
     start = run.resume(state)
     where.say(
         f"{f'resumed at step {start}' if start else 'fresh start'}; training to step {args.steps} on "
