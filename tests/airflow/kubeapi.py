@@ -51,6 +51,9 @@ not run, and no container is restarted, as with ``restartPolicy: Never``):
   unset or sets it to ``terminationMessagePath``. The message is that file (at most 4096 bytes) or, under
   ``terminationMessagePolicy: FallbackToLogsOnError`` when the file is empty and the container failed, the
   last 80 lines of the log (at most 2048 bytes).
+* scheduling: every pod lands on the one node (``node_name``), unless ``allocatable``/``node_labels`` are given
+  and the pod's extended resources (``nvidia.com/gpu``) or ``nodeSelector`` do not fit: then it stays
+  ``Pending`` with ``PodScheduled: False``, reason ``Unschedulable``, as on a cluster without such a node.
 * status: ``Pending`` (PodScheduled, container waiting ``ContainerCreating``) -> ``Running`` (all conditions
   True, ``state.running``) -> ``Succeeded`` (exit 0) / ``Failed``, ``state.terminated`` with ``exitCode``
   (128 + N when a signal N ended the process), ``reason`` ``Completed``/``Error``, ``message``,
@@ -285,6 +288,11 @@ class KubeAPIServer:
     :param node_name: the node every pod is scheduled on.
     :param start_delay: seconds a pod stays ``Pending`` before its process starts.
     :param directory: where pod directories go; default a temporary directory removed on :meth:`stop`.
+    :param allocatable: the node's extended resources (``{"nvidia.com/gpu": 1}``); when given, a pod asking for
+        more of one (or for one the node lacks) stays ``Pending``, ``PodScheduled: False``, reason
+        ``Unschedulable``, with a ``FailedScheduling`` event. Default: any request fits.
+    :param node_labels: the node's labels; when given, a pod whose ``nodeSelector`` does not match them is
+        unschedulable in the same way. Default: any selector matches.
     """
 
     def __init__(
@@ -298,6 +306,8 @@ class KubeAPIServer:
         node_name: str = DEFAULT_NODE,
         start_delay: float = 0.0,
         directory: str | os.PathLike[str] | None = None,
+        allocatable: Mapping[str, int | str] | None = None,
+        node_labels: Mapping[str, str] | None = None,
     ):
         self.images = {k: list(v) for k, v in (images or {}).items()}
         self.extra_env = dict(extra_env or {})
@@ -306,6 +316,8 @@ class KubeAPIServer:
         self.cwd = Path(cwd) if cwd is not None else None
         self.node_name = node_name
         self.start_delay = start_delay
+        self.allocatable = dict(allocatable) if allocatable is not None else None
+        self.node_labels = dict(node_labels) if node_labels is not None else None
         self._own_dir = directory is None
         self.directory = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="kubeapi-"))
         self.secrets: dict[tuple[str, str], dict[str, str]] = {}
@@ -510,6 +522,7 @@ class KubeAPIServer:
                     "TerminationByKubelet": "The node was low on resource: memory.",
                     "DeletionByTaintManager": "Taint manager: deleting due to NoExecute taint",
                     "EvictionByEvictionAPI": "Eviction API: evicting",
+                    "DeletionByPodGC": "PodGC: node no longer exists",
                 }.get(reason, f"{reason}: terminating the pod")
             status = pod.obj["status"]
             conds = [c for c in status.setdefault("conditions", []) if c["type"] != "DisruptionTarget"]
@@ -726,31 +739,52 @@ class KubeAPIServer:
             spec.setdefault("dnsPolicy", "ClusterFirst")
             spec.setdefault("schedulerName", "default-scheduler")
             spec.setdefault("serviceAccountName", "default")
-            spec["nodeName"] = self.node_name
+            unschedulable = self._unschedulable(spec)
+            if unschedulable is None:
+                spec["nodeName"] = self.node_name
             for c in containers:
                 c.setdefault("terminationMessagePath", DEFAULT_TERMINATION_MESSAGE_PATH)
                 c.setdefault("terminationMessagePolicy", "File")
                 c.setdefault("imagePullPolicy", "IfNotPresent")
                 c.setdefault("resources", {})
             obj["spec"] = spec
-            obj["status"] = {
-                "phase": "Pending",
-                "hostIP": "127.0.0.1",
-                "hostIPs": [{"ip": "127.0.0.1"}],
-                "podIP": "127.0.0.1",
-                "podIPs": [{"ip": "127.0.0.1"}],
-                "startTime": _rfc3339(),
-                "qosClass": _qos_class(containers),
-            }
+            obj["status"] = {"phase": "Pending", "qosClass": _qos_class(containers)}
+            if unschedulable is None:
+                obj["status"].update(
+                    {
+                        "hostIP": "127.0.0.1",
+                        "hostIPs": [{"ip": "127.0.0.1"}],
+                        "podIP": "127.0.0.1",
+                        "podIPs": [{"ip": "127.0.0.1"}],
+                        "startTime": _rfc3339(),
+                    }
+                )
             directory = self.directory / "pods" / namespace / name
             if directory.exists():  # a deleted pod of the same name ran here before
                 directory = self.directory / "pods" / namespace / f"{name}-{meta['uid'][:8]}"
             directory.mkdir(parents=True)
             pod = _Pod(obj, directory)
-            self._set_conditions(pod, ready=False)
-            self._container_status(pod, {"waiting": {"reason": "ContainerCreating"}}, ready=False, started=False)
             self._pods[(namespace, name)] = pod
             self._all_pods.append(pod)
+            if unschedulable is not None:
+                pod.stuck = True
+                obj["status"]["conditions"] = [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": unschedulable,
+                        "lastProbeTime": None,
+                        "lastTransitionTime": _rfc3339(),
+                    }
+                ]
+                self._touch(pod)
+                self._event(
+                    pod, "FailedScheduling", unschedulable, "Warning", component="default-scheduler", field_path=None
+                )
+                return copy.deepcopy(obj)
+            self._set_conditions(pod, ready=False)
+            self._container_status(pod, {"waiting": {"reason": "ContainerCreating"}}, ready=False, started=False)
             self._touch(pod)
             self._event(
                 pod,
@@ -762,6 +796,29 @@ class KubeAPIServer:
             created = copy.deepcopy(obj)
         threading.Thread(target=self._run_pod, args=(pod,), name=f"pod-{name}", daemon=True).start()
         return created
+
+    def _unschedulable(self, spec: Mapping[str, Any]) -> str | None:
+        """Why the one node cannot take the pod (the scheduler's FailedScheduling message), or None."""
+        reasons: list[str] = []
+        selector = spec.get("nodeSelector") or {}
+        if self.node_labels is not None and any(self.node_labels.get(k) != v for k, v in selector.items()):
+            reasons.append("1 node(s) didn't match Pod's node affinity/selector")
+        if self.allocatable is not None:
+            wanted: dict[str, int] = {}
+            for c in spec.get("containers") or []:
+                resources = c.get("resources") or {}
+                for kind in ("limits", "requests"):
+                    for res, value in (resources.get(kind) or {}).items():
+                        if "/" in res:  # extended resources (nvidia.com/gpu): whole numbers
+                            wanted[res] = max(wanted.get(res, 0), int(str(value)))
+            for res, count in sorted(wanted.items()):
+                if count > int(self.allocatable.get(res, 0)):
+                    reasons.append(f"1 Insufficient {res}")
+        if not reasons:
+            return None
+        return f"0/1 nodes are available: {', '.join(reasons)}. preemption: 0/1 nodes are available: " + (
+            "1 No preemption victims found for incoming pod."
+        )
 
     def api_get(self, namespace: str, name: str) -> dict[str, Any]:
         with self._cond:

@@ -345,6 +345,37 @@ def test_volume_mount_paths_are_local(kube: KubeAPIServer, api: k8s.CoreV1Api) -
     assert (kube.pod_dir(NS, "vol") / "volumes" / "tok" / "token").read_text() == "abc"
 
 
+def test_unschedulable_gpu_request_stays_pending() -> None:
+    """With allocatable/node_labels: too many GPUs or a foreign nodeSelector stay Pending, Unschedulable."""
+    with KubeAPIServer(allocatable={"nvidia.com/gpu": 1}, node_labels={"pool": "gpu"}) as kube:
+        cfg = k8s.Configuration()
+        cfg.host = kube.url
+        api = k8s.CoreV1Api(k8s.ApiClient(cfg))
+
+        def gpu_pod(name: str, gpus: int, pool: str) -> dict[str, Any]:
+            body = pod_body(name, "echo ran")
+            body["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": str(gpus), "cpu": "1"}}
+            body["spec"]["nodeSelector"] = {"pool": pool}
+            return body
+
+        api.create_namespaced_pod(NS, gpu_pod("fits", 1, "gpu"))
+        assert wait_phase(api, "fits", "Succeeded").spec.node_name == kube.node_name
+        api.create_namespaced_pod(NS, gpu_pod("greedy", 2, "gpu"))
+        api.create_namespaced_pod(NS, gpu_pod("astray", 1, "cpu"))
+        time.sleep(0.2)
+        for name, why in (("greedy", "1 Insufficient nvidia.com/gpu"), ("astray", "didn't match Pod's node")):
+            pod = api.read_namespaced_pod(name, NS)
+            assert pod.status.phase == "Pending" and pod.spec.node_name is None
+            assert pod.status.container_statuses is None
+            scheduled = condition(pod, "PodScheduled")
+            assert (scheduled.status, scheduled.reason) == ("False", "Unschedulable")
+            assert why in scheduled.message
+            events = api.list_namespaced_event(NS, field_selector=f"involvedObject.name={name}").items
+            assert [(e.reason, e.type) for e in events] == [("FailedScheduling", "Warning")]
+            api.delete_namespaced_pod(name, NS)
+        assert [p.metadata.name for p in api.list_namespaced_pod(NS).items] == ["fits"]
+
+
 def test_unknown_endpoints_answer_status(kube: KubeAPIServer, api: k8s.CoreV1Api) -> None:
     """Endpoints the server lacks answer a Kubernetes Status: 404 NotFound, 405 MethodNotAllowed."""
     with pytest.raises(ApiException) as err:
