@@ -25,27 +25,30 @@ The kubelet part, per pod (one container is run: ``spec.containers[0]``; init co
 not run, and no container is restarted, as with ``restartPolicy: Never``):
 
 * argv = the container's ``command`` + ``args`` (``$(VAR)`` expanded as Kubernetes does); without a
-  ``command`` the image's entrypoint comes from the ``images`` mapping (image -> argv), which stands for the
-  image's ENTRYPOINT. An image with no mapping and no ``command`` leaves the container waiting with reason
-  ``ErrImageNeverPull`` (the operator fails such a pod at once); an argv whose program is missing ends as
-  exit 128, reason ``StartError``.
+  ``command`` the image's ENTRYPOINT comes from the ``images`` mapping (image -> argv, or a dict with
+  ``entrypoint``, ``cmd``, ``env``, ``workdir``), followed by the pod's ``args`` or else the image's ``cmd``.
+  An image with no mapping and no ``command`` leaves the container waiting with reason ``ErrImageNeverPull``
+  (the operator fails such a pod at once); an argv whose program is missing ends as exit 128, reason
+  ``StartError``.
 * the process runs in its own session (so a signal reaches its whole group, as ``tini -g`` forwards it),
-  with stdout and stderr together as the pod log, in ``cwd`` (default: the pod's own directory).
+  with stdout and stderr together as the pod log, in ``cwd`` (default: the pod's own directory; the
+  container's ``workingDir`` or the image's ``workdir`` when a mount or ``paths`` maps it).
 * env: ``PATH`` (the server's), ``HOSTNAME``, ``HOME`` (the pod directory), then ``extra_env``, then the
-  container's ``envFrom``/``env``: plain ``value``; ``valueFrom.fieldRef`` (``metadata.name``,
-  ``metadata.namespace``, ``metadata.uid``, ``metadata.labels['k']``, ``metadata.annotations['k']``,
-  ``spec.nodeName``, ``spec.serviceAccountName``, ``status.podIP``, ``status.hostIP``);
-  ``valueFrom.secretKeyRef``/``configMapKeyRef`` and ``envFrom`` from the in-memory stores
-  (:meth:`KubeAPIServer.add_secret`, :meth:`KubeAPIServer.add_config_map`; a missing required key leaves the
-  container waiting with ``CreateContainerConfigError``); ``resourceFieldRef`` gives the limit (or request)
-  as written. ``env_overrides`` come last.
+  mapped image's ``env``, then the container's ``envFrom``/``env``: plain ``value``; ``valueFrom.fieldRef``
+  (``metadata.name``, ``metadata.namespace``, ``metadata.uid``, ``metadata.labels['k']``,
+  ``metadata.annotations['k']``, ``spec.nodeName``, ``spec.serviceAccountName``, ``status.podIP``,
+  ``status.hostIP``); ``valueFrom.secretKeyRef``/``configMapKeyRef`` and ``envFrom`` from the in-memory
+  stores (:meth:`KubeAPIServer.add_secret`, :meth:`KubeAPIServer.add_config_map`; a missing required key
+  leaves the container waiting with ``CreateContainerConfigError``); ``resourceFieldRef`` gives the limit
+  (or request) as written. ``env_overrides`` come last.
 * volumes: every ``volumeMount`` (except under ``/dev``) is a local directory: ``emptyDir`` ->
   ``<pod dir>/volumes/<volume>``, a ``persistentVolumeClaim`` -> ``<server dir>/pvc/<namespace>/<claim>``
   (shared by every pod that mounts the claim, and kept across pods as a claim is), ``secret``/``configMap``
   -> a directory holding one file per key. Env values and argv items that name a mount path (``/data``,
-  ``/data/x``, ``--dir=/data``, ``file:///data/x``) are rewritten to the local directory, as are the
-  ``paths`` the server is given (container path -> local path). In ``extra_env``/``env_overrides``/``paths``
-  ``{pod_dir}``, ``{pod_name}``, ``{namespace}`` are replaced.
+  ``/data/x``, ``--dir=/data``, ``file:///data/x``) are rewritten to the local directory (``extra_env`` and
+  the image's ``env`` too), as are the ``paths`` the server is given (container path -> local path). In
+  ``extra_env``, ``env_overrides`` and ``paths``, ``{pod_dir}``, ``{pod_name}``, ``{namespace}`` are
+  replaced.
 * the termination message: the container's ``terminationMessagePath`` (default ``/dev/termination-log``) is
   ``<pod dir>/termination-log``; ``PODTRAIN_TERMINATION_LOG`` is set to that file when the pod leaves it
   unset or sets it to ``terminationMessagePath``. The message is that file (at most 4096 bytes) or, under
@@ -280,7 +283,8 @@ class _Pod:
 class KubeAPIServer:
     """The server, on ``127.0.0.1:<free port>`` in a thread; see the module docstring.
 
-    :param images: image -> argv of its entrypoint, used when a container has no ``command``.
+    :param images: image -> the argv of its ENTRYPOINT, or a dict with ``entrypoint`` and optionally ``cmd``
+        (argv), ``env`` (the image's ENV) and ``workdir`` (its WORKDIR, used when a mount or ``paths`` maps it).
     :param extra_env: env every container gets before its own (e.g. ``PATH`` with a venv's ``bin`` first).
     :param env_overrides: env every container gets after its own.
     :param paths: container path -> local path, rewritten in env values and argv like a mount.
@@ -297,7 +301,7 @@ class KubeAPIServer:
 
     def __init__(
         self,
-        images: Mapping[str, Sequence[str]] | None = None,
+        images: Mapping[str, Sequence[str] | Mapping[str, Any]] | None = None,
         *,
         extra_env: Mapping[str, str] | None = None,
         env_overrides: Mapping[str, str] | None = None,
@@ -309,7 +313,9 @@ class KubeAPIServer:
         allocatable: Mapping[str, int | str] | None = None,
         node_labels: Mapping[str, str] | None = None,
     ):
-        self.images = {k: list(v) for k, v in (images or {}).items()}
+        self.images: dict[str, dict[str, Any]] = {
+            k: dict(v) if isinstance(v, Mapping) else {"entrypoint": list(v)} for k, v in (images or {}).items()
+        }
         self.extra_env = dict(extra_env or {})
         self.env_overrides = dict(env_overrides or {})
         self.paths = dict(paths or {})
@@ -1117,7 +1123,42 @@ class KubeAPIServer:
             "HOSTNAME": meta["name"],
             "HOME": str(pod.dir),
         }
-        env.update({k: subst(v) for k, v in self.extra_env.items()})
+        image = self.images.get(c.get("image", ""))
+        env.update({k: _rewrite(subst(v), mounts) for k, v in self.extra_env.items()})
+        if image is not None:
+            env.update({k: _rewrite(subst(v), mounts) for k, v in (image.get("env") or {}).items()})
+        env.update(self._env_from(c, ns))
+        for var in c.get("env") or []:
+            value = self._env_value(pod, var, env)
+            if value is not None:
+                env[var["name"]] = _rewrite(value, mounts)
+        if env.get("PODTRAIN_TERMINATION_LOG") in (None, term_path):
+            env["PODTRAIN_TERMINATION_LOG"] = str(term_file)
+        env.update({k: subst(v) for k, v in self.env_overrides.items()})
+
+        command = list(c.get("command") or [])
+        args = list(c.get("args") or [])
+        if not command:  # the image's ENTRYPOINT, and its CMD unless the pod gives args
+            if image is None:
+                raise _ContainerWaiting(
+                    "ErrImageNeverPull",
+                    f'Container image "{c.get("image", "")}" is not present with pull policy of Never '
+                    "(no local entrypoint is mapped for it)",
+                )
+            command = list(image.get("entrypoint") or [])
+            if not args:
+                args = list(image.get("cmd") or [])
+        if not command + args:
+            raise _ContainerWaiting("CreateContainerError", "no command specified")
+        argv = [_rewrite(_expand(a, env), mounts) for a in command + args]
+        cwd = str(self.cwd) if self.cwd is not None else str(pod.dir)
+        workdir = c.get("workingDir") or (image or {}).get("workdir")
+        if workdir and _rewrite(workdir, mounts) != workdir:  # a container directory that is mapped here
+            cwd = _rewrite(workdir, mounts)
+        return argv, env, cwd, term_file
+
+    def _env_from(self, c: Mapping[str, Any], ns: str) -> dict[str, str]:
+        env: dict[str, str] = {}
         for source in c.get("envFrom") or []:
             prefix = source.get("prefix", "")
             for kind, store in (("secretRef", self.secrets), ("configMapRef", self.config_maps)):
@@ -1131,30 +1172,7 @@ class KubeAPIServer:
                     what = "secret" if kind == "secretRef" else "configmap"
                     raise _ContainerWaiting("CreateContainerConfigError", f'{what} "{ref.get("name")}" not found')
                 env.update({prefix + k: v for k, v in data.items()})
-        for var in c.get("env") or []:
-            value = self._env_value(pod, var, env)
-            if value is not None:
-                env[var["name"]] = _rewrite(value, mounts)
-        if env.get("PODTRAIN_TERMINATION_LOG") in (None, term_path):
-            env["PODTRAIN_TERMINATION_LOG"] = str(term_file)
-        env.update({k: subst(v) for k, v in self.env_overrides.items()})
-
-        command = list(c.get("command") or [])
-        args = list(c.get("args") or [])
-        if not command:
-            image = c.get("image", "")
-            if image not in self.images:
-                raise _ContainerWaiting(
-                    "ErrImageNeverPull",
-                    f'Container image "{image}" is not present with pull policy of Never '
-                    "(no local entrypoint is mapped for it)",
-                )
-            command = list(self.images[image])
-        argv = [_rewrite(_expand(a, env), mounts) for a in command + args]
-        cwd = str(self.cwd) if self.cwd is not None else str(pod.dir)
-        if c.get("workingDir") and self.cwd is None and c["workingDir"] in mounts:
-            cwd = mounts[c["workingDir"]]
-        return argv, env, cwd, term_file
+        return env
 
     def _env_value(self, pod: _Pod, var: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
         if "value" in var and var["value"] is not None:

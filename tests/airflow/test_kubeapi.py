@@ -324,6 +324,30 @@ def test_image_entrypoint_env_and_secrets(kube: KubeAPIServer, api: k8s.CoreV1Ap
     kube.wait_for(lambda: len(kube.pods(NS)) == 1, timeout=5, what="stuck pods to go")
 
 
+def test_image_cmd_env_and_workdir() -> None:
+    """An image mapped with entrypoint/cmd/env/workdir: CMD runs unless args replace it, ENV and WORKDIR apply."""
+    image = {
+        "entrypoint": ["sh", "-c"],
+        "cmd": ['echo "cmd $GREETING $DATA $PWD"'],
+        "env": {"GREETING": "hi", "DATA": "/data/in"},
+        "workdir": "/data",
+    }
+    with KubeAPIServer(images={"app:test": image}) as kube:
+        cfg = k8s.Configuration()
+        cfg.host = kube.url
+        api = k8s.CoreV1Api(k8s.ApiClient(cfg))
+        volumes = [{"name": "data", "emptyDir": {}}]
+        mounts = [{"name": "data", "mountPath": "/data"}]
+        api.create_namespaced_pod(NS, pod_body("cmd", image="app:test", volumes=volumes, mounts=mounts))
+        args = ['echo "args $GREETING"']
+        api.create_namespaced_pod(NS, pod_body("args", image="app:test", args=args, volumes=volumes, mounts=mounts))
+        wait_phase(api, "cmd", "Succeeded")
+        wait_phase(api, "args", "Succeeded")
+        local = kube.pod_dir(NS, "cmd") / "volumes" / "data"
+        assert kube.log_text(NS, "cmd") == f"cmd hi {local}/in {local}\n"
+        assert kube.log_text(NS, "args") == "args hi\n"
+
+
 def test_volume_mount_paths_are_local(kube: KubeAPIServer, api: k8s.CoreV1Api) -> None:
     """A mounted emptyDir is a local directory; env values and args naming the mount path point there."""
     volumes = [{"name": "data", "emptyDir": {}}, {"name": "tok", "secret": {"secretName": "creds"}}]
