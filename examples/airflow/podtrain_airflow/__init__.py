@@ -1,0 +1,65 @@
+"""podtrain's Airflow side: the training pod operator and its factory, the failure classifier and its exceptions,
+run records for chargeback and sweeps. Imported by the DAG files beside it; never by the training image."""
+
+from podtrain_airflow.classify import RETRY_KINDS, Verdict, classify, termination_message
+from podtrain_airflow.errors import (
+    ConfigError,
+    ImageError,
+    KubernetesUnavailable,
+    OutOfMemory,
+    PodFailure,
+    PodPreempted,
+    PodRetryable,
+    PodVanished,
+    StorageUnavailable,
+    TrainingFailed,
+    UnexpectedExit,
+    Unschedulable,
+    error_for,
+    retry_policy,
+)
+from podtrain_airflow.naming import join_uri, label_value, run_id
+from podtrain_airflow.operator import (
+    IMAGE_ENTRYPOINT,
+    PREFLIGHT_COMMAND,
+    PodtrainPodOperator,
+    pod_kwargs,
+    podtrain_pod,
+    preflight_pod,
+)
+from podtrain_airflow.records import best_trial, chargeback, final_metrics, read_record, write_report
+
+__all__ = [
+    "IMAGE_ENTRYPOINT",
+    "PREFLIGHT_COMMAND",
+    "RETRY_KINDS",
+    "ConfigError",
+    "ImageError",
+    "KubernetesUnavailable",
+    "OutOfMemory",
+    "PodFailure",
+    "PodPreempted",
+    "PodRetryable",
+    "PodVanished",
+    "PodtrainPodOperator",
+    "StorageUnavailable",
+    "TrainingFailed",
+    "UnexpectedExit",
+    "Unschedulable",
+    "Verdict",
+    "best_trial",
+    "chargeback",
+    "classify",
+    "error_for",
+    "final_metrics",
+    "join_uri",
+    "label_value",
+    "pod_kwargs",
+    "podtrain_pod",
+    "preflight_pod",
+    "read_record",
+    "retry_policy",
+    "run_id",
+    "termination_message",
+    "write_report",
+]

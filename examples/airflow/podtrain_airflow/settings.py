@@ -1,0 +1,73 @@
+"""What a deployment changes: the image, the bucket, the GPU pool, who pays. Read once, at DAG parse time, from
+``PODTRAIN_DAG_*`` environment variables of the Airflow deployment (defaults in brackets below), so the DAG
+files stay the same from a laptop to production."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow.providers.cncf.kubernetes.secret import Secret
+
+__all__ = ["Settings"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The deployment's choices for every podtrain DAG (see README.md, "Settings")."""
+
+    image: str = "registry.example.com/podtrain-example:0.1.0"
+    train_command: tuple[str, ...] = ("python", "/app/train.py")
+    base_uri: str = "s3://my-bucket/podtrain"
+    dataset: str = "tiny"
+    team: str = "ml-research"
+    project: str = "podtrain-example"
+    namespace: str = "default"
+    service_account: str | None = None
+    storage_secret: str | None = None  # a Secret whose keys become the pod's env (AWS_ACCESS_KEY_ID, ...)
+    gpus: int = 1
+    gpu_type: str = ""  # nvidia.com/gpu.product, e.g. NVIDIA-H100-80GB-HBM3; empty: any GPU node
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    cpu: str = "8"
+    memory: str = "64Gi"
+    grace_seconds: int = 30
+    max_parallel_trials: int = 4
+    pool: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings with every ``PODTRAIN_DAG_<FIELD>`` that is set (``NODE_SELECTOR``: ``k=v,k=v``)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, default in cls.__dataclass_fields__.items():
+            raw = env.get(f"PODTRAIN_DAG_{name.upper()}")
+            if raw is None:
+                continue
+            if name == "train_command":
+                values[name] = tuple(shlex.split(raw))
+            elif name == "node_selector":
+                values[name] = dict(item.split("=", 1) for item in raw.split(",") if item)
+            elif name in ("gpus", "grace_seconds", "max_parallel_trials"):
+                values[name] = int(raw)
+            else:
+                values[name] = raw or None if default.default is None else raw
+        return cls(**values)
+
+    def pod(self) -> dict[str, Any]:
+        """The arguments every pod of these DAGs shares, for ``pod_kwargs``/``podtrain_pod``."""
+        return {
+            "image": self.image,
+            "base_uri": self.base_uri,
+            "team": self.team,
+            "project": self.project,
+            "namespace": self.namespace,
+            "service_account": self.service_account,
+            "secrets": [Secret("env", None, self.storage_secret)] if self.storage_secret else [],
+            "gpus": self.gpus,
+            "gpu_type": self.gpu_type,
+            "node_selector": dict(self.node_selector),
+            "grace_seconds": self.grace_seconds,
+        }
