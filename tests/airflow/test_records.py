@@ -148,6 +148,7 @@ def test_settings_from_environment() -> None:
         "PODTRAIN_DAG_NODE_SELECTOR": "pool=a100,zone=x",
         "PODTRAIN_DAG_STORAGE_SECRET": "s3-creds",
         "PODTRAIN_DAG_SERVICE_ACCOUNT": "",
+        "PODTRAIN_DAG_RETRY_DELAY_SECONDS": "1",
     }
     settings = Settings.from_env(env)
     assert settings.image == "reg/podtrain:1" and settings.gpus == 2
@@ -156,3 +157,4 @@ def test_settings_from_environment() -> None:
     assert settings.service_account is None and settings.base_uri == Settings().base_uri
     shared = settings.pod()
     assert shared["secrets"][0].secret == "s3-creds" and shared["gpus"] == 2
+    assert shared["retry_delay"].total_seconds() == 1 and shared["startup_check_interval_seconds"] == 5

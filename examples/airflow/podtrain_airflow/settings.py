@@ -8,6 +8,7 @@ import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.secret import Secret
@@ -36,6 +37,8 @@ class Settings:
     grace_seconds: int = 30
     max_parallel_trials: int = 4
     pool: str | None = None
+    retry_delay_seconds: int = 30  # between a preempted attempt and the next
+    startup_check_seconds: int = 5  # how often the operator looks at a pod that has not started yet
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -50,7 +53,13 @@ class Settings:
                 values[name] = tuple(shlex.split(raw))
             elif name == "node_selector":
                 values[name] = dict(item.split("=", 1) for item in raw.split(",") if item)
-            elif name in ("gpus", "grace_seconds", "max_parallel_trials"):
+            elif name in (
+                "gpus",
+                "grace_seconds",
+                "max_parallel_trials",
+                "retry_delay_seconds",
+                "startup_check_seconds",
+            ):
                 values[name] = int(raw)
             else:
                 values[name] = raw or None if default.default is None else raw
@@ -70,4 +79,6 @@ class Settings:
             "gpu_type": self.gpu_type,
             "node_selector": dict(self.node_selector),
             "grace_seconds": self.grace_seconds,
+            "retry_delay": timedelta(seconds=self.retry_delay_seconds),
+            "startup_check_interval_seconds": self.startup_check_seconds,
         }
