@@ -5,12 +5,20 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check --progress-bar off -c requirements/constraints.txt
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The Airflow side (examples/airflow, tests/airflow) has its own environment: Airflow never enters .venv.
+AIRFLOW_VENV ?= .venv-airflow
+AIRFLOW_PY := $(AIRFLOW_VENV)/bin/python
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
+AIRFLOW_PACKAGES := apache-airflow==3.3.2 apache-airflow-providers-cncf-kubernetes==10.25.0 \
+	kubernetes-validate==1.37.0 fsspec s3fs pytest pytest-timeout
+AIRFLOW_PYTEST_ARGS ?=
 
-.PHONY: help venv test test-all lint demo bench clean
+.PHONY: help venv airflow-venv test test-airflow test-all lint demo bench clean
 
 help:
 	@echo "make demo   pull, train, SIGTERM, resume, push: the whole flow on a local file:// bucket (S3=1: on moto)"
-	@echo "make test   build .venv, run the whole suite (real S3/GCS servers on 127.0.0.1)"
+	@echo "make test   build .venv and .venv-airflow, run the whole suite (real S3/GCS servers on 127.0.0.1), then the Airflow suite"
+	@echo "make test-airflow   the Airflow suite only (DAG template, pods, classifier) in .venv-airflow"
 	@echo "make lint   ruff + mypy"
 	@echo "make bench  checkpoint save/resume benchmarks, as ratios against boto3"
 
@@ -22,13 +30,32 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) -e '.[dev]'
 	touch $(STAMP)
 
-# pytest exits 5 when it collected no test: that is a failure here, never a pass.
-test: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: no tests ran — failing"; exit 1; fi; exit $$rc
+airflow-venv: $(AIRFLOW_STAMP)
 
-test-all: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || exit 1; exit $$rc
+# Every package pinned by requirements/airflow-constraints.txt: no resolver backtracking, the same versions everywhere.
+$(AIRFLOW_STAMP): requirements/airflow-constraints.txt
+	test -x $(AIRFLOW_PY) || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_PY) -m pip install --quiet --disable-pip-version-check --progress-bar off \
+		-c requirements/airflow-constraints.txt $(AIRFLOW_PACKAGES)
+	touch $(AIRFLOW_STAMP)
+
+# pytest exits 5 when it collected no test: that is a failure here, never a pass. Both suites always run; the
+# target fails if either did. The main suite never collects tests/airflow (norecursedirs in pyproject.toml).
+test: $(STAMP) $(AIRFLOW_STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests ran — failing"; rc=1; fi; \
+	$(AIRFLOW_PY) -m pytest tests/airflow -m "not slow" $(AIRFLOW_PYTEST_ARGS); arc=$$?; \
+	if [ $$arc -eq 5 ]; then echo "make test: no Airflow tests ran — failing"; arc=1; fi; \
+	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$arc
+
+test-airflow: $(AIRFLOW_STAMP)
+	$(AIRFLOW_PY) -m pytest tests/airflow -m "not slow" $(AIRFLOW_PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-airflow: no tests ran — failing"; exit 1; fi; exit $$rc
+
+test-all: $(STAMP) $(AIRFLOW_STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || rc=1; \
+	$(AIRFLOW_PY) -m pytest tests/airflow $(AIRFLOW_PYTEST_ARGS); arc=$$?; [ $$arc -ne 5 ] || arc=1; \
+	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$arc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sdk entrypoint tests bench examples
@@ -44,4 +71,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(AIRFLOW_VENV) .demo .pytest_cache .mypy_cache .ruff_cache build *.egg-info
