@@ -230,7 +230,7 @@ def test_args_not_command_and_finish_settings(pods: list[tuple[str, Any, Any]]) 
         assert op.get_logs is True and op.on_finish_action.value == "delete_pod"
         assert op.schedule_timeout_seconds >= 600 and op.retries >= 1
     preflight = next(pod for name, _, pod in pods if name == "podtrain_train.gpu_preflight")
-    assert preflight["spec"]["containers"][0]["args"] == ["sh", "-c", "nvidia-smi && podtrain smoke"]
+    assert preflight["spec"]["containers"][0]["args"] == ["sh", "-c", "nvidia-smi && podtrain smoke --gpus 1"]
     train = next(pod for name, _, pod in pods if name == "podtrain_train.train")
     assert train["spec"]["containers"][0]["args"][2:] == ["--steps", "500", "--lr", "0.003", "--checkpoint-every", "50"]
 
@@ -287,6 +287,17 @@ def test_factory_rejects_bad_values() -> None:
         pod_kwargs(gpus=-1, **base)
     cpu_only = pod_kwargs(gpus=0, **base)
     assert "nvidia.com/gpu" not in cpu_only["container_resources"].limits and cpu_only["tolerations"] == []
+
+
+def test_preflight_checks_the_gpus_asked_for() -> None:
+    """The preflight runs nvidia-smi and `podtrain smoke --gpus N`; a CPU pod only checks torch."""
+    from podtrain_airflow import preflight_command, preflight_pod
+
+    assert preflight_command(8) == ["sh", "-c", "nvidia-smi && podtrain smoke --gpus 8"]
+    assert preflight_command(0) == ["podtrain", "smoke", "--allow-cpu"]
+    pod = preflight_pod(image="i", base_uri="s3://b", team="t", project="p", gpus=4, gpu_type="NVIDIA-A100")
+    assert pod.arguments[-1].endswith("--gpus 4") and pod.trial == "preflight" and "preflight" in pod.failure_hint
+    assert pod.container_resources.limits["nvidia.com/gpu"] == "4"
 
 
 def test_image_entrypoint_matches_the_dockerfile() -> None:

@@ -21,17 +21,16 @@ from podtrain_airflow.errors import (
 from podtrain_airflow.naming import join_uri, label_value, run_id
 from podtrain_airflow.operator import (
     IMAGE_ENTRYPOINT,
-    PREFLIGHT_COMMAND,
     PodtrainPodOperator,
     pod_kwargs,
     podtrain_pod,
+    preflight_command,
     preflight_pod,
 )
 from podtrain_airflow.records import best_trial, chargeback, final_metrics, read_record, write_report
 
 __all__ = [
     "IMAGE_ENTRYPOINT",
-    "PREFLIGHT_COMMAND",
     "RETRY_KINDS",
     "ConfigError",
     "ImageError",
@@ -56,6 +55,7 @@ __all__ = [
     "label_value",
     "pod_kwargs",
     "podtrain_pod",
+    "preflight_command",
     "preflight_pod",
     "read_record",
     "retry_policy",

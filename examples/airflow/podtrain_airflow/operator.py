@@ -20,17 +20,26 @@ from podtrain_airflow.naming import join_uri, label_value, run_id
 
 __all__ = [
     "IMAGE_ENTRYPOINT",
-    "PREFLIGHT_COMMAND",
     "PodtrainPodOperator",
     "pod_kwargs",
     "podtrain_pod",
+    "preflight_command",
     "preflight_pod",
 ]
 
 # The image's ENTRYPOINT (docker/Dockerfile): a pod passes `arguments` (the training command) and never `cmds`,
 # so `podtrain run` always stands between tini and the training process.
 IMAGE_ENTRYPOINT = ("tini", "-g", "--", "podtrain", "run", "--")
-PREFLIGHT_COMMAND = ["sh", "-c", "nvidia-smi && podtrain smoke"]
+
+
+def preflight_command(gpus: int) -> list[str]:
+    """The preflight's command: ``nvidia-smi``, then ``podtrain smoke`` expecting ``gpus`` GPUs (a CPU pod:
+    ``podtrain smoke --allow-cpu``, which checks torch only)."""
+    if gpus <= 0:
+        return ["podtrain", "smoke", "--allow-cpu"]
+    return ["sh", "-c", f"nvidia-smi && podtrain smoke --gpus {int(gpus)}"]
+
+
 PREFLIGHT_HINT = (
     "the GPU preflight failed: no usable GPU in a pod of this node pool. nvidia-smi missing or failing means the "
     "NVIDIA device plugin or container toolkit is not on the node; a CUDA error from `podtrain smoke` means the "
@@ -307,7 +316,7 @@ def preflight_pod(task_id: str = "gpu_preflight", **kwargs: Any) -> PodtrainPodO
     wrong node pool fails in minutes, with a message naming the likely cause. ``kwargs`` as for
     :func:`pod_kwargs` (the shared ones: image, base URI, GPUs, ...)."""
     small = {
-        "command": PREFLIGHT_COMMAND,
+        "command": preflight_command(kwargs.get("gpus", 1)),
         "trial": "preflight",
         "cpu": "1",
         "memory": "4Gi",
