@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import Param, dag, task
 from podtrain_airflow import chargeback, join_uri, podtrain_pod, preflight_pod, run_id, write_report
 from podtrain_airflow.settings import Settings
@@ -68,7 +69,8 @@ def podtrain_train() -> None:
         result["files"] = write_report(result, folder)
         return result
 
-    preflight >> train >> report()
+    # The reports run whatever happened; the DAG run fails when training did (report alone would pass it).
+    preflight >> train >> [report(), EmptyOperator(task_id="all_succeeded")]
 
 
 podtrain_train()

@@ -56,13 +56,19 @@ def test_dagbag_loads_every_dag_without_import_errors(dagbag: Any) -> None:
     """Every DAG file in examples/airflow imports cleanly and defines the expected DAGs and tasks."""
     assert dagbag.import_errors == {}
     assert set(dagbag.dag_ids) == {"podtrain_train", "podtrain_sweep"}
-    assert {t.task_id for t in dagbag.dags["podtrain_train"].tasks} == {"gpu_preflight", "train", "report"}
+    assert {t.task_id for t in dagbag.dags["podtrain_train"].tasks} == {
+        "gpu_preflight",
+        "train",
+        "report",
+        "all_succeeded",
+    }
     assert {t.task_id for t in dagbag.dags["podtrain_sweep"].tasks} == {
         "gpu_preflight",
         "make_trials",
         "trial",
         "best",
         "report",
+        "all_succeeded",
     }
 
 
@@ -80,10 +86,14 @@ def test_dags_serialize_with_their_retry_policy(dagbag: Any) -> None:
 
 
 def test_preflight_runs_before_training(dagbag: Any) -> None:
-    """The GPU preflight is upstream of every training pod, and the reports run whatever the pods did."""
+    """The GPU preflight is upstream of every training pod, the reports run whatever the pods did, and a leaf
+    that needs every pod to succeed keeps a failed training from passing for a successful DAG run."""
     train = dagbag.dags["podtrain_train"]
     assert train.get_task("train").upstream_task_ids == {"gpu_preflight"}
     assert train.get_task("report").trigger_rule == "all_done"
+    for dag, pods in ((train, "train"), (dagbag.dags["podtrain_sweep"], "trial")):
+        leaf = dag.get_task("all_succeeded")
+        assert leaf.upstream_task_ids == {pods} and leaf.trigger_rule == "all_success" and not leaf.downstream_task_ids
     sweep = dagbag.dags["podtrain_sweep"]
     assert "gpu_preflight" in sweep.get_task("make_trials").upstream_task_ids
     assert sweep.get_task("trial").upstream_task_ids == {"make_trials"}
