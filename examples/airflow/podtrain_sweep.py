@@ -88,9 +88,9 @@ def podtrain_sweep() -> None:
 
     @task(trigger_rule="all_done")
     def report(planned: list[dict[str, Any]], **context: Any) -> dict[str, Any]:
-        """GPU-seconds per team, project and trial (the preflight and every attempt of every trial)."""
+        """GPU-seconds per team, project and trial (every attempt of every trial)."""
         dag_run = context["dag_run"]
-        names = ["preflight", *(t["trial"] for t in planned)]
+        names = [t["trial"] for t in planned]
         runs = [
             {
                 "run_id": run_id(dag_run.dag_id, dag_run.run_id, n),

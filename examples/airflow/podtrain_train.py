@@ -53,7 +53,7 @@ def podtrain_train() -> None:
 
     @task(trigger_rule="all_done")
     def report(**context: Any) -> dict[str, Any]:
-        """GPU-seconds of every pod of this DAG run (failed and preempted attempts too), as JSON and CSV."""
+        """GPU-seconds of the training run (every attempt: failed and preempted ones too), as JSON and CSV."""
         dag_run = context["dag_run"]
         runs = [
             {
@@ -62,7 +62,7 @@ def podtrain_train() -> None:
                 "team": SETTINGS.team,
                 "project": SETTINGS.project,
             }
-            for trial in ("preflight", "train")
+            for trial in ("train",)
         ]
         result = chargeback(runs, join_uri(SETTINGS.base_uri, "artifacts"))
         folder = join_uri(SETTINGS.base_uri, "reports", run_id(dag_run.dag_id, dag_run.run_id))

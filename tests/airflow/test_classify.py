@@ -258,3 +258,49 @@ def test_failures_are_airflow_fail_exceptions() -> None:
 
     assert issubclass(PodFailure, AirflowFailException)
     assert issubclass(PodRetryable, AirflowException) and not issubclass(PodRetryable, AirflowFailException)
+
+
+def smoke_message(ok: bool, cause: str | None = None) -> str:
+    """``podtrain smoke``'s termination message, as it writes it."""
+    text = "smoke passed: 1 GPU(s), NVIDIA H100" if ok else f"smoke failed: torch.cuda sees no device — {cause}"
+    return json.dumps(
+        {
+            "outcome": "smoke_passed" if ok else "smoke_failed",
+            "exit_code": 0 if ok else 1,
+            "seconds": 2.1,
+            "gpus": 1 if ok else 0,
+            "cause": cause,
+            "message": text,
+        }
+    )
+
+
+def test_preflight_verdicts() -> None:
+    """A preflight pod: smoke's pass, smoke's failure with its cause, nvidia-smi failing (a log tail) are read as
+    the preflight's; a preemption or an OOM kill of the preflight is read as any pod's."""
+    from podtrain_airflow import PreflightFailed
+
+    passed = classify(pod("Succeeded", exit_code=0, term_message=smoke_message(True)), preflight=True)
+    assert passed.succeeded and "the GPU preflight passed: smoke passed: 1 GPU(s)" in passed.message
+
+    smoke = classify(pod("Failed", exit_code=1, term_message=smoke_message(False, "no_gpu")), preflight=True)
+    assert smoke.kind == "preflight_failed" and not smoke.retry
+    assert "podtrain smoke failed (no_gpu), exit 1: smoke failed: torch.cuda sees no device" in smoke.message
+    exc = error_for(smoke, pod_name="gpu-preflight-x", hint="wrong node pool?")
+    assert type(exc) is PreflightFailed and isinstance(exc, PodFailure) and "(wrong node pool?)" in str(exc)
+
+    tail = "NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver."
+    smi = classify(pod("Failed", exit_code=9, term_message=tail), preflight=True)
+    assert smi.kind == "preflight_failed" and "exited 9 before podtrain smoke" in smi.message and tail in smi.message
+    missing = classify(pod("Failed", exit_code=127, term_message="sh: nvidia-smi: not found"), preflight=True)
+    assert missing.kind == "preflight_failed" and "nvidia-smi: not found" in missing.message
+
+    assert classify(pod("Failed", exit_code=143, conditions=[DISRUPTION]), preflight=True).kind == "preempted"
+    assert classify(pod("Failed", exit_code=137, reason="OOMKilled"), preflight=True).kind == "oom_killed"
+    # Not a preflight: smoke's exit 1 with its JSON reads as podtrain's exit 1.
+    assert classify(pod("Failed", exit_code=1, term_message=smoke_message(False, "no_gpu"))).kind == "failed"
+    assert policy_action(smoke) == "FAIL"
+
+
+def policy_action(verdict: Any) -> str:
+    return str(retry_policy().evaluate(error_for(verdict), try_number=1, max_tries=4).action.name)

@@ -230,10 +230,14 @@ def test_labels_are_valid_and_name_who_pays(pods: list[tuple[str, Any, Any]]) ->
 
 
 def test_args_not_command_and_finish_settings(pods: list[tuple[str, Any, Any]]) -> None:
-    """The container gives args only (the image's entrypoint stays), logs followed, pod deleted at the end."""
+    """Training pods give args only (the image's entrypoint `podtrain run` stays), the preflight replaces it with
+    tini alone; logs followed, pod deleted at the end."""
     for name, op, pod in pods:
         container = pod["spec"]["containers"][0]
-        assert not container.get("command"), name
+        if name.endswith("gpu_preflight"):
+            assert container["command"] == ["tini", "-g", "--"], name
+        else:
+            assert not container.get("command"), name
         assert container["args"][:2] in (["python", "/app/train.py"], ["sh", "-c"]), name
         assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
         assert pod["spec"]["restartPolicy"] == "Never"
@@ -300,13 +304,15 @@ def test_factory_rejects_bad_values() -> None:
 
 
 def test_preflight_checks_the_gpus_asked_for() -> None:
-    """The preflight runs nvidia-smi and `podtrain smoke --gpus N`; a CPU pod only checks torch."""
+    """The preflight runs nvidia-smi and `podtrain smoke --gpus N` under tini, not `podtrain run`; a CPU pod only
+    checks torch."""
     from podtrain_airflow import preflight_command, preflight_pod
 
     assert preflight_command(8) == ["sh", "-c", "nvidia-smi && podtrain smoke --gpus 8"]
     assert preflight_command(0) == ["podtrain", "smoke", "--allow-cpu"]
     pod = preflight_pod(image="i", base_uri="s3://b", team="t", project="p", gpus=4, gpu_type="NVIDIA-A100")
     assert pod.arguments[-1].endswith("--gpus 4") and pod.trial == "preflight" and "preflight" in pod.failure_hint
+    assert pod.cmds == ["tini", "-g", "--"] and pod.preflight is True
     assert pod.container_resources.limits["nvidia.com/gpu"] == "4"
 
 

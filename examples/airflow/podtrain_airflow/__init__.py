@@ -11,6 +11,7 @@ from podtrain_airflow.errors import (
     PodPreempted,
     PodRetryable,
     PodVanished,
+    PreflightFailed,
     StorageUnavailable,
     TrainingFailed,
     UnexpectedExit,
@@ -21,6 +22,7 @@ from podtrain_airflow.errors import (
 from podtrain_airflow.naming import join_uri, label_value, run_id
 from podtrain_airflow.operator import (
     IMAGE_ENTRYPOINT,
+    PREFLIGHT_ENTRYPOINT,
     PodtrainPodOperator,
     pod_kwargs,
     podtrain_pod,
@@ -31,6 +33,7 @@ from podtrain_airflow.records import best_trial, chargeback, final_metrics, read
 
 __all__ = [
     "IMAGE_ENTRYPOINT",
+    "PREFLIGHT_ENTRYPOINT",
     "RETRY_KINDS",
     "ConfigError",
     "ImageError",
@@ -41,6 +44,7 @@ __all__ = [
     "PodRetryable",
     "PodVanished",
     "PodtrainPodOperator",
+    "PreflightFailed",
     "StorageUnavailable",
     "TrainingFailed",
     "UnexpectedExit",

@@ -35,6 +35,7 @@ RETRY_KINDS: dict[str, bool] = {
     "unschedulable": False,  # no node can take the GPU request (selector, tolerations, capacity)
     "image_error": False,  # the image cannot be pulled, or the container cannot be created
     "unknown_exit": False,  # any other exit code: not podtrain's contract (wrong image or entrypoint?)
+    "preflight_failed": False,  # the GPU preflight (nvidia-smi, podtrain smoke) found the pod unfit to train
 }
 
 PODTRAIN_OUTCOMES = {0: "succeeded", 1: "failed", 2: "config_error", 69: "storage_unavailable", 75: "preempted"}
@@ -75,9 +76,13 @@ def termination_message(raw: str | None) -> dict[str, Any] | None:
     return None
 
 
-def classify(pod: k8s.V1Pod | None, container: str = "base", *, gpu_request: str = "") -> Verdict:
+def classify(
+    pod: k8s.V1Pod | None, container: str = "base", *, gpu_request: str = "", preflight: bool = False
+) -> Verdict:
     """Classify ``pod`` (``None``: it no longer exists). ``gpu_request`` (e.g. ``"1 x NVIDIA-H100"``) only words
-    the message of an unschedulable pod."""
+    the message of an unschedulable pod. ``preflight``: the pod ran the GPU preflight (``nvidia-smi`` and
+    ``podtrain smoke``, outside ``podtrain run``), whose exit is read as smoke's: 0 passed, else
+    ``preflight_failed`` with smoke's own termination message, or the log tail when ``nvidia-smi`` failed first."""
     if pod is None:
         return Verdict(
             "vanished",
@@ -91,6 +96,10 @@ def classify(pod: k8s.V1Pod | None, container: str = "base", *, gpu_request: str
     disrupted = disruption is not None and disruption.status == "True"
 
     if terminated is not None:
+        if preflight:
+            verdict = _from_preflight(terminated, status, disrupted)
+            if verdict is not None:
+                return verdict
         return _from_exit(terminated, status, disruption if disrupted else None)
     if disrupted:
         return Verdict("preempted", f"the pod was disrupted ({_condition_text(disruption)}) before its container ended")
@@ -180,6 +189,44 @@ def _from_exit(
         code,
         message,
     )
+
+
+def _from_preflight(
+    terminated: k8s.V1ContainerStateTerminated, status: k8s.V1PodStatus, disrupted: bool
+) -> Verdict | None:
+    """The preflight's own end (``None``: read it as any pod's: an OOM kill, a preemption, a signal)."""
+    code = terminated.exit_code
+    raw = terminated.message or ""
+    smoke = _smoke_message(raw)
+    if code == 0:
+        said = f": {smoke['message']}" if smoke and smoke.get("message") else ""
+        return Verdict("succeeded", "the GPU preflight passed" + said, code, smoke)
+    if terminated.reason == "OOMKilled" or disrupted or status.reason == "Evicted" or code in _SIGNAL_EXITS:
+        return None
+    if smoke is not None:
+        cause = f" ({smoke['cause']})" if smoke.get("cause") else ""
+        return Verdict(
+            "preflight_failed",
+            f"podtrain smoke failed{cause}, exit {code}: {smoke.get('message') or 'no message'}",
+            code,
+            smoke,
+        )
+    tail = f"; its last words: {raw.strip()[-500:]}" if raw.strip() else ""
+    return Verdict(
+        "preflight_failed",
+        f"the preflight exited {code} before podtrain smoke could report: nvidia-smi failed or is missing "
+        f"(no NVIDIA driver, container toolkit or device plugin on the node?){tail}",
+        code,
+    )
+
+
+def _smoke_message(raw: str) -> dict[str, Any] | None:
+    """``podtrain smoke``'s termination message (``{"outcome": "smoke_passed" | "smoke_failed", ...}``), if
+    ``raw`` is one."""
+    message = termination_message(raw)
+    if message is not None and str(message.get("outcome", "")).startswith("smoke_"):
+        return message
+    return None
 
 
 def _container_state(status: k8s.V1PodStatus, container: str) -> k8s.V1ContainerState | None:

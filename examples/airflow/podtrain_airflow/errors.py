@@ -32,6 +32,7 @@ __all__ = [
     "PodPreempted",
     "PodRetryable",
     "PodVanished",
+    "PreflightFailed",
     "StorageUnavailable",
     "TrainingFailed",
     "UnexpectedExit",
@@ -100,6 +101,10 @@ class UnexpectedExit(PodFailure):
     """An exit code outside podtrain's contract."""
 
 
+class PreflightFailed(PodFailure):
+    """The GPU preflight found the pod unfit to train (nvidia-smi failing, podtrain smoke failing)."""
+
+
 _BY_KIND: dict[str, type[PodtrainTaskError]] = {
     "preempted": PodPreempted,
     "storage_unavailable": StorageUnavailable,
@@ -111,6 +116,7 @@ _BY_KIND: dict[str, type[PodtrainTaskError]] = {
     "unschedulable": Unschedulable,
     "image_error": ImageError,
     "unknown_exit": UnexpectedExit,
+    "preflight_failed": PreflightFailed,
 }
 
 

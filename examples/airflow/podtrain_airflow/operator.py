@@ -20,6 +20,7 @@ from podtrain_airflow.naming import join_uri, label_value, run_id
 
 __all__ = [
     "IMAGE_ENTRYPOINT",
+    "PREFLIGHT_ENTRYPOINT",
     "PodtrainPodOperator",
     "pod_kwargs",
     "podtrain_pod",
@@ -30,6 +31,9 @@ __all__ = [
 # The image's ENTRYPOINT (docker/Dockerfile): a pod passes `arguments` (the training command) and never `cmds`,
 # so `podtrain run` always stands between tini and the training process.
 IMAGE_ENTRYPOINT = ("tini", "-g", "--", "podtrain", "run", "--")
+# The preflight is not training: it replaces the entrypoint with tini alone, so `podtrain smoke` writes the
+# termination message itself (under `podtrain run` the supervisor's own message would replace smoke's cause).
+PREFLIGHT_ENTRYPOINT = ("tini", "-g", "--")
 
 
 def preflight_command(gpus: int) -> list[str]:
@@ -75,6 +79,7 @@ class PodtrainPodOperator(KubernetesPodOperator):
         data_uri: str = "",
         gpu_request: str = "",
         failure_hint: str = "",
+        preflight: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -85,6 +90,7 @@ class PodtrainPodOperator(KubernetesPodOperator):
         self.data_uri = data_uri
         self.gpu_request = gpu_request
         self.failure_hint = failure_hint
+        self.preflight = preflight
         self.verdict: Verdict | None = None
 
     def podtrain_run_id(self, context: Mapping[str, Any]) -> str:
@@ -154,7 +160,7 @@ class PodtrainPodOperator(KubernetesPodOperator):
             super().cleanup(pod=pod, remote_pod=final or remote_pod, xcom_result=xcom_result, context=context)
         except Exception as exc:  # the provider's own "returned a failure"; ours below says which
             provider_error = exc
-        self.verdict = classify(final, self.base_container_name, gpu_request=self.gpu_request)
+        self.verdict = classify(final, self.base_container_name, gpu_request=self.gpu_request, preflight=self.preflight)
         self.log.info("pod %s: %s (%s)", _name(remote_pod), self.verdict.kind, self.verdict.message)
         if self.verdict.succeeded:
             if provider_error is not None:
@@ -313,10 +319,13 @@ def podtrain_pod(task_id: str, **kwargs: Any) -> PodtrainPodOperator:
 def preflight_pod(task_id: str = "gpu_preflight", **kwargs: Any) -> PodtrainPodOperator:
     """A small pod with the training pods' GPU request, selector and tolerations that runs ``nvidia-smi`` and
     ``podtrain smoke`` (torch sees the GPU, CUDA and driver versions, a matmul, NCCL): run it before training so a
-    wrong node pool fails in minutes, with a message naming the likely cause. ``kwargs`` as for
-    :func:`pod_kwargs` (the shared ones: image, base URI, GPUs, ...)."""
+    wrong node pool fails in minutes, with a message naming the likely cause. It runs under ``tini`` alone (not
+    ``podtrain run``: smoke's termination message is the cause the classifier reports, and the preflight keeps no
+    run record). ``kwargs`` as for :func:`pod_kwargs` (the shared ones: image, base URI, GPUs, ...)."""
     small = {
         "command": preflight_command(kwargs.get("gpus", 1)),
+        "cmds": list(PREFLIGHT_ENTRYPOINT),
+        "preflight": True,
         "trial": "preflight",
         "cpu": "1",
         "memory": "4Gi",
