@@ -18,7 +18,7 @@ AIRFLOW_PYTEST_ARGS ?=
 help:
 	@echo "make demo   pull, train, SIGTERM, resume, push: the whole flow on a local file:// bucket (S3=1: on moto)"
 	@echo "make test   build .venv and .venv-airflow, run the whole suite (real S3/GCS servers on 127.0.0.1), then the Airflow suite"
-	@echo "make test-airflow   the Airflow suite only (DAG template, pods, classifier) in .venv-airflow"
+	@echo "make test-airflow   the Airflow suite only (DAG template, pods, classifier, end to end) in .venv-airflow; its pods run from .venv"
 	@echo "make lint   ruff + mypy"
 	@echo "make bench  checkpoint save/resume benchmarks, as ratios against boto3"
 
@@ -48,7 +48,7 @@ test: $(STAMP) $(AIRFLOW_STAMP)
 	if [ $$arc -eq 5 ]; then echo "make test: no Airflow tests ran — failing"; arc=1; fi; \
 	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$arc
 
-test-airflow: $(AIRFLOW_STAMP)
+test-airflow: $(STAMP) $(AIRFLOW_STAMP)
 	$(AIRFLOW_PY) -m pytest tests/airflow -m "not slow" $(AIRFLOW_PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-airflow: no tests ran — failing"; exit 1; fi; exit $$rc
 
