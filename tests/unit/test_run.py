@@ -208,20 +208,24 @@ def test_a_preempted_run_skips_the_teardown_only_when_time_is_short(tmp_path: Pa
     assert sdk.Checkpointer(str(tmp_path / "ckpt"), attempt=2).list()[0].step == 3
 
 
-def test_each_background_save_logs_how_long_it_stalled_training(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_each_background_save_logs_how_long_it_stalled_training(tmp_path: Path) -> None:
     """An async checkpoint logs ``checkpoint.started`` with the seconds the training loop was blocked (the copy),
     and ``checkpoint.committed`` with its bytes once written: what the demo's summary reports per checkpoint."""
+    import contextlib
+    import io
     import json
 
     model = torch.nn.Linear(64, 64)
     config = Config(run_id="r", checkpoint_uri=str(tmp_path), attempt=1, checkpoint_mode="async", log_format="json")
-    with sdk.init(config) as run:
-        run.resume({"model": model})
-        run.checkpoint(3, {"model": model}, force=True)
-        run.wait()
-    records = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    stream = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stream), sdk.init(config) as run:  # init() logs to sys.stderr
+            run.resume({"model": model})
+            run.checkpoint(3, {"model": model}, force=True)
+            run.wait()
+    finally:
+        sdk.log.configure()  # back to the test session's stderr, not this test's buffer
+    records = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
     started = [r for r in records if r["event"] == "checkpoint.started"]
     committed = [r for r in records if r["event"] == "checkpoint.committed"]
     assert [r["step"] for r in started] == [3] and started[0]["mode"] == "async"
