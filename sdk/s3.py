@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdk import checksum, listing
+from sdk import s3botocore as botocore_side
 from sdk.backend import Backend, Checksums, ObjectInfo, _fingerprint, _listed_checksums, _status, split_url
 from sdk.errors import PermanentStorageError
 
@@ -47,7 +48,10 @@ class S3Backend(Backend):
         import fsspec
 
         fs = fsspec.filesystem(
-            "s3", skip_instance_cache=True, session=_aio_session(self._aws_env), config_kwargs=_s3_config(self._timeout)
+            "s3",
+            skip_instance_cache=True,
+            session=botocore_side.aio_session(self._aws_env),
+            config_kwargs=botocore_side.client_config(self._timeout),
         )
         fs.retries = 1  # one retry loop: ours, with logging and an injectable sleep
         return fs
@@ -89,7 +93,7 @@ class S3Backend(Backend):
         environment asks for something only botocore does (then :attr:`_client`)."""
         from sdk import s3http
 
-        return s3http.create(timeout=self._timeout, session=lambda: _sync_session(self._aws_env))
+        return s3http.create(timeout=self._timeout, session=lambda: botocore_side.sync_session(self._aws_env))
 
     @functools.cached_property
     def _client(self) -> Any:
@@ -103,10 +107,10 @@ class S3Backend(Backend):
         """
         from botocore.config import Config
 
-        client = _sync_session(self._aws_env).create_client(
-            "s3", config=Config(**_s3_config(self._timeout), max_pool_connections=64)
+        client = botocore_side.sync_session(self._aws_env).create_client(
+            "s3", config=Config(**botocore_side.client_config(self._timeout), max_pool_connections=64)
         )
-        client.meta.events.register("before-call.s3.GetObject", _skip_response_validation)
+        client.meta.events.register("before-call.s3.GetObject", botocore_side.skip_response_validation)
         return client
 
     def _s3(self, method: str, **kwargs: Any) -> Any:
@@ -321,73 +325,9 @@ class S3Backend(Backend):
         return self.read(path)[0]
 
 
-def _s3_config(timeout: float) -> dict[str, Any]:
-    """botocore settings shared by the async (s3fs) and the sync client."""
-    return {
-        # total_max_attempts counts the first try; botocore's max_attempts counts retries only.
-        "retries": {"total_max_attempts": 1, "mode": "standard"},
-        "connect_timeout": timeout,
-        "read_timeout": timeout,
-        # Over plain http botocore would SHA256 every body to sign it (~0.75 CPU-s per GiB); each body
-        # already carries its CRC32C, which the store checks, so the signature covers headers only.
-        "s3": {"payload_signing_enabled": False},
-        # podtrain sends its own CRC32C with every upload and checks every download against the store's
-        # checksum itself; botocore's own pass over each body (CRC32 in Python wrappers) would be a second one.
-        "request_checksum_calculation": "when_required",
-        "response_checksum_validation": "when_required",
-    }
-
-
 def _part_size(size: int) -> int:
     """:data:`S3_PART_SIZE`, grown for big objects so that none needs more than S3's 10,000 parts."""
     return max(S3_PART_SIZE, -(-size // S3_MAX_PARTS))
-
-
-@functools.lru_cache(maxsize=4)
-def _sync_session(aws_env: tuple[tuple[str, str], ...]) -> Any:
-    """One botocore session per AWS_* environment, as :func:`_aio_session`."""
-    import botocore.session
-
-    session = botocore.session.get_session()
-    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
-    return session
-
-
-@functools.lru_cache(maxsize=4)
-def _aio_session(aws_env: tuple[tuple[str, str], ...]) -> Any:
-    """One aiobotocore session per AWS_* environment: a session caches the parsed S3 service model, so each
-    new store's client costs ~0.1 s instead of ~0.4 s. A changed environment gets a fresh session."""
-    from aiobotocore.session import AioSession
-
-    session = AioSession()
-    session.register("before-send.s3", _drop_expect_continue)
-    # botocore parses every timestamp (each listed object's LastModified, each answer's Last-Modified header) with
-    # dateutil: ~8 % of a dataset pull's CPU. The standard library parses both formats S3 sends, ~20x faster.
-    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
-    return session
-
-
-def _parse_timestamp(value: str) -> Any:
-    """S3's ISO 8601 (listings) and RFC 1123 (headers) times, tz-aware; anything else through botocore's parser."""
-    import datetime
-    import email.utils
-
-    from botocore.utils import parse_timestamp
-
-    try:
-        if value[:4].isdigit():
-            return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return email.utils.parsedate_to_datetime(value)
-    except (ValueError, TypeError, IndexError):
-        return parse_timestamp(value)
-
-
-def _drop_expect_continue(request: Any, **kwargs: Any) -> None:
-    """botocore sends every PutObject/UploadPart with ``Expect: 100-continue``; aiohttp does not apply its read
-    timeout while it waits for the ``100 Continue``, so a store that stalls there would hang the upload for
-    good. Without the header the body goes at once and the read timeout bounds the wait for the answer."""
-    if "Expect" in request.headers:
-        del request.headers["Expect"]
 
 
 def _s3_checksums(response: dict[str, Any]) -> Checksums:
@@ -408,10 +348,3 @@ def _s3_checksums(response: dict[str, Any]) -> Checksums:
     if re.fullmatch(r"[0-9a-f]{32}", etag) and not encrypted:
         sums["md5"] = etag
     return sums
-
-
-def _skip_response_validation(context: dict[str, Any], **kwargs: Any) -> None:
-    """botocore checks a body against its checksum header whenever ``ChecksumMode`` is set, which podtrain
-    sets to receive that header; podtrain then checks the body itself (CRC32C in hardware, pieces combined),
-    so botocore's pass (a wrapper hashing every chunk in Python) would be a second one over every byte."""
-    context.get("checksum", {}).pop("response_algorithms", None)
