@@ -46,6 +46,7 @@ def test_demo_preempts_resumes_and_matches_an_uninterrupted_run(tmp_path: Path) 
     _check_summary(_demo(tmp_path, "--steps", "100"), 100)
 
 
+@pytest.mark.slow  # ~50 s; S3 under podtrain run stays covered: README walkthrough, Airflow e2e
 def test_demo_runs_the_same_flow_against_s3_on_loopback(tmp_path: Path) -> None:
     """`make demo S3=1`: the same flow with the bucket on an S3 server (moto) on 127.0.0.1."""
     pytest.importorskip("moto")

@@ -121,6 +121,7 @@ def test_the_example_pulls_its_data_learns_and_pushes_the_export(
     assert message["outcome"] == "succeeded" and message["step"] == STEPS
 
 
+@pytest.mark.slow  # ~30 s; the default suite checks the same through the demo's bitwise comparison
 def test_preempted_and_resumed_ends_with_the_same_weights_as_uninterrupted(
     tmp_path: Path, data_uri: str, uninterrupted: tuple[Path, dict[str, Any]]
 ) -> None:

@@ -450,6 +450,7 @@ def test_image_requirements_exist_as_python_312_x86_64_wheels_on_the_index() -> 
     assert not problems, problems
 
 
+@pytest.mark.slow  # ~26 s of pip; the default suite checks each pin exists as a wheel
 def test_image_requirements_pass_pip_install_dry_run_for_python_312(tmp_path: Path) -> None:
     """pip itself (--dry-run, --no-deps, the image's Python and platform) finds every pin of image.txt."""
     index = _skip_unless_index_reachable()
