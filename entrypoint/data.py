@@ -151,20 +151,18 @@ def push_after_child(config: Any, exit_by: float | None, log: Any) -> tuple[Any,
 
 def run(args: argparse.Namespace) -> int:
     """``podtrain pull``: 0 when everything is in place; errors are raised for the CLI to map."""
-    import os
-
     from sdk import listing
-
-    for uri in list(args.uris) or os.environ.get("PODTRAIN_DATA_URI", "").split(","):
-        listing.start(uri.strip())  # S3: the first listing overlaps the imports below (sdk.listing)
-
     from sdk.config import Config
+
+    config = Config.from_env(data_dir=args.dest)
+    uris = list(args.uris) or config.data_uris
+    for uri in uris:
+        listing.start(uri)  # S3: the first listing overlaps the imports below (sdk.listing)
+
     from sdk.errors import ConfigError
     from sdk.log import configure
     from sdk.pull import pull
 
-    config = Config.from_env(data_dir=args.dest)
-    uris = list(args.uris) or config.data_uris
     if not uris:
         raise ConfigError("nothing to pull: name a URI, or set PODTRAIN_DATA_URI")
     if args.workers < 1 or args.piece_mib < 1:

@@ -139,7 +139,7 @@ class S3Backend(Backend):
         """A file over :data:`S3_MULTIPART_THRESHOLD` goes up in parts read from the disk as they are sent, so
         memory holds :data:`S3_CONCURRENCY` parts at most, whatever the file's size; smaller files in one PUT."""
         size = local.stat().st_size
-        if size <= S3_MULTIPART_THRESHOLD or self._http is None:
+        if not self._streams(size):
             return super().upload_file(path, local)
         bucket, key = self._split(path)
         fd = os.open(local, os.O_RDONLY)
@@ -158,9 +158,11 @@ class S3Backend(Backend):
         return None, crc, size
 
     def upload_memory(self, size: int) -> int:
-        if size <= S3_MULTIPART_THRESHOLD or self._http is None:
-            return size
-        return min(size, S3_CONCURRENCY * _part_size(size))
+        return min(size, S3_CONCURRENCY * _part_size(size)) if self._streams(size) else size
+
+    def _streams(self, size: int) -> bool:
+        """Whether :meth:`upload_file` sends a file of ``size`` in parts read as they go (not read whole)."""
+        return size > S3_MULTIPART_THRESHOLD and self._http is not None
 
     def _put(self, path: str, data: bytes, crc: int, match: dict[str, str]) -> dict[str, Any] | None:
         """PutObject (its answer), or a multipart upload (None) above :data:`S3_MULTIPART_THRESHOLD`."""
