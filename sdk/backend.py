@@ -288,13 +288,16 @@ def _status(exc: BaseException) -> int | None:
     return response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
 
 
+_MD5_HEX = re.compile(r"[0-9a-f]{32}")
+
+
 def _listed_checksums(info: dict[str, Any]) -> Checksums:
     """Checksums in a listing entry: GCS lists ``crc32c`` and ``md5Hash`` (base64) for every object. An S3
     listing's single-part ETag is kept as ``etag_md5``: a hint only (it is not the MD5 under KMS encryption),
     good for recognising a file already on disk, never for failing a download."""
     sums: Checksums = {}
     etag = str(info.get("ETag", "")).strip('"')
-    if re.fullmatch(r"[0-9a-f]{32}", etag):
+    if _MD5_HEX.fullmatch(etag):
         sums["etag_md5"] = etag
     if info.get("crc32c"):
         sums["crc32c"] = checksum.from_b64(str(info["crc32c"]))

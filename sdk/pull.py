@@ -116,7 +116,10 @@ def pull(
         retry = replace(retry or RetryPolicy(), timeout=stall_seconds)
     wanted = _list(sources, list(include), list(exclude), retry)
     with contextlib.closing(WarmCache(target / INDEX_NAME)) as index:
-        unknown = [w for w in wanted if not index.current(w.name, target / w.name, w.info.size, w.info.fingerprint)]
+        base = str(target)
+        unknown = [
+            w for w in wanted if not index.current(w.name, os.path.join(base, w.name), w.info.size, w.info.fingerprint)
+        ]
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="podtrain-pull") as pool:
             adopted = {n for n in pool.map(lambda w: _adopt(w, target, index), unknown) if n}
         todo = [w for w in unknown if w.name not in adopted]

@@ -9,11 +9,10 @@ botocore's ``S3SigV4Auth``, tested; unsigned payloads: each body carries its CRC
 environment need no botocore at all; any other credentials come from botocore's chain (every source it knows,
 refreshed as it refreshes them).
 
-It covers a custom endpoint (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``: MinIO, moto, … with path-style
-addresses) and AWS's regional endpoints (virtual-hosted addresses; a bucket in another region is followed once
-from S3's ``x-amz-bucket-region`` answer). :func:`create` returns None — and the caller uses botocore — for what it
-does not do: proxies, FIPS or dual-stack endpoints, transfer acceleration, a config file's S3 settings or
-endpoint, or no region at all. Answers come back as dicts named like botocore's (``ETag``, ``ChecksumCRC32C``,
+Where requests go and which keys sign them is :mod:`sdk.s3address`'s answer (a custom endpoint or AWS's
+regional ones; a bucket in another region is followed once from S3's ``x-amz-bucket-region`` answer).
+:func:`create` returns None — and the caller uses botocore — where that module says podtrain's requests will not
+do. Answers come back as dicts named like botocore's (``ETag``, ``ChecksumCRC32C``,
 ``ContentLength``…); errors as :class:`S3Error` with the HTTP status and S3's error code, which
 :func:`sdk.fault.classify` sorts like botocore's.
 """
@@ -21,18 +20,16 @@ endpoint, or no region at all. Answers come back as dicts named like botocore's 
 from __future__ import annotations
 
 import http.client
-import os
-import ssl
+import socket
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import quote, unquote_plus, urlencode, urlsplit
-from xml.sax.saxutils import escape
+from urllib.parse import unquote_plus, urlsplit
 
-from sdk import sigv4
+from sdk import s3address
 
-__all__ = ["S3Error", "S3HTTP", "create"]
+__all__ = ["S3Error", "S3HTTP", "create", "read_answer"]
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _HEADERS = {  # response header -> botocore's name for it
@@ -45,8 +42,6 @@ _HEADERS = {  # response header -> botocore's name for it
     "x-amz-server-side-encryption-customer-algorithm": "SSECustomerAlgorithm",
     "last-modified": "LastModified",
 }
-_UNSUPPORTED_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "AWS_USE_FIPS_ENDPOINT")
-_UNSUPPORTED_CONFIG = ("s3", "endpoint_url", "use_fips_endpoint", "use_dualstack_endpoint", "services")
 
 
 class S3Error(OSError):
@@ -58,70 +53,35 @@ class S3Error(OSError):
         self.s3_code = s3_code
 
 
+def _xml_text(text: str) -> str:
+    """``text`` as XML character data (xml.sax.saxutils.escape, whose import pulls in urllib.request: ~9 ms)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def create(*, timeout: float, session: Callable[[], Any]) -> S3HTTP | None:
-    """A client for the environment's credentials and endpoint, or None where only botocore will do.
-
-    Keys and a region in the environment and no AWS config file (a pod given a Secret as variables, or a test
-    server) need no botocore session, whose import and set-up cost ~0.15-0.4 s of every ``podtrain pull``;
-    anything else asks ``session()`` for botocore's credential chain and configuration.
-    """
-    if any(os.environ.get(name) for name in _UNSUPPORTED_ENV):
-        return None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    bundle = os.environ.get("AWS_CA_BUNDLE")
-    static = _static_keys()
-    if static is not None:
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if not endpoint and not region:
-            return None
-        return S3HTTP(
-            lambda: static, endpoint=endpoint, region=region or "us-east-1", timeout=timeout, ca_bundle=bundle
-        )
-    botocore_session = session()
-    if any(key in botocore_session.get_scoped_config() for key in _UNSUPPORTED_CONFIG):
-        return None
-    region = botocore_session.get_config_variable("region")
-    if not endpoint and not region:
-        return None
-    bundle = bundle or botocore_session.get_config_variable("ca_bundle")
-    credentials = botocore_session.get_credentials()
-    if credentials is None:  # botocore's own client then fails with its usual "Unable to locate credentials"
-        return None
-
-    def keys() -> sigv4.Keys:  # refreshed by botocore when they are temporary
-        frozen = credentials.get_frozen_credentials()
-        return sigv4.Keys(access_key=frozen.access_key, secret_key=frozen.secret_key, token=frozen.token)
-
-    return S3HTTP(keys, endpoint=endpoint, region=region or "us-east-1", timeout=timeout, ca_bundle=bundle)
+    """A client for the environment's credentials and endpoint (:func:`sdk.s3address.resolve`, which asks
+    ``session()`` for botocore's only when it must), or None where only botocore will do."""
+    address = s3address.resolve(session=session)
+    return None if address is None else S3HTTP(address, timeout=timeout)
 
 
-def _static_keys() -> sigv4.Keys | None:
-    """The keys in ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` when nothing else could change what botocore
-    would resolve (no profile, no config file or an empty one); else None."""
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    config_file = os.path.expanduser(os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config")
-    if not key or not secret or os.environ.get("AWS_PROFILE") or _has_content(config_file):
-        return None
-    return sigv4.Keys(access_key=key, secret_key=secret, token=os.environ.get("AWS_SESSION_TOKEN") or None)
+def read_answer(sock: socket.socket, method: str) -> tuple[int, dict[str, Any], bytes]:
+    """Status, headers and body of the answer to a request written on ``sock`` by hand (:mod:`sdk.listing`)."""
+    response = http.client.HTTPResponse(sock, method=method)
+    try:
+        response.begin()
+        return response.status, _answer(response), response.read()
+    finally:
+        response.close()
 
 
 class S3HTTP:
     """Thread-safe: each thread keeps its own connection per host."""
 
-    def __init__(
-        self,
-        keys: Callable[[], sigv4.Keys],
-        *,
-        endpoint: str | None,
-        region: str,
-        timeout: float,
-        ca_bundle: str | None = None,
-    ) -> None:
-        self._keys, self._endpoint, self._region, self._timeout = keys, endpoint, region, timeout
-        self._ca_bundle = ca_bundle
+    def __init__(self, address: s3address.Address, *, timeout: float) -> None:
+        self.address, self._timeout = address, timeout
         self._regions: dict[str, str] = {}  # bucket -> region, learnt from a redirect
         self._local = threading.local()
-        self._tls: ssl.SSLContext | None = None
 
     # -- the requests a transfer repeats ---------------------------------------------------------------------
     def get(
@@ -170,8 +130,8 @@ class S3HTTP:
         """Join ``parts`` (number, ETag, CRC32C in base64) into the object; ``if_none_match``: only if no object has
         the key (412 otherwise). S3 may answer 200 with an error document: that is raised as the error it is."""
         xml = "".join(
-            f"<Part><PartNumber>{n}</PartNumber><ETag>{escape(etag)}</ETag>"
-            f"<ChecksumCRC32C>{escape(crc)}</ChecksumCRC32C></Part>"
+            f"<Part><PartNumber>{n}</PartNumber><ETag>{_xml_text(etag)}</ETag>"
+            f"<ChecksumCRC32C>{_xml_text(crc)}</ChecksumCRC32C></Part>"
             for n, etag, crc in parts
         )
         body = f'<CompleteMultipartUpload xmlns="{_NS[1:-1]}">{xml}</CompleteMultipartUpload>'.encode()
@@ -187,14 +147,15 @@ class S3HTTP:
     def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None:
         self._request("DELETE", bucket, key, query={"uploadId": upload_id})
 
-    def list(self, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
-        """Every object under ``prefix``: dicts with ``Key``, ``Size``, ``ETag``, page after page."""
+    def list(self, bucket: str, prefix: str, *, first: bytes | None = None) -> Iterator[dict[str, Any]]:
+        """Every object under ``prefix``: dicts with ``Key``, ``Size``, ``ETag``, page after page. ``first``: the
+        first page's answer, already fetched (the request of :func:`sdk.s3address.list_query`)."""
         token = None
         while True:
-            query = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
-            if token:
-                query["continuation-token"] = token
-            body, _ = self._request("GET", bucket, "", query=query)
+            if first is not None:
+                body, first = first, None
+            else:
+                body, _ = self._request("GET", bucket, "", query=s3address.list_query(prefix, token))
             root = ET.fromstring(body)  # noqa: S314 - the answer of the store we asked, not user input
             for item in root.iter(f"{_NS}Contents"):
                 yield {
@@ -231,23 +192,15 @@ class S3HTTP:
         raise S3Error(301, "PermanentRedirect", f"bucket {bucket} moved twice")
 
     def _region_of(self, bucket: str) -> str:
-        return self._regions.get(bucket, self._region)
+        return self._regions.get(bucket, self.address.region)
 
     def _url(self, bucket: str, key: str, query: Mapping[str, str] | None) -> str:
-        path = quote(key, safe="/~")
-        if self._endpoint:
-            base = f"{self._endpoint.rstrip('/')}/{bucket}/{path}"
-        elif "." in bucket or bucket.lower() != bucket:  # not a valid host name: path-style
-            base = f"https://s3.{self._region_of(bucket)}.amazonaws.com/{bucket}/{path}"
-        else:
-            base = f"https://{bucket}.s3.{self._region_of(bucket)}.amazonaws.com/{path}"
-        return base + ("?" + urlencode(query, quote_via=quote) if query else "")
+        return self.address.url(bucket, key, query, self._region_of(bucket))
 
     def _send(
         self, method: str, url: str, headers: dict[str, str], body: bytes | memoryview, region: str
     ) -> tuple[int, dict[str, Any], bytes]:
-        headers["Host"] = sigv4.host(url)  # sent as signed, not left to http.client
-        signed = sigv4.sign(method, url, headers, self._keys(), region)
+        signed = self.address.sign(method, url, headers, region)
         parts = urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         for fresh in (False, True):
@@ -265,12 +218,9 @@ class S3HTTP:
             except BaseException:
                 self._drop(parts.netloc)  # a half-read answer leaves the connection unusable
                 raise
-        answer: dict[str, Any] = {_HEADERS.get(k.lower(), k.lower()): v for k, v in response.getheaders()}
-        if "ContentLength" in answer:
-            answer["ContentLength"] = int(answer["ContentLength"])
         if response.will_close:
             self._drop(parts.netloc)
-        return response.status, answer, data
+        return response.status, _answer(response), data
 
     def _connection(self, scheme: str, netloc: str) -> tuple[http.client.HTTPConnection, bool]:
         """This thread's connection to ``netloc``, and whether it carried a request before."""
@@ -279,7 +229,7 @@ class S3HTTP:
         if connection is not None:
             return connection, True
         if scheme == "https":
-            connection = http.client.HTTPSConnection(netloc, timeout=self._timeout, context=self._tls_context())
+            connection = http.client.HTTPSConnection(netloc, timeout=self._timeout, context=self.address.tls_context())
         else:
             connection = http.client.HTTPConnection(netloc, timeout=self._timeout)
         pool[netloc] = connection
@@ -290,30 +240,13 @@ class S3HTTP:
         if connection is not None:
             connection.close()
 
-    def _tls_context(self) -> ssl.SSLContext:
-        if self._tls is None:
-            self._tls = ssl.create_default_context(cafile=self._ca_bundle or _ca_file())
-        return self._tls
 
-
-def _has_content(path: str) -> bool:
-    """Whether a config file exists and says anything (an empty one, or /dev/null, changes nothing)."""
-    if path == os.devnull or not os.path.exists(path):
-        return False
-    try:
-        return not os.path.isfile(path) or os.path.getsize(path) > 0
-    except OSError:
-        return True  # there, but unreadable here: let botocore decide
-
-
-def _ca_file() -> str | None:
-    """The CA bundle botocore would use: certifi's where it is installed (it comes with botocore), else the
-    system's (None)."""
-    try:
-        import certifi
-    except ImportError:
-        return None
-    return str(certifi.where())
+def _answer(response: http.client.HTTPResponse) -> dict[str, Any]:
+    """An answer's headers, named as botocore names them (``ContentLength`` as an int)."""
+    answer: dict[str, Any] = {_HEADERS.get(k.lower(), k.lower()): v for k, v in response.getheaders()}
+    if "ContentLength" in answer:
+        answer["ContentLength"] = int(answer["ContentLength"])
+    return answer
 
 
 def _find(root: ET.Element, name: str) -> str:

@@ -17,7 +17,6 @@ import functools
 import hashlib
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 __all__ = ["UNSIGNED_PAYLOAD", "Keys", "host", "sign"]
@@ -27,13 +26,36 @@ _UNSIGNED_HEADERS = frozenset(("expect", "transfer-encoding", "user-agent", "x-a
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-@dataclass(frozen=True, kw_only=True)
 class Keys:
-    """One set of AWS credentials (``token``: the session token of temporary credentials)."""
+    """One set of AWS credentials (``token``: the session token of temporary credentials); immutable, and its
+    ``repr`` never shows the secret or the token.
 
+    Written out rather than a dataclass: importing :mod:`dataclasses` costs ~15 ms, and :mod:`sdk.listing` signs
+    its request before anything else of podtrain's is imported.
+    """
+
+    __slots__ = ("access_key", "secret_key", "token")
     access_key: str
-    secret_key: str = field(repr=False)  # never printed
-    token: str | None = field(default=None, repr=False)
+    secret_key: str
+    token: str | None
+
+    def __init__(self, *, access_key: str, secret_key: str, token: str | None = None) -> None:
+        for name, value in (("access_key", access_key), ("secret_key", secret_key), ("token", token)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Keys are immutable: cannot set {name}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Keys):
+            return NotImplemented
+        return (self.access_key, self.secret_key, self.token) == (other.access_key, other.secret_key, other.token)
+
+    def __hash__(self) -> int:
+        return hash((self.access_key, self.secret_key, self.token))
+
+    def __repr__(self) -> str:
+        return f"Keys(access_key={self.access_key!r})"
 
 
 def sign(

@@ -46,13 +46,14 @@ class WarmCache:
                 except (ValueError, KeyError, TypeError):
                     continue  # a torn last line from an interrupted pull
 
-    def current(self, rel: str, local: Path, size: int, fingerprint: str) -> bool:
-        """Whether ``local`` holds exactly the listed object ``rel`` already."""
+    def current(self, rel: str, local: str | os.PathLike[str], size: int, fingerprint: str) -> bool:
+        """Whether ``local`` holds exactly the listed object ``rel`` already (a ``str`` path is cheapest: a warm
+        pull asks this of every file)."""
         entry = self.entries.get(rel)
         if entry is None or entry.get("fingerprint") != fingerprint or entry.get("size") != size:
             return False
         try:
-            stat = local.stat()
+            stat = os.stat(local)
         except FileNotFoundError:
             return False
         return stat.st_size == size and stat.st_mtime_ns == entry.get("mtime_ns")

@@ -19,9 +19,9 @@ def lists(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
     seen: list[tuple[str, str, str]] = []
     real = s3http.S3HTTP.list
 
-    def spy(self: s3http.S3HTTP, bucket: str, prefix: str) -> Any:
+    def spy(self: s3http.S3HTTP, bucket: str, prefix: str, **kwargs: Any) -> Any:
         seen.append((threading.current_thread().name, bucket, prefix))
-        return real(self, bucket, prefix)
+        return real(self, bucket, prefix, **kwargs)
 
     monkeypatch.setattr(s3http.S3HTTP, "list", spy)
     return seen

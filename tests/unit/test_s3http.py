@@ -1,4 +1,5 @@
-"""The lean S3 client: addresses, when it steps aside for botocore, region redirects and error answers."""
+"""The lean S3 client (sdk.s3http, sdk.s3address): addresses, when it steps aside for botocore, region redirects
+and error answers."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, ClassVar
 import botocore.session
 import pytest
 
-from sdk import s3http, sigv4
+from sdk import s3address, s3http, sigv4
 from sdk.errors import StorageNotFoundError, TransientStorageError
 from sdk.fault import classify
 
@@ -46,14 +47,17 @@ def test_aws_addresses_are_virtual_hosted_and_path_style_where_a_bucket_cannot_b
         "https://b.s3.eu-west-1.amazonaws.com/?list-type=2&prefix=x%20y%2F"
     )
     keys = sigv4.Keys(access_key="a", secret_key="b")
-    local = s3http.S3HTTP(lambda: keys, endpoint="http://127.0.0.1:9000/", region="us-east-1", timeout=5)
+    address = s3address.Address(lambda: keys, endpoint="http://127.0.0.1:9000/", region="us-east-1")
+    local = s3http.S3HTTP(address, timeout=5)
     assert local._url("bkt", "dir/obj", None) == "http://127.0.0.1:9000/bkt/dir/obj"
 
 
 def test_keys_and_region_in_the_environment_need_no_botocore_session(session: Any) -> None:
     """With AWS_ACCESS_KEY_ID/SECRET and a region set and no config file, botocore's session is never made."""
     client = s3http.create(timeout=5, session=lambda: pytest.fail("a botocore session was made"))
-    assert client is not None and client._keys().access_key == "AKIDEXAMPLE"
+    assert client is not None
+    signed = client.address.sign("GET", "http://h/b/k", {}, "us-east-1")
+    assert signed["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
 
 
 def test_keys_in_the_environment_sign_and_send_without_importing_botocore(server: str) -> None:
@@ -157,7 +161,7 @@ def server() -> Iterator[str]:
 
 def test_a_bucket_in_another_region_is_followed_once_and_remembered(session: Any, server: str) -> None:
     """The first GET is signed for us-east-1, S3 names us-west-2, the retry and every later request use it."""
-    client = s3http.S3HTTP(_keys(session), endpoint=server, region="us-east-1", timeout=5)
+    client = s3http.S3HTTP(s3address.Address(_keys(session), endpoint=server, region="us-east-1"), timeout=5)
     data, answer = client.get("bkt", "obj")
     assert data == b"hello" and answer["ChecksumCRC32C"] == "mnG7TA==" and answer["ContentLength"] == 5
     assert client.get("bkt", "obj", 0, 2)[0] == b"hello"
@@ -166,7 +170,7 @@ def test_a_bucket_in_another_region_is_followed_once_and_remembered(session: Any
 
 def test_error_answers_carry_the_status_and_s3_s_code_and_sort_like_botocore_s(session: Any, server: str) -> None:
     """404 NoSuchKey is not found (fail fast); 503 SlowDown is transient (retry)."""
-    client = s3http.S3HTTP(_keys(session), endpoint=server, region="us-west-2", timeout=5)
+    client = s3http.S3HTTP(s3address.Address(_keys(session), endpoint=server, region="us-west-2"), timeout=5)
     with pytest.raises(s3http.S3Error) as missing:
         client.get("bkt", "missing")
     assert (missing.value.status, missing.value.s3_code) == (404, "NoSuchKey")
@@ -179,7 +183,7 @@ def test_error_answers_carry_the_status_and_s3_s_code_and_sort_like_botocore_s(s
 
 def test_a_kept_alive_connection_the_server_closed_is_replaced_at_once(session: Any, server: str) -> None:
     """The server drops an idle connection silently: the next request goes on a new one, without an error."""
-    client = s3http.S3HTTP(_keys(session), endpoint=server, region="us-west-2", timeout=5)
+    client = s3http.S3HTTP(s3address.Address(_keys(session), endpoint=server, region="us-west-2"), timeout=5)
     assert client.get("bkt", "then-hang-up")[0] == b"hello"
     assert client.get("bkt", "obj")[0] == b"hello"
     assert len(_Store.seen) == 2
