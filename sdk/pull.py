@@ -114,8 +114,9 @@ def pull(
     target.mkdir(parents=True, exist_ok=True)
     if stall_seconds is not None:
         retry = replace(retry or RetryPolicy(), timeout=stall_seconds)
-    wanted = _list(sources, list(include), list(exclude), retry)
-    with contextlib.closing(WarmCache(target / INDEX_NAME)) as index:
+    index = WarmCache(target / INDEX_NAME)  # read first: it overlaps the listing's round trip (sdk.listing)
+    with contextlib.closing(index):
+        wanted = _list(sources, list(include), list(exclude), retry)
         base = str(target)
         unknown = [
             w for w in wanted if not index.current(w.name, os.path.join(base, w.name), w.info.size, w.info.fingerprint)

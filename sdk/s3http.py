@@ -24,6 +24,7 @@ import socket
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
@@ -149,23 +150,34 @@ class S3HTTP:
 
     def list(self, bucket: str, prefix: str, *, first: bytes | None = None) -> Iterator[dict[str, Any]]:
         """Every object under ``prefix``: dicts with ``Key``, ``Size``, ``ETag``, page after page. ``first``: the
-        first page's answer, already fetched (the request of :func:`sdk.s3address.list_query`)."""
-        token = None
-        while True:
-            if first is not None:
-                body, first = first, None
-            else:
-                body, _ = self._request("GET", bucket, "", query=s3address.list_query(prefix, token))
-            root = ET.fromstring(body)  # noqa: S314 - the answer of the store we asked, not user input
-            for item in root.iter(f"{_NS}Contents"):
-                yield {
-                    "Key": unquote_plus(item.findtext(f"{_NS}Key") or ""),
-                    "Size": int(item.findtext(f"{_NS}Size") or 0),
-                    "ETag": item.findtext(f"{_NS}ETag") or "",
-                }
-            token = root.findtext(f"{_NS}NextContinuationToken")
-            if root.findtext(f"{_NS}IsTruncated") != "true" or not token:
-                return
+        first page's answer, already fetched (the request of :func:`sdk.s3address.list_query`).
+
+        Each page's successor is asked for before the page is parsed (parsing 1,000 entries takes ~12 ms, about a
+        round trip): its continuation token is found by a plain search of the answer, then checked against the
+        parsed one, and a wrong guess is asked for again."""
+        body = first if first is not None else self._list_page(bucket, prefix, None)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="podtrain-list") as ahead:
+            while True:
+                guess = _next_token(body)
+                following = ahead.submit(self._list_page, bucket, prefix, guess) if guess else None
+                root = ET.fromstring(body)  # noqa: S314 - the answer of the store we asked, not user input
+                for item in root.iter(f"{_NS}Contents"):
+                    yield {
+                        "Key": unquote_plus(item.findtext(f"{_NS}Key") or ""),
+                        "Size": int(item.findtext(f"{_NS}Size") or 0),
+                        "ETag": item.findtext(f"{_NS}ETag") or "",
+                    }
+                token = root.findtext(f"{_NS}NextContinuationToken")
+                if root.findtext(f"{_NS}IsTruncated") != "true" or not token:
+                    token = None
+                if token != guess:
+                    following = ahead.submit(self._list_page, bucket, prefix, token) if token else None
+                if following is None:
+                    return
+                body = following.result()
+
+    def _list_page(self, bucket: str, prefix: str, token: str | None) -> bytes:
+        return self._request("GET", bucket, "", query=s3address.list_query(prefix, token))[0]
 
     # -- plumbing -----------------------------------------------------------------------------------------
     def _request(
@@ -239,6 +251,18 @@ class S3HTTP:
         connection = self._local.__dict__.get("pool", {}).pop(netloc, None)
         if connection is not None:
             connection.close()
+
+
+def _next_token(page: bytes) -> str | None:
+    """A listing page's continuation token by a plain search (None when there is none, or it holds an XML
+    entity): a guess that :meth:`S3HTTP.list` checks against the parsed page. Keys cannot fake it: they are
+    listed URL-encoded, without a ``<``."""
+    start = page.find(b"<NextContinuationToken>")
+    end = page.find(b"</NextContinuationToken>", start)
+    if start < 0 or end < 0:
+        return None
+    token = page[start + len(b"<NextContinuationToken>") : end].decode("utf-8", "replace")
+    return token if token and "&" not in token else None
 
 
 def _answer(response: http.client.HTTPResponse) -> dict[str, Any]:

@@ -35,6 +35,7 @@ class _Bucket(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     seen: ClassVar[list[tuple[str, dict[str, str]]]] = []
     status: ClassVar[int] = 200
+    token: ClassVar[str] = "page-2"  # as written in the XML
 
     def do_GET(self) -> None:
         type(self).seen.append((self.path, dict(self.headers.items())))
@@ -44,7 +45,7 @@ class _Bucket(http.server.BaseHTTPRequestHandler):
         elif "continuation-token" in query:
             body = _page(["data/c.bin"])
         else:
-            body = _page(["data/a.bin", "data/b%20b.bin"], token="page-2")
+            body = _page(["data/a.bin", "data/b%20b.bin"], token=type(self).token)
         self.send_response(type(self).status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -59,7 +60,7 @@ def bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
     """The fake bucket's endpoint, with keys in the environment (so the head start runs)."""
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Bucket)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    _Bucket.seen, _Bucket.status = [], 200
+    _Bucket.seen, _Bucket.status, _Bucket.token = [], 200, "page-2"
     endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"
     for name, value in {
         "AWS_ENDPOINT_URL": endpoint,
@@ -120,7 +121,7 @@ def test_start_waits_until_the_request_is_sent(bucket: str, monkeypatch: pytest.
 
 
 def test_the_first_answer_is_read_and_the_next_pages_are_fetched_after_it(bucket: str) -> None:
-    """Page one comes from the hand-written request; page two is asked with its continuation token."""
+    """Page one comes from the hand-written request; page two is asked for with its continuation token, once."""
     listing.start("s3://bkt/data/")
     items = listing.take("bkt", "data/")
     assert items is not None
@@ -146,3 +147,12 @@ def test_an_unreachable_endpoint_leaves_no_head_start(bucket: str, monkeypatch: 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard: nothing listens
     listing.start("s3://bkt/data")
     assert listing.take("bkt", "data/") is None
+
+
+def test_a_continuation_token_the_quick_search_cannot_read_is_taken_from_the_parsed_page(bucket: str) -> None:
+    """A token written with an XML entity is not guessed: page two is asked for with the parsed token, once."""
+    _Bucket.token = "page&amp;2"
+    listing.start("s3://bkt/data/")
+    items = listing.take("bkt", "data/")
+    assert items is not None and [i["Key"] for i in items] == ["data/a.bin", "data/b b.bin", "data/c.bin"]
+    assert len(_Bucket.seen) == 2 and "continuation-token=page%262" in _Bucket.seen[1][0]
