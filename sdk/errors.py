@@ -31,6 +31,7 @@ __all__ = [
     "StorageError",
     "StorageNotFoundError",
     "StoragePermissionError",
+    "StorageTrustError",
     "TransientStorageError",
     "PermanentStorageError",
     "UnsafeCheckpointError",
@@ -90,6 +91,10 @@ class StoragePermissionError(PermanentStorageError, PermissionError):
     """Access denied or bad credentials."""
 
 
+class StorageTrustError(PermanentStorageError):
+    """The endpoint's TLS certificate is not signed by a CA this process trusts (a private CA not configured)."""
+
+
 class InsufficientSpaceError(PodtrainError):
     """The target volume cannot hold what is to be downloaded; the message names the sizes and the path."""
 
@@ -136,10 +141,12 @@ def exit_code(error: BaseException) -> int | None:
     """The exit code a run that died of ``error`` reports, or None for an ordinary failure (1).
 
     Storage that stayed down through the retries → 69 (retry later); a setting to fix — a bad variable, a missing
-    bucket, denied credentials — → 2 (never retry: it would fail the same way).
+    bucket, denied credentials, an untrusted TLS certificate — → 2 (never retry: it would fail the same way).
     """
     if isinstance(error, TransientStorageError):
         return EXIT_UNAVAILABLE
-    if isinstance(error, ConfigError | StorageNotFoundError | StoragePermissionError | InsufficientSpaceError):
+    if isinstance(
+        error, ConfigError | StorageNotFoundError | StoragePermissionError | StorageTrustError | InsufficientSpaceError
+    ):
         return EXIT_CONFIG
     return None

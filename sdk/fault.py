@@ -15,6 +15,7 @@ from sdk.errors import (
     StorageError,
     StorageNotFoundError,
     StoragePermissionError,
+    StorageTrustError,
     TransientStorageError,
 )
 
@@ -72,6 +73,12 @@ def classify(exc: BaseException, *, url: str, op: str = "access") -> StorageErro
         return StoragePermissionError(
             f"{op} {url}: access denied — check the credentials from the cloud's standard chain "
             f"(AWS_* / GOOGLE_APPLICATION_CREDENTIALS) and that they may use this bucket ({text})",
+            url=url,
+        )
+    if "SSLCertVerificationError" in names:  # by name: ssl is imported only where HTTPS is used
+        return StorageTrustError(
+            f"{op} {url}: the endpoint's TLS certificate is not trusted — if it is signed by a private CA, point "
+            f"AWS_CA_BUNDLE (S3) at that CA's PEM file ({text})",
             url=url,
         )
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:

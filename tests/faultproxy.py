@@ -19,6 +19,7 @@ import http
 import json
 import re
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable
@@ -79,9 +80,12 @@ class Fault:
 class FaultProxy:
     """A proxy to ``upstream_port`` on 127.0.0.1; ``flavor`` ("s3"/"gcs") picks the error bodies it sends."""
 
-    def __init__(self, upstream_port: int, *, flavor: str = "s3", upstream_host: str = HOST) -> None:
+    def __init__(
+        self, upstream_port: int, *, flavor: str = "s3", upstream_host: str = HOST, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """``tls``: serve HTTPS with this server context (the upstream is still plain HTTP)."""
         error_body(flavor, 503)  # fail now on a bad flavour
-        self.upstream, self.flavor = (upstream_host, upstream_port), flavor
+        self.upstream, self.flavor, self.tls = (upstream_host, upstream_port), flavor, tls
         self.port, self.url = 0, ""  # set by start()
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []  # (method, target) of every request, in arrival order
@@ -93,10 +97,10 @@ class FaultProxy:
 
     def start(self) -> FaultProxy:
         self._thread.start()
-        serving = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._serve, HOST, 0), self._loop)
+        serving = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._serve, HOST, 0, ssl=self.tls), self._loop)
         self._server = serving.result(timeout=10)
         self.port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://{HOST}:{self.port}"
+        self.url = f"{'https' if self.tls else 'http'}://{HOST}:{self.port}"
         return self
 
     def stop(self) -> None:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trustme
 
 from sdk.storage import open_store
+from tests.conftest import MotoS3Server
+from tests.faultproxy import FaultProxy
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))
 
@@ -117,3 +122,40 @@ def test_each_data_command_has_help_with_examples(command: str, options: list[st
     assert all(option in helped.stdout for option in options)
     examples = helped.stdout.split("examples:", 1)[1]
     assert f"podtrain {command} " in examples
+
+
+@pytest.fixture
+def https_s3(s3_url: str, s3_server: MotoS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """moto behind a TLS proxy whose certificate a test CA signed; AWS_ENDPOINT_URL is the https:// proxy and
+    AWS_CA_BUNDLE that CA. Yields the proxy (its ``requests`` are what came over TLS)."""
+    _bucket(s3_url)
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    proxy = FaultProxy(s3_server.port, tls=context).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "ca.pem"))
+    yield proxy
+    proxy.stop()
+
+
+def test_pull_over_https_trusts_the_ca_bundle_and_lists_once(https_s3: Any, s3_url: str, tmp_path: Path) -> None:
+    """An HTTPS endpoint with a private CA in AWS_CA_BUNDLE: the listing's head start and the GETs go over TLS."""
+    done = _podtrain("pull", f"{s3_url}/ds", "--dest", str(tmp_path / "d"), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["fetched"] == 2
+    assert (tmp_path / "d" / "train" / "a.bin").read_bytes() == b"a" * 5000
+    listings = [target for method, target in https_s3.requests if "list-type=2" in target]
+    assert len(listings) == 1, f"one listing, the head start's: {listings}"
+
+
+def test_an_untrusted_certificate_fails_fast_naming_aws_ca_bundle(
+    https_s3: Any, s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the CA, the pull stops at once (no retries) with exit 2 and a message saying what to set."""
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    done = _podtrain("pull", f"{s3_url}/ds", "--dest", str(tmp_path / "d"))
+    assert done.returncode == 2, done.stderr
+    assert "AWS_CA_BUNDLE" in done.stderr and "not trusted" in done.stderr
+    assert len(https_s3.requests) == 0, "nothing got past the handshake"

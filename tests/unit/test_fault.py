@@ -154,3 +154,15 @@ def test_an_exception_without_a_message_is_named_cleanly() -> None:
     """An empty exception message leaves just the type name, with no dangling colon."""
     error = classify(TimeoutError(), url=URL, op="get")
     assert str(error) == f"get {URL}: TimeoutError"
+
+
+def test_an_untrusted_certificate_is_a_setting_to_fix_naming_aws_ca_bundle() -> None:
+    """A failed TLS verification is never retried: exit 2, and the message says which variable takes a CA."""
+    import ssl
+
+    from sdk.errors import EXIT_CONFIG, StorageTrustError, exit_code
+
+    cause = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    error = classify(cause, url=URL, op="list")
+    assert isinstance(error, StorageTrustError) and not error.transient
+    assert "AWS_CA_BUNDLE" in str(error) and exit_code(error) == EXIT_CONFIG
