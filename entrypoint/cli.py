@@ -255,6 +255,10 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
         return _run_config_error(args, str(exc))
     if not cmd:
         return _run_config_error(args, "no command given: use podtrain run [options] -- CMD [ARGS...]")
+    from sdk import listing
+
+    for uri in config.data_uris:  # S3: the dataset's first listing overlaps the attempt's look-up (sdk.listing)
+        listing.start(uri)
 
     derived_note = ""
     stopping = early is not None and early.sigterm_at() is not None

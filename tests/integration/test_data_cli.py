@@ -159,3 +159,24 @@ def test_an_untrusted_certificate_fails_fast_naming_aws_ca_bundle(
     assert done.returncode == 2, done.stderr
     assert "AWS_CA_BUNDLE" in done.stderr and "not trusted" in done.stderr
     assert len(https_s3.requests) == 0, "nothing got past the handshake"
+
+
+def test_run_pulls_over_https_using_the_listing_sent_at_start(https_s3: Any, s3_url: str, tmp_path: Path) -> None:
+    """`podtrain run` sends the dataset's first listing as it starts (before the attempt look-up) and the pull
+    uses that answer: one listing of the dataset, over TLS, and the child finds the files."""
+    seen = tmp_path / "seen.txt"
+    env = {
+        "PODTRAIN_DATA_URI": f"{s3_url}/ds",
+        "PODTRAIN_DATA_DIR": str(tmp_path / "d"),
+        "PODTRAIN_CHECKPOINT_URI": f"{s3_url}/ckpt",
+        "PODTRAIN_OUTPUT_DIR": str(tmp_path / "out"),
+        "PODTRAIN_TERMINATION_LOG": str(tmp_path / "term"),
+    }
+    done = _podtrain("run", "--", "sh", "-c", f'ls "$PODTRAIN_DATA_DIR/train" > {seen}', env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert seen.read_text().split() == ["a.bin"]
+    targets = [t for _, t in https_s3.requests]
+    data_listings = [i for i, t in enumerate(targets) if "list-type=2" in t and "prefix=root%2Fds%2F" in t]
+    checkpoint_look_ups = [i for i, t in enumerate(targets) if "root%2Fckpt" in t or "/root/ckpt" in t]
+    assert len(data_listings) == 1, targets
+    assert checkpoint_look_ups and data_listings[0] < checkpoint_look_ups[0], f"sent first: {targets}"
