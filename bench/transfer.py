@@ -23,8 +23,7 @@ file sizes stay 1 MiB and 64 MiB from 1024 up and shrink with it below (at least
   whole-object one). The files and bytes each side moved are printed under the table.
 * **push**: ``podtrain push <dir> s3://…/push-podtrain/`` against ``aws s3 sync <dir> s3://…/push-cli/``
   (``--exclude .podtrain-push.jsonl``, podtrain's record of what it sent). Goals: wall <= 1.0x, client CPU
-  <= 0.5x. **warm-push**: both again, nothing changed, :data:`WARM_SAMPLES` times per repetition. Goal: wall
-  <= 0.5x.
+  <= 0.5x. **warm-push**: both again, nothing changed, :data:`WARM_SAMPLES` times per repetition. Goal: <= 0.5x.
 
 Each case is measured as wall seconds, client CPU seconds (user + sys of the subprocess, from
 ``getrusage(RUSAGE_CHILDREN)``) and moto's CPU seconds during the case (``/proc/<pid>/stat``). Every case

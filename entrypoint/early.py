@@ -13,7 +13,7 @@ Once the command has returned, :func:`main` moves every object into the collecto
 (:func:`gc.freeze`). An interpreter that exits collects every tracked object it still holds — tens of
 thousands after structlog's and asyncio's imports — which took 40-80 ms of a 0.5 s warm ``podtrain pull``
 (measured); frozen, they are freed as the modules are torn down, with no cycle search. Nothing runs after it that
-could leave cycles to collect; the process's own files, sockets and threads are closed by then.
+could leave cycles to collect; the process's own files and sockets are closed by then, its threads done or daemons.
 """
 
 from __future__ import annotations
