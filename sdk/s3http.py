@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
+from xml.sax.saxutils import escape
 
 from sdk import s3address
 
@@ -52,11 +53,6 @@ class S3Error(OSError):
         super().__init__(f"{status} {s3_code}: {message}")
         self.status = self.code = status
         self.s3_code = s3_code
-
-
-def _xml_text(text: str) -> str:
-    """``text`` as XML character data (xml.sax.saxutils.escape, whose import pulls in urllib.request: ~9 ms)."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def create(*, timeout: float, session: Callable[[], Any]) -> S3HTTP | None:
@@ -131,8 +127,8 @@ class S3HTTP:
         """Join ``parts`` (number, ETag, CRC32C in base64) into the object; ``if_none_match``: only if no object has
         the key (412 otherwise). S3 may answer 200 with an error document: that is raised as the error it is."""
         xml = "".join(
-            f"<Part><PartNumber>{n}</PartNumber><ETag>{_xml_text(etag)}</ETag>"
-            f"<ChecksumCRC32C>{_xml_text(crc)}</ChecksumCRC32C></Part>"
+            f"<Part><PartNumber>{n}</PartNumber><ETag>{escape(etag)}</ETag>"
+            f"<ChecksumCRC32C>{escape(crc)}</ChecksumCRC32C></Part>"
             for n, etag, crc in parts
         )
         body = f'<CompleteMultipartUpload xmlns="{_NS[1:-1]}">{xml}</CompleteMultipartUpload>'.encode()
