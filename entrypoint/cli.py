@@ -28,6 +28,7 @@ from typing import Any
 
 from entrypoint import data, record, smoke, termination
 from entrypoint.early import EarlySignals
+from sdk import redaction
 from sdk.errors import ConfigError, PodtrainError, TransientStorageError, exit_code
 
 __all__ = ["main"]
@@ -106,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, *, early: EarlySignals | None = None) -> int:
+    """``podtrain``: every byte it writes to stdout and stderr is redacted (:mod:`sdk.redaction`) — usage errors,
+    the one-line error messages, logs, a traceback — and the URLs on its command line count as secrets too.
+
+    ``argv`` None: the console script, whose process ends with this call; the streams then stay redacted for the
+    interpreter's own last words (an uncaught exception's traceback).
+    """
+    redaction.remember(sys.argv[1:] if argv is None else argv)
+    with redaction.redacted_streams(restore=argv is not None):
+        return _main(argv, early)
+
+
+def _main(argv: list[str] | None, early: EarlySignals | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args, early)
@@ -356,10 +369,7 @@ def _run_config_error(args: argparse.Namespace, message: str) -> int:
 
 
 def _finish(fields: dict[str, Any], path: str, log: Any) -> None:
-    """Write the termination message (secrets masked) to ``path`` and as the last log line."""
-    from sdk.log import SecretRedactor
-
-    fields = dict(fields, message=SecretRedactor.from_environ().scrub(str(fields["message"])))
+    """Write the termination message (secrets masked by ``render``) to ``path`` and as the last log line."""
     line = termination.render(fields)
     termination.write_termination_log(
         path, line, warn=lambda text: log.warning("supervisor.termination_log", problem=text)

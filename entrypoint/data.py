@@ -25,10 +25,14 @@ EXAMPLES = """examples:
   podtrain pull s3://bucket/shards/ --dest /data --piece-mib 32 --stall-seconds 30 --no-progress
   PODTRAIN_DATA_URI=s3://bucket/corpus/ PODTRAIN_DATA_DIR=/data podtrain pull
 
-A file is renamed into place only once its size and the store's checksum (CRC32C, CRC32 or a single-part MD5
-ETag, where it keeps one) matched. A second pull fetches only what changed in the store (.podtrain-pull.jsonl
-in the folder remembers what was fetched); files already there by other means are kept when their checksum
-matches. Objects over --piece-mib come in parallel byte ranges; memory stays under workers x piece size.
+A file is renamed into place only once its size and the store's checksum (CRC32C, CRC32 or an MD5 ETag, where it
+keeps one; a multipart upload's checked through its parts) matched; files the store keeps no checksum for are
+counted as unverified, or refused with --require-checksums (PODTRAIN_REQUIRE_CHECKSUMS=1). A second pull
+fetches only what changed in the store (.podtrain-pull.jsonl in the folder remembers what was fetched); files
+already there by other means are kept when their checksum matches. Objects over --piece-mib come in parallel
+byte ranges; memory stays under workers x piece size. A key that cannot be a file inside the folder ('..', an
+absolute or over-long name, a key that is also a prefix) stops the pull with exit 2 before anything is written;
+a full disk is exit 1 with the files already there intact; two pulls into one folder take turns.
 """
 
 
@@ -56,6 +60,13 @@ def add_parser(commands: Any) -> None:
         help="write files around the page cache where the file system allows (less CPU; default); "
         "--no-direct leaves them cached in memory for a first epoch that reads them at once",
     )
+    pull.add_argument(
+        "--require-checksums",
+        action="store_true",
+        default=None,
+        help="fail (exit 2) on an object the store keeps no checksum for, rather than count it as unverified "
+        "(default: PODTRAIN_REQUIRE_CHECKSUMS)",
+    )
 
 
 def add_push_parser(commands: Any) -> None:
@@ -68,7 +79,9 @@ def add_push_parser(commands: Any) -> None:
         "  podtrain push /output/export gs://bucket/models/run-7 --workers 4 --json\n"
         "  podtrain push   # PODTRAIN_OUTPUT_DIR to PODTRAIN_ARTIFACT_URI/<run_id>\n\n"
         "Each file goes up with its CRC32C, which the store checks; its size and checksum are read back after.\n"
-        "Pushing again sends only new or changed files (.podtrain-push.jsonl in the folder remembers).",
+        "Pushing again sends only new or changed files (.podtrain-push.jsonl in the folder remembers).\n"
+        "Symlinks are never followed out of DIR: links to files outside it, dangling links and links to folders\n"
+        "are skipped and listed in the summary (not an error); a link to a file inside DIR goes up as a copy.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     push.add_argument("dir", nargs="?", default=None, help="the folder or file (default: PODTRAIN_OUTPUT_DIR)")
@@ -91,6 +104,13 @@ def _transfer_options(parser: argparse.ArgumentParser, workers: str) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON document")
 
 
+def _retry(config: Any) -> Any:
+    """The stores' retry policy for a pull or push: how long to ride out throttling (PODTRAIN_THROTTLE_SECONDS)."""
+    from sdk.storage import RetryPolicy
+
+    return RetryPolicy(throttle_seconds=config.throttle_seconds)
+
+
 def run_push(args: argparse.Namespace) -> int:
     """``podtrain push``: 0 when everything is uploaded and verified."""
     from sdk.config import Config
@@ -104,13 +124,14 @@ def run_push(args: argparse.Namespace) -> int:
         args.uri or default_url(config.artifact_uri, config.run_id),
         workers=args.workers,
         stall_seconds=args.stall_seconds or config.stall_seconds,
+        retry=_retry(config),
         progress=args.progress,
     )
     if args.json:
         print(json.dumps(result.__dict__))
     else:
         sent = f"{result.sent} sent ({result.bytes_sent} bytes)"
-        print(f"{result.url}: {result.files} files, {sent}, {result.skipped} unchanged")
+        print(f"{result.url}: {result.files} files, {sent}, {result.skipped} unchanged{result.links_note()}")
     return 0
 
 
@@ -133,7 +154,7 @@ def push_after_child(config: Any, exit_by: float | None, log: Any) -> tuple[Any,
     def work() -> tuple[Any, Exception | None]:
         try:
             url = default_url(config.artifact_uri, config.run_id)
-            return push(folder, url, stall_seconds=config.stall_seconds), None
+            return push(folder, url, stall_seconds=config.stall_seconds, retry=_retry(config)), None
         except Exception as exc:
             return None, exc
 
@@ -177,8 +198,10 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         piece_size=args.piece_mib * 2**20,
         stall_seconds=args.stall_seconds or config.stall_seconds,
+        retry=_retry(config),
         progress=args.progress,
         direct=args.direct,
+        require_checksums=bool(args.require_checksums or config.require_checksums),
     )
     if args.json:
         print(json.dumps({"dest": config.data_dir, **result.__dict__}))
@@ -187,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
             f"{config.data_dir}: {result.files} files, {result.fetched} fetched ({result.bytes_fetched} bytes), "
             f"{result.skipped} already there ({result.adopted} of them recognised by checksum), "
             f"in {result.seconds:.1f} s"
+            + (f"; {result.unverified} unverified (the store keeps no checksum for them)" if result.unverified else "")
         )
     return 0
 
@@ -217,7 +241,9 @@ def pull_before_child(
                 exclude=exclude,
                 cancel=cancel,
                 stall_seconds=config.stall_seconds,
+                retry=_retry(config),
                 progress=False,  # the supervisor's output is the pod's log: log lines, not a bar
+                require_checksums=config.require_checksums,
             )
         except Exception as exc:
             outcome["error"] = exc

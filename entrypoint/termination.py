@@ -18,6 +18,7 @@ from typing import Any
 
 from sdk.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_UNAVAILABLE
 from sdk.preemption import EXIT_PREEMPTED
+from sdk.redaction import redact, redact_value
 
 __all__ = [
     "DEFAULT_TERMINATION_LOG",
@@ -162,16 +163,12 @@ def newest_checkpoint(
 
 
 def derive_attempt(uri: str, *, run_id: str, timeout: float) -> tuple[int | None, str]:
-    """``(attempt, note)``: one more than the newest attempt the checkpoint store has seen, within ``timeout``.
+    """``(attempt, note)``: the next attempt number after the newest the checkpoint store has seen, reserved there
+    (:func:`sdk.fence.reserve_attempt`: no other process can derive it too), within ``timeout``.
 
     The supervisor derives it once and passes it to the child as ``PODTRAIN_ATTEMPT``, so that every rank of a
     multi-process child uses the same number. ``None`` with the reason when the store did not answer.
     """
-    from sdk.storage import split_url
-
-    protocol, path = split_url(uri)
-    if protocol == "file" and not Path(path).exists():
-        return 1, ""
 
     def look() -> Any:
         from sdk.checkpoint import Checkpointer
@@ -235,7 +232,10 @@ def record(
 
 
 def render(fields: Mapping[str, Any], limit: int = MAX_BYTES) -> str:
-    """One line of JSON, at most ``limit`` UTF-8 bytes: the ``message`` is cut (marked with ``…``) to fit."""
+    """One line of JSON, at most ``limit`` UTF-8 bytes: the ``message`` is cut (marked with ``…``) to fit.
+
+    Secrets are masked first (:func:`sdk.redaction.redact_value`), so a cut never leaves half of one."""
+    fields = redact_value(dict(fields))
 
     def dump(values: Mapping[str, Any]) -> str:
         return json.dumps(values, ensure_ascii=False, separators=(", ", ": "))
@@ -267,7 +267,8 @@ def render(fields: Mapping[str, Any], limit: int = MAX_BYTES) -> str:
 
 
 def write_termination_log(path: str, line: str, *, warn: Callable[[str], None] | None = None) -> bool:
-    """Write ``line`` to ``path``; False (and no exception) where it cannot be written.
+    """Write ``line`` to ``path``, secrets masked (:func:`sdk.redaction.redact`); False (and no exception) where
+    it cannot be written.
 
     The default ``/dev/termination-log`` is written only where it exists (Kubernetes mounts it), so a run on
     a laptop leaves no file in ``/dev``; any other path is created.
@@ -276,7 +277,7 @@ def write_termination_log(path: str, line: str, *, warn: Callable[[str], None] |
         return False
     try:
         with open(path, "w", encoding="utf-8") as f:
-            f.write(line + "\n")
+            f.write(redact(line) + "\n")
         return True
     except OSError as exc:
         if warn is not None:

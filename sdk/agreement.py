@@ -18,11 +18,17 @@ later was tried first: gloo's hand-off to its worker thread cost more than a blo
 
 The time-based save policy rides on the same agreement: a rank whose clock says a save is due raises a flag,
 and the next ``checkpoint()`` call on every rank saves.
+
+The first collective also agrees on the job's checkpoint writer id (:attr:`Agreement.writer`): each rank adds a
+random number and the largest wins, so every rank of this job writes into the same ``attempt-<n>-<writer>/``
+folder and no other job — even one given the same attempt number — ever does (:mod:`sdk.fence`). It costs no
+collective of its own; every save of several ranks is preceded by an agreement, so the id is known by then.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +60,7 @@ class Agreement:
         self.stopped = False
         self.save_due = False
         self.collectives = 0
+        self.writer: str | None = None  # the job's checkpoint writer id, agreed with the first collective
 
     def _ensure_group(self) -> Any:
         if not self._ready:
@@ -72,10 +79,18 @@ class Agreement:
 
     def _reduce_max(self, values: list[int]) -> list[int]:
         group = self._ensure_group()
-        tensor = torch.tensor(values, dtype=torch.int64)
+        first = self.writer is None  # alike on every rank: all run the same collectives in the same order
+        tensor = torch.tensor([*values, secrets.randbits(48)] if first else values, dtype=torch.int64)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
         self.collectives += 1
-        return [int(v) for v in tensor.tolist()]
+        agreed = [int(v) for v in tensor.tolist()]
+        if first:
+            self.writer = f"{agreed.pop():012x}"
+        return agreed
+
+    def writer_id(self) -> str | None:
+        """The job's agreed checkpoint writer id; None before the first collective."""
+        return self.writer
 
     def any(self, *flags: bool) -> tuple[bool, ...]:
         """For each flag: whether it is true on any rank (blocking, now)."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdk import checksum
+from sdk import _locallinks, checksum
 from sdk.errors import BackendMissingError
 
 __all__ = [
@@ -34,12 +34,15 @@ __all__ = [
     "Checksums",
     "LocalBackend",
     "ObjectInfo",
+    "PartLayout",
     "connect",
     "require_backend",
     "split_url",
 ]
 
-Checksums = dict[str, int | str]  # "crc32c" / "crc32": int; "md5" / "etag_md5": lowercase hex
+# "crc32c" / "crc32": int; "md5" / "etag_md5": lowercase hex. Of a multipart upload (sdk.integrity.PartCheck):
+# "crc32c_parts" / "crc32_parts": the COMPOSITE CRC (int), "md5_parts": the ETag "<hex>-N", "parts": N.
+Checksums = dict[str, int | str]
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,15 @@ class ObjectInfo:
     size: int
     fingerprint: str
     checksums: Checksums = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartLayout:
+    """The parts an object was uploaded in, by size; ``exact`` False when only the first part was asked for and
+    the others assumed the same size but the last (what every common uploader does: checked, not trusted)."""
+
+    sizes: tuple[int, ...]
+    exact: bool = True
 
 
 _PACKAGES = {"s3": ("s3fs", "botocore"), "s3a": ("s3fs", "botocore"), "gs": ("gcsfs",), "gcs": ("gcsfs",)}
@@ -107,7 +119,7 @@ def connect(url: str, *, timeout: float) -> tuple[Backend, str]:
     if protocol == "file":
         import fsspec  # here, not at the top: S3 transfers never need it (~35-60 ms of every command's start)
 
-        return LocalBackend(fsspec.filesystem("file")), path
+        return LocalBackend(fsspec.filesystem("file"), root=path), path
     if protocol in ("s3", "s3a"):
         from sdk.s3 import S3Backend
 
@@ -148,10 +160,12 @@ class Backend:
         self.put(path, data, crc32c=crc32c, exclusive=False)
         return None
 
-    def upload_file(self, path: str, local: Path) -> tuple[ObjectInfo | None, int, int]:
+    def upload_file(self, path: str, local: Path, *, fd: int | None = None) -> tuple[ObjectInfo | None, int, int]:
         """Upload the file ``local`` to ``path``: what the store's answer says it stored (None: ask with
-        :meth:`describe`), and the CRC32C and size of the bytes sent. Here: read whole, then :meth:`upload`."""
-        data = local.read_bytes()
+        :meth:`describe`), and the CRC32C and size of the bytes sent. Here: read whole, then :meth:`upload`.
+        ``fd``: the file already open (:mod:`sdk.push` opens it without following links); it is read by offset,
+        and ``local`` only names it."""
+        data = local.read_bytes() if fd is None else _read_fd(fd)
         crc = checksum.crc32c(data)
         return self.upload(path, data, crc32c=crc), crc, len(data)
 
@@ -174,6 +188,11 @@ class Backend:
         self.invalidate(path)
         info = self.fs.info(path)
         return ObjectInfo(int(info.get("size") or 0), _fingerprint(info), _listed_checksums(info))
+
+    def layout(self, path: str, size: int, *, exact: bool = False) -> PartLayout:
+        """The parts ``path`` (of ``size`` bytes) was uploaded in: one, here (S3 answers for its multipart uploads;
+        ``exact``: each part asked for rather than the sizes assumed from the first)."""
+        return PartLayout(sizes=(size,))
 
     def exists(self, path: str) -> bool:
         return bool(self.fs.exists(path))
@@ -233,7 +252,12 @@ class Backend:
 
 
 class LocalBackend(Backend):
-    """A local directory: atomic renames and hard links instead of conditional requests."""
+    """A local directory: atomic renames and hard links instead of conditional requests. Symbolic links below
+    ``root`` are not the store's: never listed, never deleted through (:mod:`sdk._locallinks`)."""
+
+    def __init__(self, fs: Any, *, root: str) -> None:
+        super().__init__(fs)
+        self.root = root
 
     def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
         target = Path(path)
@@ -257,10 +281,11 @@ class LocalBackend(Backend):
         return True
 
     def list(self, path: str) -> list[str]:
-        try:
-            return sorted(p.name for p in Path(path).iterdir() if not p.name.startswith(".") or p.is_dir())
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+        return _locallinks.names(path)
+
+    def delete(self, path: str, *, recursive: bool) -> None:
+        _locallinks.remove(self.root, path, recursive=recursive)
+        self.invalidate(path)
 
     def check_root(self, root: str) -> None:
         Path(root).mkdir(parents=True, exist_ok=True)
@@ -312,3 +337,12 @@ def _fingerprint(info: dict[str, Any]) -> str:
             return f"{key}:{str(info[key]).strip(chr(34))}"
     mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or ""
     return f"mtime:{mtime}:{info.get('size')}"
+
+
+def _read_fd(fd: int) -> bytes:
+    """The whole file open as ``fd``, read by offset from its start (the descriptor's position is untouched)."""
+    chunks, offset, want = [], 0, max(os.fstat(fd).st_size, 1 << 16)
+    while chunk := os.pread(fd, want, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)

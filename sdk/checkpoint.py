@@ -1,9 +1,11 @@
 """Checkpoints that either exist completely and verifiably, or do not exist at all.
 
-A save writes one folder ``step-<10 digits>/``: the state files under ``attempt-<n>/`` (serialized one after
-another, each uploaded as soon as it is serialized, in parallel), then ``MANIFEST.json`` — last, and with a
-conditional create, so two writers can never both commit one step. Because each attempt writes its files under
-its own sub-folder, a stale attempt still writing can never overwrite the files a committed manifest lists.
+A save writes one folder ``step-<10 digits>/``: the state files under the writer's own ``attempt-<n>-<writer>/``
+(serialized one after another, each uploaded as soon as it is serialized, in parallel), then ``MANIFEST.json`` —
+last, and with a conditional create, so two writers can never both commit one step. Because every writer (a
+process, or the ranks of one job) has its own sub-folder (:mod:`sdk.fence`), no other writer — a stale attempt,
+or a second process given the same attempt number — can ever overwrite the files a committed manifest lists;
+the loser of a commit race removes its own folder.
 A checkpoint is found by reading manifests, never by trusting folder names, and loading verifies every
 file's size and CRC32C; on any mismatch it logs why and falls back to the previous valid checkpoint.
 
@@ -17,14 +19,13 @@ What a state may hold, and how it is put back, is :mod:`sdk.state`: anything wit
 from __future__ import annotations
 
 import builtins
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from sdk import checksum, fence, ranks
+from sdk import checksum, fence, ranks, statefile
 from sdk import state as trainstate
 from sdk.config import Config
 from sdk.errors import (
@@ -32,6 +33,7 @@ from sdk.errors import (
     CommitConflictError,
     InvalidCheckpointError,
     NoCheckpointError,
+    PodtrainError,
     StaleAttemptError,
     StorageNotFoundError,
 )
@@ -44,7 +46,6 @@ __all__ = ["CheckpointInfo", "Checkpointer", "ScanEntry"]
 
 log = get_logger("podtrain.checkpoint")
 _READS = 3  # reads of a file whose bytes do not match the manifest before the checkpoint counts as corrupt
-_ATTEMPT_DIR = re.compile(r"^attempt-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Checkpointer:
         sleep: Callable[[float], None] = time.sleep,
         max_workers: int = 8,
         safe_globals: Iterable[Any] = (),
+        writer: str | None = None,
     ) -> None:
         self.store = url if isinstance(url, Store) else open_store(url, retry=retry, sleep=sleep)
         self.run_id = run_id
@@ -100,6 +102,10 @@ class Checkpointer:
         self.claimed: fence.Claim | None = None
         self.last_save_seconds: float | None = None
         self._root_checked = False
+        # This writer's id (its files go under attempt-<n>-<writer>/): random for one rank; several ranks must share
+        # one, so there it is given, or agreed by them (``shared_writer``, set by sdk.run from sdk.agreement).
+        self.writer = writer if writer is not None or world_size > 1 else fence.new_writer()
+        self.shared_writer: Callable[[], str | None] | None = None
 
     @classmethod
     def from_config(cls, config: Config, **kwargs: Any) -> Checkpointer:
@@ -121,15 +127,19 @@ class Checkpointer:
 
     @property
     def attempt(self) -> int:
-        """This writer's attempt number: as configured, or one more than the newest attempt in the store."""
+        """This writer's attempt number: as configured, or derived once — the next number after the newest attempt
+        in the store (folders, manifests, claims, reservations), reserved there so no other process gets it."""
         if self._attempt is None:
             entries = self.scan()
             seen = [a for entry in entries for a in entry.attempts]
             seen += [e.manifest.attempt for e in entries if e.manifest]
-            seen += [c.attempt for c in fence.read_claims(self.store)]
-            self._attempt = max(seen, default=0) + 1
+            self._attempt = fence.reserve_attempt(self.store, max(seen, default=0))
             log.info("checkpoint.attempt_derived", attempt=self._attempt, url=self.url)
         return self._attempt
+
+    def writer_id(self) -> str | None:
+        """This writer's id: given or random, or the one its ranks agreed on (None: they agreed on none yet)."""
+        return self.writer if self.writer is not None or self.shared_writer is None else self.shared_writer()
 
     def claim(self, resumed_from: int | None = None) -> fence.Claim:
         """Take over the run after ``resumed_from`` (default: the newest committed step) for this attempt.
@@ -193,10 +203,12 @@ class Checkpointer:
         folder = step_dir(step)
         attempt = self.attempt
         location = self.store.url_of(folder)
+        writer = self.writer_id()
+        own = fence.writer_dir(attempt, writer)  # this writer's folder: no other writer ever puts a file there
         claims = self._check_not_superseded(f"writing step {step}")
         if self.store.exists(f"{folder}/{MANIFEST_NAME}"):
             self._clear_superseded(folder, claims, location)
-        prefix = ranks.rank_prefix(attempt, self.rank, self.world_size)
+        prefix = ranks.rank_prefix(own, self.rank, self.world_size)
         entries: dict[str, FileEntry] = {}
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-upload") as pool:
             uploads: list[Future[bool]] = []
@@ -209,13 +221,25 @@ class Checkpointer:
             for upload in uploads:
                 upload.result()
         if self.world_size > 1:
-            ranks.write_record(self.store, folder, attempt, self.rank, entries)
+            ranks.write_record(self.store, folder, own, self.rank, entries)
             if self.rank != 0:  # rank 0 commits once every rank's record is in
                 log.info("checkpoint.rank_written", step=step, url=location, files=len(entries))
                 return CheckpointInfo(step, location, self._manifest(step, attempt, entries, meta))
-            entries = ranks.gather(self.store, folder, attempt, self.world_size, timeout=self.rank_timeout)
+            entries = ranks.gather(self.store, folder, own, self.world_size, timeout=self.rank_timeout)
         manifest = self._manifest(step, attempt, entries, meta)
-        return self._commit(folder, location, manifest, started)
+        try:
+            return self._commit(folder, location, manifest, started)
+        except CommitConflictError:
+            if writer:  # a folder without a writer id may be another job's (the same attempt): never removed
+                self._remove_own(f"{folder}/{own}", location)
+            raise
+
+    def _remove_own(self, rel: str, location: str) -> None:
+        """After losing the commit: remove this writer's files (nobody else writes there; nothing lists them)."""
+        try:
+            self.store.delete(rel, recursive=True)
+        except PodtrainError as exc:  # left for retention; the conflict is what the caller must hear about
+            log.warning("checkpoint.loser_not_removed", url=location, folder=rel, error=str(exc))
 
     def _manifest(
         self, step: int, attempt: int, entries: dict[str, FileEntry], meta: Mapping[str, Any] | None
@@ -269,7 +293,7 @@ class Checkpointer:
             if step is None:
                 continue
             children = self.store.list(name)
-            attempts = frozenset(int(m.group(1)) for c in children if (m := _ATTEMPT_DIR.match(c)))
+            attempts = frozenset(a for c in children if (a := fence.attempt_of_dir(c)) is not None)
             location = self.store.url_of(name)
             manifest: Manifest | None = None
             problem: str | None = None
@@ -418,6 +442,7 @@ class Checkpointer:
             elif (actual := checksum.to_hex(checksum.crc32c(data))) != entry.crc32c:
                 problem = f"{name} has CRC32C {actual}, manifest says {entry.crc32c} (corrupt)"
             else:
+                statefile.check(name, data, location=info.url)  # intact bytes can still be damaged or crafted
                 return data
             if read < _READS:
                 log.warning("checkpoint.reread", url=info.url, file=name, read=read, reason=problem)

@@ -24,6 +24,7 @@ __all__ = ["ENV_PREFIX", "CheckpointMode", "Config", "LogFormat"]
 ENV_PREFIX = "PODTRAIN_"
 LogFormat = Literal["auto", "json", "console"]
 CheckpointMode = Literal["async", "overlap", "sync"]
+_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 T = TypeVar("T")
 
@@ -52,6 +53,8 @@ class Config:
     checkpoint_mode: CheckpointMode = "async"
     artifact_uri: str = ""
     stall_seconds: float = 60.0  # a data pull or artifact push that moves no byte for this long is cut and retried
+    throttle_seconds: float = 300.0  # how long a pull or push keeps retrying a store that throttles it (sdk.throttle)
+    require_checksums: bool = False  # a pulled object the store keeps no checksum for is an error, not "unverified"
     output_dir: str = ""
     grace_seconds: float = 30.0
     stop_signals: str = "SIGTERM,SIGINT,SIGUSR1"
@@ -107,6 +110,8 @@ class Config:
             _fail("stop_signals", self.stop_signals, f"{exc}; name signals like SIGTERM,SIGUSR1")
         if not self.stall_seconds > 0:
             _fail("stall_seconds", self.stall_seconds, "seconds without a byte before a transfer is retried (> 0)")
+        if not 0 < self.throttle_seconds <= 3600:
+            _fail("throttle_seconds", self.throttle_seconds, "seconds to retry a throttling store, in (0, 3600]")
         if not self.grace_seconds > 0:
             _fail("grace_seconds", self.grace_seconds, "set it to the pod's terminationGracePeriodSeconds (> 0)")
         if self.log_format not in ("auto", "json", "console"):
@@ -163,6 +168,11 @@ def _fail(name: str, value: object, fix: str) -> None:
 def _parse(name: str, variable: str, raw: str, type_name: str) -> Any:
     parser: Callable[[str], Any] = str
     base = type_name.replace(" | None", "")
+    if base == "bool":
+        flag = _FLAGS.get(raw.lower())
+        if flag is None:
+            raise ConfigError(f"{variable}={raw!r} is not a yes/no value: use 1/0, true/false, yes/no or on/off")
+        return flag
     if base == "int":
         parser = int
     elif base == "float":

@@ -23,8 +23,12 @@ __all__ = [
     "CheckpointError",
     "CommitConflictError",
     "ConfigError",
+    "DataPathError",
+    "DestinationBusyError",
     "InsufficientSpaceError",
     "InvalidCheckpointError",
+    "LocalDiskError",
+    "MalformedDocumentError",
     "NoCheckpointError",
     "PodtrainError",
     "StaleAttemptError",
@@ -32,9 +36,12 @@ __all__ = [
     "StorageNotFoundError",
     "StoragePermissionError",
     "StorageTrustError",
+    "ThrottledStorageError",
     "TransientStorageError",
     "PermanentStorageError",
     "UnsafeCheckpointError",
+    "UnsafeKeyError",
+    "UnverifiedObjectError",
 ]
 
 Fault = Literal["user", "platform"]
@@ -77,6 +84,12 @@ class TransientStorageError(StorageError):
     fault: ClassVar[Fault] = "platform"
 
 
+class ThrottledStorageError(TransientStorageError):
+    """The store asked us to slow down (S3 ``SlowDown``, HTTP 429, GCS ``rateLimitExceeded``): retried with fewer
+    requests in flight and longer waits (:mod:`sdk.throttle`), within a time budget; past it, exit 69 as any
+    storage outage (retry later)."""
+
+
 class PermanentStorageError(StorageError):
     """The store refused in a way that will not pass by retrying."""
 
@@ -95,10 +108,61 @@ class StorageTrustError(PermanentStorageError):
     """The endpoint's TLS certificate is not signed by a CA this process trusts (a private CA not configured)."""
 
 
+class UnverifiedObjectError(PermanentStorageError):
+    """An object the store keeps no checksum for, pulled with checksums required (``--require-checksums``,
+    ``PODTRAIN_REQUIRE_CHECKSUMS``); nothing of it was put in place."""
+
+
 class InsufficientSpaceError(PodtrainError):
     """The target volume cannot hold what is to be downloaded; the message names the sizes and the path."""
 
     fault: ClassVar[Fault] = "user"
+
+
+class DataPathError(PodtrainError):
+    """An object cannot land in the pull's folder: something there is in the way (a symbolic link, which is never
+    followed below the folder; a file where a folder must be, or the reverse) or the folder cannot be written.
+    The message names the object, the local path and the fix."""
+
+    fault: ClassVar[Fault] = "user"
+
+
+class UnsafeKeyError(DataPathError):
+    """An object key cannot be a file in the pull's folder: a ``..``, ``.``, empty or absolute component, a name
+    longer than the file system allows, podtrain's own file names, a key that is also a prefix, the same name
+    twice. Refused (never rewritten) before anything is written; ``key`` is the key."""
+
+    def __init__(self, message: str, *, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class DestinationBusyError(PodtrainError):
+    """Another pull held the folder's lock for longer than this pull would wait."""
+
+    fault: ClassVar[Fault] = "platform"
+
+
+class LocalDiskError(PodtrainError):
+    """The local volume refused the pulled bytes (no space, quota, a file-size limit, an I/O error); no file was
+    put in place and the files there before are intact. The message says how much was needed and is free, where."""
+
+    fault: ClassVar[Fault] = "platform"
+
+
+class MalformedDocumentError(PodtrainError, ValueError):
+    """A JSON document read from a store (a manifest, a claim, a record, a safetensors header) is over its size
+    or nesting bound, or is not UTF-8 JSON: damaged or crafted. Permanent (the same bytes fail the same way) and
+    the user's to fix (repair or remove the object at ``what``); a ``ValueError``, so readers that skip what they
+    cannot interpret skip it too. A damaged checkpoint found this way is skipped for the previous one, never fatal.
+    """
+
+    fault: ClassVar[Fault] = "user"
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(f"{what} is not a readable JSON document: {reason}")
+        self.what = what
+        self.reason = reason
 
 
 class CheckpointError(PodtrainError):
@@ -140,13 +204,21 @@ class StaleAttemptError(CheckpointError):
 def exit_code(error: BaseException) -> int | None:
     """The exit code a run that died of ``error`` reports, or None for an ordinary failure (1).
 
-    Storage that stayed down through the retries → 69 (retry later); a setting to fix — a bad variable, a missing
-    bucket, denied credentials, an untrusted TLS certificate — → 2 (never retry: it would fail the same way).
+    Storage that stayed down through the retries, or kept throttling past the throttling budget → 69 (retry
+    later); a setting to fix — a bad variable, a missing bucket, denied credentials, an untrusted TLS certificate,
+    an object with no checksum when checksums are required — → 2 (never retry: it would fail the same way).
     """
     if isinstance(error, TransientStorageError):
         return EXIT_UNAVAILABLE
     if isinstance(
-        error, ConfigError | StorageNotFoundError | StoragePermissionError | StorageTrustError | InsufficientSpaceError
+        error,
+        ConfigError
+        | StorageNotFoundError
+        | StoragePermissionError
+        | StorageTrustError
+        | InsufficientSpaceError
+        | DataPathError
+        | UnverifiedObjectError,
     ):
         return EXIT_CONFIG
     return None

@@ -2,7 +2,9 @@
 
 s3fs and gcsfs translate HTTP errors into Python ones (FileNotFoundError, PermissionError, OSError with an
 errno, gcsfs's HttpError with a code); botocore and aiohttp raise their own connection and timeout errors.
-Each is mapped once, here, to an error whose message names the URL and what to fix.
+Each is mapped once, here, to an error whose message names the URL and what to fix. Among the transient ones,
+throttling — the store asking for fewer requests — is a :class:`~sdk.errors.ThrottledStorageError`, which the
+retry loop answers with fewer requests in flight and a time budget (:mod:`sdk.throttle`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sdk.errors import (
     StorageNotFoundError,
     StoragePermissionError,
     StorageTrustError,
+    ThrottledStorageError,
     TransientStorageError,
 )
 
@@ -53,8 +56,30 @@ _TRANSIENT_NAMES = {
     "ChecksumError",
     "ContentLengthError",
 }
-_TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "ServiceUnavailable", "InternalError", "Throttl")
+_TRANSIENT_TEXT = ("ServiceUnavailable", "InternalError")
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+# Throttling: the store asks for fewer requests, not for the same ones again (sdk.throttle). S3 documents SlowDown
+# (503) for a request rate above a prefix's; the other codes are the throttling codes botocore's standard retry
+# mode knows (S3-compatible stores use some). HTTP 429 is "Too Many Requests" everywhere; GCS documents 429
+# (reason rateLimitExceeded) as its rate limit, while its 503 backendError is an ordinary server error.
+_THROTTLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestThrottledException",
+    "TooManyRequests",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "LimitExceededException",
+    "ProvisionedThroughputExceededException",
+    "EC2ThrottledException",
+    "rateLimitExceeded",
+    "userRateLimitExceeded",
+}
+_THROTTLE_TEXT = ("SlowDown", "Throttl", "TooManyRequests", "RequestLimitExceeded")  # s3fs keeps only the message
 
 
 def classify(exc: BaseException, *, url: str, op: str = "access") -> StorageError:
@@ -85,6 +110,8 @@ def classify(exc: BaseException, *, url: str, op: str = "access") -> StorageErro
         return PermanentStorageError(
             f"{op} {url}: no space left on device — free space or use a bigger volume ({text})", url=url
         )
+    if _throttled(exc, code):
+        return ThrottledStorageError(f"{op} {url}: {text}", url=url)
     transient = (
         isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError))
         or code in _TRANSIENT_HTTP
@@ -95,6 +122,26 @@ def classify(exc: BaseException, *, url: str, op: str = "access") -> StorageErro
     if transient:
         return TransientStorageError(f"{op} {url}: {text}", url=url)
     return PermanentStorageError(f"{op} {url} failed: {text}", url=url)
+
+
+def _throttled(exc: BaseException, code: int | None) -> bool:
+    """Whether ``exc`` is the store asking for fewer requests: by HTTP status, error code, then message."""
+    if code == 429:
+        return True
+    codes = {getattr(exc, "s3_code", None)}  # sdk.s3http.S3Error
+    for error in (exc, exc.__cause__):  # s3fs keeps botocore's ClientError as the cause of its OSError
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            codes.add(response.get("Error", {}).get("Code"))
+    details = getattr(exc, "_error_response", None)  # gcsfs's HttpError keeps the JSON error, reasons included
+    if isinstance(details, dict):
+        codes.update(e.get("reason") for e in details.get("errors") or () if isinstance(e, dict))
+    if codes & _THROTTLE_CODES:
+        return True
+    if code == 503 and "503" in codes:  # S3's answer to a HEAD has no body, so no code: its 503s say slow down
+        return True
+    text = str(exc)
+    return any(marker in text for marker in _THROTTLE_TEXT) or "reduce your request rate" in text.lower()
 
 
 def _http_code(exc: BaseException) -> int | None:

@@ -4,7 +4,13 @@ A pod that Kubernetes has given up on can keep running: a partitioned node, a ku
 attempt goes on training and saving while the orchestrator's retry — a newer attempt — resumes from the same
 checkpoints. Two writers must then never corrupt each other:
 
-* **Files** never collide: every attempt writes under its own ``step-N/attempt-<n>/`` (see :mod:`sdk.checkpoint`).
+* **Files** never collide: every writer — one process, or the ranks of one job together — writes under its own
+  ``step-N/attempt-<n>-<writer>/`` (:func:`writer_dir`), ``<writer>`` a random id, so even two processes given the
+  same attempt number never share a file; only the manifest, created conditionally, decides whose files count.
+  The manifest's file names carry that folder. Checkpoints written before writer ids (``attempt-<n>/``) load alike.
+* **Numbers.** A derived attempt number is reserved with a conditional create of
+  ``attempts/attempt-<n>.reserved.json`` (:func:`reserve_attempt`); a process that loses that race takes the next
+  number, so two processes deriving at once never get the same one.
 * **Claims.** When an attempt resumes (or first saves), it writes ``attempts/attempt-<n>.json`` with a conditional
   create: ``{"attempt": n, "resumed_from": S}``. From then on it owns the run's timeline after step ``S``.
 * **Writers check.** An attempt looks for claims of newer attempts before it uploads a step and again right
@@ -23,17 +29,33 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sdk.errors import StorageNotFoundError
+from sdk import boundedjson
+from sdk.errors import CheckpointError, StorageNotFoundError
 from sdk.storage import Store
 
-__all__ = ["CLAIMS_DIR", "Claim", "claim", "read_claims", "superseded_by", "superseding"]
+__all__ = [
+    "CLAIMS_DIR",
+    "Claim",
+    "attempt_of_dir",
+    "claim",
+    "new_writer",
+    "read_claims",
+    "reserve_attempt",
+    "superseded_by",
+    "superseding",
+    "writer_dir",
+]
 
 CLAIMS_DIR = "attempts"
 _NAME = re.compile(r"^attempt-(\d+)\.json$")
+_TAKEN = re.compile(r"^attempt-(\d+)(?:\.reserved)?\.json$")  # a claim or a reservation: the number is taken
+_WRITER_DIR = re.compile(r"^attempt-(\d+)(?:-[0-9a-f]{1,32})?$")
+_RESERVE_TRIES = 100  # numbers tried after the newest taken one: each failure is another process's success
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,48 @@ def _name(attempt: int) -> str:
     return f"{CLAIMS_DIR}/attempt-{attempt}.json"
 
 
+def new_writer() -> str:
+    """A random writer id, 12 hex digits: one per process (the ranks of a job share one, see :mod:`sdk.agreement`)."""
+    return secrets.token_hex(6)
+
+
+def writer_dir(attempt: int, writer: str | None) -> str:
+    """The folder, inside a step folder, that holds one writer's files: ``attempt-<n>-<writer>``
+    (``attempt-<n>`` without an id, as before writer ids: ranks that agreed on no id share it by attempt)."""
+    return f"attempt-{attempt}-{writer}" if writer else f"attempt-{attempt}"
+
+
+def attempt_of_dir(name: str) -> int | None:
+    """The attempt a writer folder (either form) belongs to, or None when ``name`` is not one."""
+    match = _WRITER_DIR.match(name.rstrip("/"))
+    return int(match.group(1)) if match else None
+
+
+def reserve_attempt(store: Store, newest_seen: int) -> int:
+    """Reserve the next free attempt number: above ``newest_seen`` and every number claimed or reserved in the store.
+
+    The reservation is a conditional create, so of two processes deriving at once only one gets a number; the
+    other takes the next. The body carries a random id, so another process's reservation never reads as our own
+    (a create retried after a lost answer finds its own identical body and counts as done).
+    """
+    try:
+        names = store.list(CLAIMS_DIR)
+    except StorageNotFoundError:
+        names = []
+    taken = [int(m.group(1)) for name in names if (m := _TAKEN.match(name.rsplit("/", 1)[-1]))]
+    number = max([newest_seen, *taken]) + 1
+    by = new_writer()
+    for _ in range(_RESERVE_TRIES):
+        body = {"attempt": number, "by": by, "created": datetime.now(UTC).isoformat()}
+        if store.put(f"{CLAIMS_DIR}/attempt-{number}.reserved.json", json.dumps(body).encode(), exclusive=True):
+            return number
+        number += 1
+    raise CheckpointError(
+        f"{store.url_of(CLAIMS_DIR)}: attempt numbers up to {number - 1} are all taken by other processes; "
+        "set PODTRAIN_ATTEMPT explicitly"
+    )
+
+
 def read_claims(store: Store) -> list[Claim]:
     """Every claim in the store, oldest attempt first (unreadable ones are skipped: a claim only narrows)."""
     try:
@@ -60,7 +124,8 @@ def read_claims(store: Store) -> list[Claim]:
         if not match:
             continue
         try:
-            body = json.loads(store.get(f"{CLAIMS_DIR}/{name.rsplit('/', 1)[-1]}"))
+            rel = f"{CLAIMS_DIR}/{name.rsplit('/', 1)[-1]}"
+            body = boundedjson.loads(store.get(rel), what=store.url_of(rel), max_bytes=2**16, max_depth=4)
             claims.append(Claim(attempt=int(body["attempt"]), resumed_from=int(body["resumed_from"])))
         except (StorageNotFoundError, ValueError, KeyError, TypeError):
             continue
@@ -72,7 +137,7 @@ def claim(store: Store, attempt: int, resumed_from: int) -> Claim:
     body = {"attempt": attempt, "resumed_from": resumed_from, "created": datetime.now(UTC).isoformat()}
     if store.put(_name(attempt), json.dumps(body).encode(), exclusive=True):
         return Claim(attempt, resumed_from)
-    existing = json.loads(store.get(_name(attempt)))
+    existing = boundedjson.loads(store.get(_name(attempt)), what=_name(attempt), max_bytes=2**16, max_depth=4)
     return Claim(attempt=int(existing["attempt"]), resumed_from=int(existing["resumed_from"]))
 
 

@@ -2,82 +2,61 @@
 
 Every line carries ``run_id``, ``attempt`` and ``rank`` (bound once by :func:`configure`, visible from every
 thread). The redaction processor runs last before rendering, after exceptions are formatted, so a secret in a
-traceback is caught too.
+traceback is caught too. Its rules are :mod:`sdk.redaction`'s, which every other writer uses as well
+(:func:`redact` and :func:`redact_value`, re-exported here).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import sys
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import IO, Any, TextIO
 
 import structlog
 
-__all__ = ["REDACTED", "SecretRedactor", "bind", "configure", "get_logger"]
+from sdk import redaction
+from sdk.redaction import REDACTED, Redactor, redact, redact_value
 
-REDACTED = "***"
-_SECRET_KEY = re.compile(
-    r"secret|passw|token|credential|api[_-]?key|private[_-]?key|authorization|signature|session[_-]?key",
-    re.IGNORECASE,
-)
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
-_MIN_SECRET_LEN = 6
+__all__ = ["REDACTED", "SecretRedactor", "bind", "configure", "get_logger", "redact", "redact_value"]
 
 _static: dict[str, Any] = {"run_id": None, "attempt": None, "rank": 0}
 
 
 class SecretRedactor:
-    """A structlog processor that replaces secrets with ``***``.
+    """A structlog processor that replaces secrets with ``***`` (the rules are :mod:`sdk.redaction`'s).
 
     It masks: values under keys that name a secret (``password``, ``token``, ``aws_secret_access_key``…),
-    the password part of URLs (``s3://user:pw@host``), and any known secret value wherever it appears in
-    a string (by default the values of environment variables whose names look secret, such as
-    ``AWS_SECRET_ACCESS_KEY`` and ``AWS_SESSION_TOKEN``).
+    URLs' user-info (``s3://user:***@host``, ``https://***@host``), secret parameters (``X-Amz-Signature=``,
+    ``Authorization:``…), and any known secret value wherever it appears, percent-encoded or JSON-escaped too.
+    ``secrets``: the values to know; without them, those of the process's environment *as it is at each line*
+    (secret-looking variables such as ``AWS_SECRET_ACCESS_KEY`` and ``AWS_SESSION_TOKEN``, passwords in URLs).
     """
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
-        values = {s for s in secrets if s and len(s) >= _MIN_SECRET_LEN}
-        # Longest first, so a secret that contains another is masked whole.
-        self._secrets = sorted(values, key=len, reverse=True)
+    def __init__(self, secrets: Iterable[str] | None = None) -> None:
+        self._fixed = None if secrets is None else Redactor(secrets)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> SecretRedactor:
-        """Collect the values of secret-looking variables (names matching the secret-key pattern)."""
-        environ = os.environ if environ is None else environ
-        return cls(value for name, value in environ.items() if _SECRET_KEY.search(name))
+        """The secrets of ``environ`` (default: ``os.environ`` as it is now), fixed from here on."""
+        redactor = cls(())
+        redactor._fixed = Redactor.from_environ(environ)
+        return redactor
+
+    @property
+    def _redactor(self) -> Redactor:
+        return self._fixed if self._fixed is not None else redaction.current()
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        cleaned = {self.scrub(str(key)): self._clean(str(key), value) for key, value in event.items()}
+        redactor = self._redactor
+        cleaned = {redactor.text(str(k)): redactor.value(v, key=str(k), render=True) for k, v in event.items()}
         event.clear()
         event.update(cleaned)
         return event
 
-    def _clean(self, key: str, value: Any) -> Any:
-        if _SECRET_KEY.search(key) and value not in (None, "", False):
-            return REDACTED
-        if value is None or isinstance(value, (bool, int, float)):
-            return value
-        if isinstance(value, str):
-            return self.scrub(value)
-        if isinstance(value, Mapping):
-            return {self.scrub(str(k)): self._clean(str(k), v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [self._clean(key, v) for v in value]
-        if isinstance(value, (bytes, bytearray)):
-            return self.scrub(bytes(value).decode("utf-8", "replace"))
-        # Anything else (objects, sets, exceptions) is rendered here, so its text is scrubbed before output.
-        return self.scrub(repr(value) if isinstance(value, BaseException) else str(value))
-
     def scrub(self, text: str) -> str:
-        """Mask every known secret value and URL password in ``text``."""
-        text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        return text
+        """``text`` with every secret masked."""
+        return self._redactor.text(text)
 
 
 def _add_run_fields(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -117,7 +96,7 @@ def configure(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            redactor or SecretRedactor.from_environ(),
+            redactor or SecretRedactor(),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -3,7 +3,10 @@
 Layout under the checkpoint URI: ``step-<10 digits>/`` holding the state files and ``MANIFEST.json``, written
 last. A checkpoint exists only if its manifest parses, has a known format, and every listed file has the
 listed size and CRC32C. :func:`parse` is strict: every way a manifest can be wrong becomes an
-:class:`~sdk.errors.InvalidCheckpointError` whose ``reason`` says which check failed.
+:class:`~sdk.errors.InvalidCheckpointError` whose ``reason`` says which check failed — including a manifest
+over 16 MiB, nested over 32 levels (``meta`` is the user's) or with a key twice in one object
+(:mod:`sdk.boundedjson`): a damaged manifest makes its checkpoint skipped, never a crash. ``to_json`` refuses to
+write what ``parse`` would refuse to read.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sdk.errors import InvalidCheckpointError
+from sdk import boundedjson
+from sdk.errors import CheckpointError, InvalidCheckpointError, MalformedDocumentError
 
 __all__ = [
     "FORMAT",
@@ -31,7 +35,8 @@ FORMAT = "podtrain.checkpoint/1"
 MANIFEST_NAME = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step-(\d{10})$")
 _CRC = re.compile(r"^[0-9a-f]{8}$")
-_MAX_MANIFEST_BYTES = 16 * 2**20
+MAX_MANIFEST_BYTES = 16 * 2**20
+MAX_MANIFEST_DEPTH = 32  # the manifest itself is 3 levels; the rest is for ``meta``
 
 
 def step_dir(step: int) -> str:
@@ -100,7 +105,12 @@ class Manifest:
             "torch": self.torch,
             "meta": self.meta,
         }
-        return (json.dumps(document, indent=1, sort_keys=False) + "\n").encode()
+        raw = (json.dumps(document, indent=1, sort_keys=False) + "\n").encode()
+        try:  # never commit a manifest that parse() would refuse
+            boundedjson.check(raw, what="manifest", max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_MANIFEST_DEPTH)
+        except MalformedDocumentError as exc:
+            raise CheckpointError(f"the manifest of step {self.step} cannot be written: {exc.reason}") from None
+        return raw
 
     @property
     def total_bytes(self) -> int:
@@ -113,12 +123,12 @@ def parse(data: bytes, *, location: str) -> Manifest:
     def bad(reason: str) -> InvalidCheckpointError:
         return InvalidCheckpointError(location, reason)
 
-    if len(data) > _MAX_MANIFEST_BYTES:
-        raise bad(f"manifest is {len(data)} bytes, over the {_MAX_MANIFEST_BYTES} limit")
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise bad(f"manifest is not valid JSON (truncated or corrupt?): {exc}") from None
+        doc = boundedjson.loads(
+            data, what="manifest", max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_MANIFEST_DEPTH, unique_keys=True
+        )
+    except MalformedDocumentError as exc:
+        raise bad(f"manifest: {exc.reason}") from None
     if not isinstance(doc, dict):
         raise bad(f"manifest is JSON but not an object (got {type(doc).__name__})")
     fmt = doc.get("format")

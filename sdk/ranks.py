@@ -1,11 +1,15 @@
 """Checkpoints of several ranks: each rank's files, its record, and the one commit after all of them are in.
 
 With ``world_size > 1`` every rank saves its own state (its RNG streams and data position differ, and so may its
-shard of the model) under ``step-N/attempt-<a>/rank-<r>/``. When its uploads are done it writes
-``attempt-<a>/rank-<r>.json`` — the names, sizes and CRC32Cs of its files. Rank 0 waits until the record of
-every rank is there, merges them, and creates ``MANIFEST.json`` once, conditionally, as for one rank. The ranks
-talk only through the store: no collective runs in the background thread, so the save cannot deadlock against
-the training loop's own collectives, and a rank that dies leaves a step that is simply never committed.
+shard of the model) under ``step-N/<writer folder>/rank-<r>/``. When its uploads are done it writes
+``<writer folder>/rank-<r>.json`` — the names, sizes and CRC32Cs of its files. Rank 0 waits until the record of
+every rank is there, merges them, and creates ``MANIFEST.json`` once, conditionally, as for one rank.
+The writer folder (``attempt-<a>-<writer>``, :func:`sdk.fence.writer_dir`) is the job's own: its ranks agree on
+the writer id with their first collective (:mod:`sdk.agreement`), so another job given the same attempt number
+never mixes its ranks' records or files with theirs (ranks that agreed on none — ``Checkpointer`` objects used
+directly without ``writer=`` — share ``attempt-<a>/`` as before). The ranks talk only through
+the store: no collective runs in the background thread, so the save cannot deadlock against the training loop's
+own collectives, and a rank that dies leaves a step that is simply never committed.
 
 A checkpoint of N ranks is loaded by N ranks, each reading only its own files.
 """
@@ -16,6 +20,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 
+from sdk import boundedjson
 from sdk.errors import CheckpointError, StorageNotFoundError
 from sdk.manifest import FileEntry
 from sdk.storage import Store
@@ -25,9 +30,9 @@ __all__ = ["RANK_TIMEOUT", "files_of_rank", "gather", "rank_prefix", "write_reco
 RANK_TIMEOUT = 600.0  # seconds rank 0 waits for the other ranks' records of a step before giving up on it
 
 
-def rank_prefix(attempt: int, rank: int, world_size: int) -> str:
-    """Where a rank's files go inside the step folder."""
-    return f"attempt-{attempt}" if world_size == 1 else f"attempt-{attempt}/rank-{rank}"
+def rank_prefix(writer_dir: str, rank: int, world_size: int) -> str:
+    """Where a rank's files go inside the step folder, under the writer's folder ``writer_dir``."""
+    return writer_dir if world_size == 1 else f"{writer_dir}/rank-{rank}"
 
 
 def files_of_rank(files: Mapping[str, FileEntry], rank: int, world_size: int) -> dict[str, FileEntry]:
@@ -38,16 +43,16 @@ def files_of_rank(files: Mapping[str, FileEntry], rank: int, world_size: int) ->
     return {name: entry for name, entry in files.items() if marker in f"/{name}"}
 
 
-def write_record(store: Store, folder: str, attempt: int, rank: int, files: Mapping[str, FileEntry]) -> None:
+def write_record(store: Store, folder: str, writer_dir: str, rank: int, files: Mapping[str, FileEntry]) -> None:
     """Record that ``rank`` finished uploading ``files`` for the step in ``folder``."""
     body = {"rank": rank, "files": {n: {"size": e.size, "crc32c": e.crc32c} for n, e in files.items()}}
-    store.put(f"{folder}/attempt-{attempt}/rank-{rank}.json", json.dumps(body).encode())
+    store.put(f"{folder}/{writer_dir}/rank-{rank}.json", json.dumps(body).encode())
 
 
 def gather(
     store: Store,
     folder: str,
-    attempt: int,
+    writer_dir: str,
     world_size: int,
     *,
     timeout: float = RANK_TIMEOUT,
@@ -60,7 +65,7 @@ def gather(
     pause = 0.02
     while True:
         try:
-            present = wanted & set(store.list(f"{folder}/attempt-{attempt}"))
+            present = wanted & set(store.list(f"{folder}/{writer_dir}"))
         except StorageNotFoundError:
             present = set()
         if present == wanted:
@@ -74,7 +79,8 @@ def gather(
         pause = min(pause * 2, 0.5)
     files: dict[str, FileEntry] = {}
     for name in sorted(wanted):
-        body = json.loads(store.get(f"{folder}/attempt-{attempt}/{name}"))
+        rel = f"{folder}/{writer_dir}/{name}"
+        body = boundedjson.loads(store.get(rel), what=store.url_of(rel), max_bytes=16 * 2**20, max_depth=4)
         for file, entry in body["files"].items():
             files[file] = FileEntry(size=int(entry["size"]), crc32c=str(entry["crc32c"]))
     return files

@@ -30,11 +30,14 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from sdk import boundedjson
+from sdk.redaction import redact_value
 from sdk.storage import RetryPolicy, Store, open_store
 
 __all__ = ["ATTEMPTS_DIR", "RECORD_NAME", "read", "render", "totals", "write"]
 
 RECORD_NAME = "run.json"
+_BYTES = 16 * 2**20  # bound of a record read back (sdk.boundedjson)
 ATTEMPTS_DIR = ".podtrain"
 
 
@@ -56,7 +59,9 @@ def read(url: str, *, retry: RetryPolicy | None = None) -> dict[str, Any]:
     store = open_store(url, retry=retry)
     merged = _merge(store, run_id=None)
     if not merged["attempts"] and store.exists(RECORD_NAME):  # a record written by hand, or by an older podtrain
-        stored: dict[str, Any] = json.loads(store.get(RECORD_NAME))
+        stored: dict[str, Any] = boundedjson.loads(
+            store.get(RECORD_NAME), what=store.url, max_bytes=_BYTES, max_depth=32
+        )
         return stored
     return merged
 
@@ -80,7 +85,9 @@ def _merge(store: Store, *, run_id: Any) -> dict[str, Any]:
     for name in store.list(ATTEMPTS_DIR):
         if name.startswith("attempt-") and name.endswith(".json"):
             try:
-                entries.append(json.loads(store.get(f"{ATTEMPTS_DIR}/{name}")))
+                entries.append(
+                    boundedjson.loads(store.get(f"{ATTEMPTS_DIR}/{name}"), what=name, max_bytes=_BYTES, max_depth=32)
+                )
             except ValueError:
                 continue  # not ours to interpret; the other attempts still count
     entries.sort(key=lambda e: (e.get("attempt") is None, e.get("attempt") or 0, str(e.get("started_at"))))
@@ -96,7 +103,8 @@ def _entry_name(entry: Mapping[str, Any]) -> str:
 
 
 def _dump(value: Any) -> bytes:
-    return (json.dumps(value, indent=1, sort_keys=False) + "\n").encode()
+    """The record as stored (and pushed with the artifacts): every string redacted first (:mod:`sdk.redaction`)."""
+    return (json.dumps(redact_value(value), indent=1, sort_keys=False) + "\n").encode()
 
 
 _COLUMNS = (

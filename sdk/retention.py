@@ -6,8 +6,12 @@ Rules (they protect against deleting the checkpoint a run stands on):
 * never the checkpoint this run resumed from (a crash before the next commit would leave nothing);
 * never anything a newer attempt committed (a zombie pod of an old attempt must not touch the new one's work);
 * only checkpoints older than the newest committed one are ever candidates;
-* uncommitted folders are removed only when every attempt sub-folder in them is from an older attempt than ours,
-  and they are older than our newest commit (a folder being written right now by us is never touched).
+* uncommitted folders are removed only when every writer folder in them is from an older attempt than ours,
+  and they are older than our newest commit (a folder being written right now by us, or by another process of
+  our own attempt number, is never touched).
+
+Only what the store lists is ever a candidate: on a local disk a step folder that is a symbolic link is not
+listed (not the store's), and deletion never goes through a link (:mod:`sdk._locallinks`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class Committed:
 @dataclass(frozen=True)
 class Uncommitted:
     step: int
-    attempts: frozenset[int]  # attempts with an attempt-<n>/ sub-folder there; empty when unknown
+    attempts: frozenset[int]  # attempts with a writer folder (attempt-<n>[-<writer>]/) there; empty when unknown
 
 
 def plan_deletions(

@@ -2,6 +2,10 @@
 
 Off the cluster it needs nothing: with no ``PODTRAIN_*`` variables set, checkpoints go to ``./.podtrain``.
 
+Leaving the block normally commits the newest step given to :meth:`Run.checkpoint` when no checkpoint of it was
+committed yet (:meth:`Run.finish`): a policy save deferred behind a slow one, or a step the policy did not ask for,
+is never lost at the end of the loop. Leaving it with an exception saves nothing more.
+
 On a stop signal (SIGTERM from the kubelet; ``PODTRAIN_STOP_SIGNALS``) :meth:`Run.should_stop` turns true.
 When the block then ends, the run commits the newest step it was given to :meth:`Run.checkpoint` if that can
 finish before the deadline (estimated from the measured duration of earlier saves; a half-written checkpoint
@@ -30,8 +34,10 @@ from sdk.errors import ConfigError, PodtrainError, exit_code
 from sdk.preemption import EXIT_PREEMPTED, Preemption
 from sdk.pull import PullResult
 from sdk.push import PushResult
+from sdk.redaction import redact
 from sdk.report import Report
 from sdk.saver import AsyncSaver
+from sdk.storage import RetryPolicy
 
 __all__ = ["EXIT_PREEMPTED", "Run", "init"]
 
@@ -41,7 +47,17 @@ CLOSE_TIMEOUT = 600.0  # seconds the end of the block waits for a save in flight
 
 
 class Run:
-    """A training run's handle: resume, checkpoint by policy, and notice preemption."""
+    """A training run's handle: resume, checkpoint by policy, and notice preemption.
+
+    **The last step is saved.** Call :meth:`checkpoint` after every step (after the optimizer's update): the
+    policy decides which calls save, and every call records ``(step, state)``. When the ``with sdk.init()``
+    block ends normally, :meth:`finish` commits that newest recorded step unless this run already committed it,
+    whether it was a due save deferred behind a save still in flight, a step the policy did not ask for (a
+    policy of every 5 steps and a loop of 12 ends with step 12 committed, saved with ``meta["final"] = True``),
+    or a save that failed transiently. The state is saved as it is when the block ends, under the step last
+    given to :meth:`checkpoint`. A block left by an exception saves nothing more (the state may be half-updated:
+    the checkpoints already committed stand); a stop request ends through :meth:`finish_preempted` instead.
+    """
 
     def __init__(
         self,
@@ -63,9 +79,12 @@ class Run:
         self._last_save_at = clock()
         self._save_seconds: deque[float] = deque(maxlen=5)  # the latest synchronous saves
         self._latest: tuple[int, Mapping[str, Any]] | None = None
+        self._latest_meta: Mapping[str, Any] | None = None  # the meta given with the newest step
         self._owed = False  # a policy save was due while another was in flight: the next call saves
         self.deferred_saves = 0
         self.agreement = Agreement(config.world_size) if config.world_size > 1 else None
+        if self.agreement is not None:  # the ranks' one writer folder: agreed with their first collective
+            checkpointer.shared_writer = self.agreement.writer_id
         self._metrics: dict[str, Any] | None = None  # the last record log_metrics() wrote
         self.report = Report(config.report_file if config.rank == 0 else "", clock=clock)  # for the run record
 
@@ -102,6 +121,8 @@ class Run:
         include, exclude = self.config.data_globs
         options.setdefault("include", include)
         options.setdefault("exclude", exclude)
+        options.setdefault("retry", self._retry())
+        options.setdefault("require_checksums", self.config.require_checksums)
         result = pull(sources, dest or self.config.data_dir, **options)
         self.report.update(data_bytes=result.bytes_fetched, data_files=result.fetched, data_seconds=result.seconds)
         return result
@@ -115,7 +136,12 @@ class Run:
         from sdk.push import default_url, push
 
         url = default_url(self.config.artifact_uri, self.config.run_id)
+        options.setdefault("retry", self._retry())
         return push(path or self.config.output_dir, f"{url}/{name}" if name else url, **options)
+
+    def _retry(self) -> RetryPolicy:
+        """The store retry policy of this run's pulls and pushes: the throttling budget from its config."""
+        return RetryPolicy(throttle_seconds=self.config.throttle_seconds)
 
     def log_metrics(self, step: int, **values: Any) -> None:
         """Append ``{"step": step, "time": ..., **values}`` as a JSON line to ``PODTRAIN_OUTPUT_DIR/metrics.jsonl``
@@ -182,15 +208,18 @@ class Run:
         the call returns; the write and commit finish in the background. Returns a future of the committed
         checkpoint, or None when nothing was started. A policy save that falls due while the previous save is
         still in flight is *deferred*, not queued and not waited for: the next call saves, due or not (the
-        training loop never waits on storage for a policy save; a newer step is saved instead of an older one).
+        training loop never waits on storage for a policy save; a newer step is saved instead of an older one);
+        when the loop ends before a next call, the end of the block saves it (see :meth:`finish`).
         ``force=True`` waits for the save in flight and saves this step. A background failure that must be
         raised (see :mod:`sdk.saver`) is raised here.
 
-        Every call also records ``(step, state)`` as what an emergency save on preemption would commit.
+        Every call also records ``(step, state)`` (and ``meta``) as what the end of the block — an emergency save
+        on preemption, or :meth:`finish` — commits when it is not committed yet.
         """
         if self.saver:
             self.saver.check()
         self._latest = (step, state)
+        self._latest_meta = meta
         self.report.step(step)
         due = force or self._owed or self.should_checkpoint(step)
         busy = bool(self.saver and self.saver.busy)
@@ -238,6 +267,48 @@ class Run:
         is usually the slowest and should not veto an emergency save for the rest of the run)."""
         measured = [*self._save_seconds, *(self.saver.write_seconds if self.saver else ())]
         return statistics.median(measured) * SAVE_ESTIMATE_FACTOR if measured else None
+
+    def finish(self) -> CheckpointInfo | None:
+        """At the normal end of the block: commit the newest step given to :meth:`checkpoint` if it is not yet.
+
+        Waits for the save in flight and raises its failure (as :meth:`close` does); then, when this run has
+        not committed the step last given to :meth:`checkpoint` (or a newer one), saves it synchronously — the
+        loop has ended, so no snapshot is needed — with that call's ``meta`` plus ``"final": True``, and logs
+        ``run.final_save``. Returns the checkpoint committed here, or None.
+
+        With several ranks the decision is agreed (one all-reduce; every rank leaves the loop at the same step,
+        so every rank gets here): all ranks save when any rank has not committed the step (rank 0 commits only
+        once every rank's files are in), and none does when a rank's save in flight failed (that rank raises).
+        """
+        failure: Exception | None = None
+        if self.saver is not None:
+            try:
+                self.saver.wait()
+            except Exception as exc:  # logged by the saver already; raised below, after the agreement
+                failure = exc
+        latest, committed = self._latest, self._committed_step()
+        owed = failure is None and latest is not None and (committed is None or latest[0] > committed)
+        failed_elsewhere = False
+        if self.agreement is not None:
+            owed, failed_elsewhere = self.agreement.any(owed, failure is not None)
+        if failure is not None:
+            raise failure
+        if not owed or latest is None:
+            return None
+        step, state = latest
+        if failed_elsewhere:
+            self.log.warning(
+                "run.final_save", step=step, saved=False, reason="the save in flight on another rank failed"
+            )
+            return None
+        if self.config.rank == 0 and self.checkpointer.claimed is None:
+            self.checkpointer.claim()
+        deferred, self._owed = self._owed, False
+        self._save_now(step, state, {**(self._latest_meta or {}), "final": True})
+        info = self._last_checkpoint
+        assert info is not None
+        self.log.info("run.final_save", step=step, saved=True, deferred=deferred, previous=committed, url=info.url)
+        return info
 
     def finish_preempted(self) -> None:
         """Commit the newest step if it fits before the deadline, log the outcome; the caller exits 75.
@@ -310,7 +381,8 @@ class Run:
 def init(config: Config | None = None, *, preemption: Preemption | None = None, **overrides: Any) -> Iterator[Run]:
     """Open a run: config from ``overrides`` then ``PODTRAIN_*``; logs with run_id/attempt/rank; stop signals.
 
-    Leaving the block after a stop request commits what fits and exits with 75. A run that dies of storage down
+    Leaving the block normally commits the newest step given to ``run.checkpoint()`` if it is not committed yet
+    (:meth:`Run.finish`); after a stop request, it commits what fits and exits with 75. A run that dies of storage down
     through the retries exits with 69 (retry later), of a setting to fix (a bad variable, a missing bucket,
     denied credentials) with 2 (never retry): the orchestrator acts on the code (:func:`sdk.errors.exit_code`).
     """
@@ -322,7 +394,7 @@ def init(config: Config | None = None, *, preemption: Preemption | None = None, 
         if code is None:
             raise
         _log.get_logger("podtrain.run").error("run.failed", error=f"{type(exc).__name__}: {exc}", exit_code=code)
-        print(f"podtrain: {exc}", file=sys.stderr, flush=True)
+        print(f"podtrain: {redact(str(exc))}", file=sys.stderr, flush=True)
         raise SystemExit(code) from exc
 
 
@@ -356,6 +428,11 @@ def _opened(config: Config | None, preemption: Preemption | None, overrides: dic
             run.finish_preempted()
             run.close(failed=True, timeout=max(0.0, run.preemption.seconds_left() or 0.0))
             _exit_preempted(run)
+        try:
+            run.finish()
+        except BaseException:
+            run.close(failed=True)
+            raise
         run.close()
     finally:
         run.preemption.uninstall()

@@ -20,7 +20,16 @@ from typing import Any
 
 from sdk import checksum, listing
 from sdk import s3botocore as botocore_side
-from sdk.backend import Backend, Checksums, ObjectInfo, _fingerprint, _listed_checksums, _status, split_url
+from sdk.backend import (
+    Backend,
+    Checksums,
+    ObjectInfo,
+    PartLayout,
+    _fingerprint,
+    _listed_checksums,
+    _status,
+    split_url,
+)
 from sdk.errors import PermanentStorageError
 
 __all__ = ["S3_MULTIPART_THRESHOLD", "S3_PART_SIZE", "S3Backend"]
@@ -66,10 +75,11 @@ class S3Backend(Backend):
         if "fs" in self.__dict__:
             self.fs.invalidate_cache(path)
 
-    def _head(self, bucket: str, key: str) -> dict[str, Any]:
+    def _head(self, bucket: str, key: str, part: int | None = None) -> dict[str, Any]:
         if self._http is not None:
-            return dict(self._http.head(bucket, key))
-        return dict(self._client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
+            return dict(self._http.head(bucket, key, part=part))
+        extra = {} if part is None else {"PartNumber": part}
+        return dict(self._client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED", **extra))
 
     def _list(self, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
         early = listing.take(bucket, prefix)  # started by `podtrain pull` before the rest of it loaded
@@ -135,25 +145,27 @@ class S3Backend(Backend):
         # A PutObject answer echoes the CRC32C S3 checked and stored; a multipart completion has only the parts'.
         return None if answer is None else ObjectInfo(len(data), _fingerprint(answer), _s3_checksums(answer))
 
-    def upload_file(self, path: str, local: Path) -> tuple[ObjectInfo | None, int, int]:
+    def upload_file(self, path: str, local: Path, *, fd: int | None = None) -> tuple[ObjectInfo | None, int, int]:
         """A file over :data:`S3_MULTIPART_THRESHOLD` goes up in parts read from the disk as they are sent, so
-        memory holds :data:`S3_CONCURRENCY` parts at most, whatever the file's size; smaller files in one PUT."""
-        size = local.stat().st_size
+        memory holds :data:`S3_CONCURRENCY` parts at most, whatever the file's size; smaller files in one PUT.
+        ``fd``: the file already open (see :meth:`Backend.upload_file`), read by offset; left open."""
+        size = local.stat().st_size if fd is None else os.fstat(fd).st_size
         if not self._streams(size):
-            return super().upload_file(path, local)
+            return super().upload_file(path, local, fd=fd)
         bucket, key = self._split(path)
-        fd = os.open(local, os.O_RDONLY)
+        handle = os.open(local, os.O_RDONLY) if fd is None else fd
         try:
 
             def read(start: int, length: int) -> bytes:
-                data = os.pread(fd, length, start)
+                data = os.pread(handle, length, start)
                 if len(data) != length:
                     raise PermanentStorageError(f"{local} changed while it was uploaded: {size} bytes expected")
                 return data
 
             crc = self._multipart_http(bucket, key, size, read, if_none_match=False)
         finally:
-            os.close(fd)
+            if fd is None:
+                os.close(handle)
             self.invalidate(path)
         return None, crc, size
 
@@ -283,6 +295,27 @@ class S3Backend(Backend):
         head = self._head(bucket, key)
         return ObjectInfo(int(head["ContentLength"]), _fingerprint(head), _s3_checksums(head))
 
+    def layout(self, path: str, size: int, *, exact: bool = False) -> PartLayout:
+        """The part sizes of a multipart object from ``HEAD ?partNumber=1`` (that part's size and the part count),
+        the others assumed the same but the last, as uploaders make them; ``exact``, or when the sizes cannot be
+        so, every part asked for (from :data:`S3_CONCURRENCY` threads). This works on AWS and moto alike;
+        GetObjectAttributes' ObjectParts would list the sizes in one request, but AWS lists parts only for objects
+        with an additional checksum (not those with only an MD5 ETag), it needs the s3:GetObjectAttributes
+        permission besides s3:GetObject, and moto 5.2.5 does not list them."""
+        bucket, key = self._split(path)
+        first = self._head(bucket, key, part=1)
+        count, head = int(first.get("PartsCount") or 1), int(first["ContentLength"])
+        if count <= 1:
+            return PartLayout(sizes=(size,))
+        last = size - head * (count - 1)
+        if not exact and 0 < last <= head:
+            return PartLayout(sizes=(head,) * (count - 1) + (last,), exact=count == 2)
+        with ThreadPoolExecutor(
+            max_workers=min(S3_CONCURRENCY, count - 1), thread_name_prefix="podtrain-s3-parts"
+        ) as pool:
+            rest = pool.map(lambda n: int(self._head(bucket, key, part=n)["ContentLength"]), range(2, count + 1))
+            return PartLayout(sizes=(head, *rest))
+
     def objects(self, path: str) -> dict[str, ObjectInfo]:
         bucket, key = self._split(path)
         prefix = key + "/" if key else ""
@@ -333,20 +366,33 @@ def _part_size(size: int) -> int:
 
 
 def _s3_checksums(response: dict[str, Any]) -> Checksums:
-    """The whole-object checksums in an S3 HEAD or GET answer.
+    """The checksums in an S3 HEAD or GET answer.
 
-    A COMPOSITE checksum (of the parts of a multipart upload; some servers omit its ``-N`` suffix) is not the
-    object's and is left out. A single-part ETag is the MD5 of the bytes unless the object is encrypted with
-    KMS or a customer key, where it is not.
+    A CRC is the whole object's unless the object is a multipart upload whose checksum is not FULL_OBJECT: then
+    it is the COMPOSITE one (a CRC of the parts' CRCs; some servers, moto among them, omit its ``-N`` suffix),
+    kept as ``crc32c_parts``/``crc32_parts``. A single-part ETag is the MD5 of the bytes (``md5``), a multipart
+    one the MD5 of the parts' MD5s (``md5_parts``, ``<hex>-N``), unless the object is encrypted with KMS or a
+    customer key, where neither is. ``parts``: the part count the answer gives.
     """
     sums: Checksums = {}
     etag = str(response.get("ETag", "")).strip('"')
-    multipart = "-" in etag
+    multipart = re.fullmatch(r"[0-9a-f]{32}-([0-9]+)", etag)
     for name, key in (("crc32c", "ChecksumCRC32C"), ("crc32", "ChecksumCRC32")):
-        value = response.get(key)
-        if value and "-" not in value and not (multipart and response.get("ChecksumType") != "FULL_OBJECT"):
+        value, _, count = str(response.get(key) or "").partition("-")
+        if not value:
+            continue
+        if count or (multipart and response.get("ChecksumType") != "FULL_OBJECT"):
+            sums[f"{name}_parts"] = checksum.from_b64(value)
+            if count.isdigit():
+                sums["parts"] = int(count)
+        else:
             sums[name] = checksum.from_b64(value)
-    encrypted = response.get("ServerSideEncryption") == "aws:kms" or response.get("SSECustomerAlgorithm")
+    if multipart:
+        sums["parts"] = int(multipart.group(1))
+    kms = str(response.get("ServerSideEncryption", "")).startswith("aws:kms")
+    encrypted = kms or bool(response.get("SSECustomerAlgorithm"))
     if re.fullmatch(r"[0-9a-f]{32}", etag) and not encrypted:
         sums["md5"] = etag
+    elif multipart and not encrypted:
+        sums["md5_parts"] = etag
     return sums

@@ -3,11 +3,11 @@
 botocore spends ~3.6 ms of CPU on each request (measured here: building, emitting events, signing, parsing), so
 a pull of a thousand 1 MiB objects spends more client CPU on requests than on bytes: 1.7 CPU-s for 300 x 1 MiB
 from 16 threads, against 0.7 CPU-s for the same GETs built here. This module makes the requests a transfer
-repeats — GetObject (whole or a byte range), HeadObject, ListObjectsV2, PutObject, and the four of a multipart
-upload (create, part, complete, abort) — itself. Requests are signed by :mod:`sdk.sigv4` (the same headers as
-botocore's ``S3SigV4Auth``, tested; unsigned payloads: each body carries its CRC32C, which S3 checks). Keys in the
-environment need no botocore at all; any other credentials come from botocore's chain (every source it knows,
-refreshed as it refreshes them).
+repeats — GetObject (whole or a byte range), HeadObject (also of one part of a multipart upload),
+ListObjectsV2, PutObject, and the four of a multipart upload (create, part, complete, abort) — itself. Requests
+are signed by :mod:`sdk.sigv4` (the same headers as botocore's ``S3SigV4Auth``, tested; unsigned payloads: each
+body carries its CRC32C, which S3 checks). Keys in the environment need no botocore at all; any other credentials
+come from botocore's chain (every source it knows, refreshed as it refreshes them).
 
 Where requests go and which keys sign them is :mod:`sdk.s3address`'s answer (a custom endpoint or AWS's
 regional ones; a bucket in another region is followed once from S3's ``x-amz-bucket-region`` answer).
@@ -42,6 +42,7 @@ _HEADERS = {  # response header -> botocore's name for it
     "x-amz-checksum-type": "ChecksumType",
     "x-amz-server-side-encryption": "ServerSideEncryption",
     "x-amz-server-side-encryption-customer-algorithm": "SSECustomerAlgorithm",
+    "x-amz-mp-parts-count": "PartsCount",
     "last-modified": "LastModified",
 }
 
@@ -89,8 +90,10 @@ class S3HTTP:
         headers = {"x-amz-checksum-mode": "ENABLED"} if start is None else {"Range": f"bytes={start}-{(end or 0) - 1}"}
         return self._request("GET", bucket, key, headers=headers)
 
-    def head(self, bucket: str, key: str) -> dict[str, Any]:
-        return self._request("HEAD", bucket, key, headers={"x-amz-checksum-mode": "ENABLED"})[1]
+    def head(self, bucket: str, key: str, *, part: int | None = None) -> dict[str, Any]:
+        """HeadObject; ``part``: of that part of a multipart object (its ``ContentLength``, and ``PartsCount``)."""
+        query = {"partNumber": str(part)} if part is not None else None
+        return self._request("HEAD", bucket, key, headers={"x-amz-checksum-mode": "ENABLED"}, query=query)[1]
 
     def put(
         self, bucket: str, key: str, body: bytes, *, crc32c_b64: str, if_none_match: bool = False

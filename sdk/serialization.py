@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import pickle
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -31,9 +31,9 @@ from typing import IO, Any, cast
 
 import torch
 
-from sdk import checksum
+from sdk import checksum, statefile
 from sdk.checksum import ChecksumWriter
-from sdk.errors import InvalidCheckpointError, UnsafeCheckpointError
+from sdk.errors import CheckpointError, InvalidCheckpointError, UnsafeCheckpointError
 from sdk.tree import map_leaves
 
 __all__ = ["SHARD_BYTES", "SPLIT_BYTES", "EncodedFile", "assemble", "decode", "encode", "stem_of"]
@@ -84,7 +84,10 @@ def encode(stem: str, state: Any, *, shard_bytes: int | None = None) -> Iterator
     if not _is_flat_tensor_dict(state):
         tensors: dict[str, torch.Tensor] = {}
         skeleton = _extract(state, tensors)
-        yield _encoded(f"{stem}.pt", lambda writer: torch.save(skeleton, cast(IO[bytes], writer)))
+        encoded = _encoded(f"{stem}.pt", lambda writer: torch.save(skeleton, cast(IO[bytes], writer)))
+        _check_readable(stem, skeleton, encoded)
+        yield encoded
+        del encoded
         if not tensors:
             return
         state = tensors
@@ -100,6 +103,19 @@ def encode(stem: str, state: Any, *, shard_bytes: int | None = None) -> Iterator
     for i, shard in enumerate(shards, 1):
         name = f"{stem}.safetensors" if len(shards) == 1 else f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
         yield _safetensors_file(name, shard)
+
+
+def _check_readable(stem: str, skeleton: Any, encoded: EncodedFile) -> None:
+    """Refuse to write a pickle that :func:`decode` would refuse to read back (too deep, too large)."""
+    problem = _shape_problem(skeleton, max_nodes=sys.maxsize)
+    try:
+        if problem:
+            raise InvalidCheckpointError(encoded.name, f"it holds a state that {problem}")
+        if encoded.size > statefile.MAX_PICKLE_BYTES:  # only then can its pickle be over the bound
+            statefile.check_archive(encoded.name, encoded.data, location=encoded.name)
+    except InvalidCheckpointError as exc:
+        why = exc.reason
+        raise CheckpointError(f"state {stem!r} cannot be saved (podtrain could not load it back): {why}") from None
 
 
 def assemble(parts: Mapping[str, Any]) -> Any:
@@ -163,22 +179,28 @@ def _encoded(name: str, write: Callable[[ChecksumWriter], None]) -> EncodedFile:
 def decode(name: str, data: bytes, *, location: str, safe_globals: Iterable[Any] = (), zero_copy: bool = False) -> Any:
     """Deserialize a state file without running code; errors become :class:`InvalidCheckpointError`.
 
+    The file's structure is checked first (:mod:`sdk.statefile`: the one safetensors header check every reader
+    shares, the archive layout of a pickle); a pickle's result must then nest at most :data:`MAX_DEPTH` levels,
+    hold no reference cycle and expand to no more objects than the file has bytes (shared references can describe
+    exponentially many), so that putting it back — a recursive walk — cannot blow the stack or run forever.
+
     ``zero_copy`` (safetensors only): the tensors are read-only views over ``data`` instead of copies — for a
     consumer that copies them anyway (``nn.Module.load_state_dict``), this saves a full copy of the state.
     """
     if name.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
+        entries = statefile.safetensors_header(name, data, location=location)
         if zero_copy:
-            return _safetensors_views(name, data, location)
-
+            return _safetensors_views(data, entries)
         try:
             return load_safetensors(data)
         except Exception as exc:
             raise InvalidCheckpointError(location, f"{name} is not a readable safetensors file: {exc}") from None
+    statefile.check_archive(name, data, location=location)
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
-            return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            value = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             location,
@@ -187,48 +209,67 @@ def decode(name: str, data: bytes, *, location: str, safe_globals: Iterable[Any]
         ) from None
     except Exception as exc:
         raise InvalidCheckpointError(location, f"{name} could not be loaded: {type(exc).__name__}: {exc}") from None
+    problem = _shape_problem(value, max_nodes=8 * len(data) + 2**20)
+    if problem:
+        raise InvalidCheckpointError(location, f"{name} holds a state that {problem}")
+    return value
 
 
-def _safetensors_views(name: str, data: bytes, location: str) -> dict[str, torch.Tensor]:
-    """Parse the safetensors header and return tensors viewing ``data`` (no copy)."""
+MAX_DEPTH = 100  # levels of nesting in a pickled state: optimizers need ~4; tree walks recurse once or twice a level
+
+
+def _shape_problem(value: Any, *, max_nodes: int) -> str | None:
+    """Why the nested containers of ``value`` cannot be walked safely, or None: over :data:`MAX_DEPTH` levels, a
+    reference cycle, or more than ``max_nodes`` nodes once shared references are expanded. Iterative (a
+    depth-first walk with its own stack), each container visited once."""
+    height: dict[int, int] = {}  # id -> levels of containers from here down, once finished
+    size: dict[int, int] = {}  # id -> nodes from here down, a shared container counted at each reference
+    active: set[int] = set()  # expanded, not finished: the ancestors of what is being expanded
+    stack: list[tuple[Any, list[Any] | None, int]] = [(value, None, 0)] if _is_container(value) else []
+    while stack:
+        node, kids, leaves = stack.pop()
+        key = id(node)
+        if kids is not None:  # every kid is finished: finish this one
+            active.discard(key)
+            height[key] = 1 + max((height[id(c)] for c in kids), default=0)
+            size[key] = 1 + leaves + sum(size[id(c)] for c in kids)
+            if height[key] > MAX_DEPTH:
+                return f"nests deeper than {MAX_DEPTH} levels"
+            if size[key] > max_nodes:
+                return f"expands to more than {max_nodes:,} objects (shared references repeated)"
+            continue
+        if key in height:
+            continue
+        items = list(node.values() if isinstance(node, Mapping) else node)
+        kids = [c for c in items if _is_container(c)]
+        active.add(key)
+        stack.append((node, kids, len(items) - len(kids)))
+        for child in kids:
+            if id(child) in active:
+                return "contains a reference cycle"
+            if id(child) not in height:
+                stack.append((child, None, 0))
+    return None
+
+
+def _is_container(value: Any) -> bool:
+    """Whether :func:`sdk.tree.map_leaves` walks into ``value``."""
+    return isinstance(value, Mapping) or (isinstance(value, list | tuple) and not hasattr(value, "_fields"))
+
+
+def _safetensors_views(data: bytes, entries: Iterable[statefile.TensorEntry]) -> dict[str, torch.Tensor]:
+    """Tensors viewing ``data`` (no copy), at the offsets :func:`sdk.statefile.safetensors_header` checked."""
     dtypes = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
-
-    def bad(why: str) -> InvalidCheckpointError:
-        return InvalidCheckpointError(location, f"{name} is not a readable safetensors file: {why}")
-
-    if len(data) < 8:
-        raise bad("shorter than its header length")
-    length = int.from_bytes(data[:8], "little")
-    if not 0 < length <= len(data) - 8:
-        raise bad(f"header length {length} does not fit a {len(data)}-byte file")
-    try:
-        header = json.loads(data[8 : 8 + length])
-    except ValueError as exc:
-        raise bad(f"header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise bad("header is not an object")
-    base, body = 8 + length, len(data) - 8 - length
     tensors: dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        for key, spec in header.items():
-            if key == "__metadata__":
-                continue
-            try:
-                dtype, shape, (start, end) = (
-                    dtypes[spec["dtype"]],
-                    [int(d) for d in spec["shape"]],
-                    spec["data_offsets"],
-                )
-            except (KeyError, TypeError, ValueError):
-                raise bad(f"tensor {key!r} has a malformed entry") from None
-            numel = math.prod(shape)
-            if not 0 <= start <= end <= body or end - start != numel * dtype.itemsize:
-                raise bad(f"tensor {key!r} has offsets outside the file or of the wrong length")
-            if numel == 0:
-                tensors[key] = torch.empty(shape, dtype=dtype)
+        for entry in entries:
+            dtype = dtypes[entry.dtype]
+            if entry.numel == 0:
+                tensors[entry.name] = torch.empty(entry.shape, dtype=dtype)
             else:
-                tensors[key] = torch.frombuffer(data, dtype=dtype, count=numel, offset=base + start).reshape(shape)
+                view = torch.frombuffer(data, dtype=dtype, count=entry.numel, offset=entry.start)
+                tensors[entry.name] = view.reshape(entry.shape)
     return tensors
 
 

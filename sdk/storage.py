@@ -3,7 +3,10 @@
 ``open_store(url)`` gives a :class:`Store` rooted at ``url``; every method takes a path relative to that root.
 Every call goes through one retry loop (tenacity: bounded exponential backoff with jitter, each retry logged
 with the URL and the error) and one classifier that turns backend exceptions into podtrain's error tree:
-transient errors are retried, permanent ones fail at once with a message naming the URL and the fix.
+transient errors are retried, permanent ones fail at once with a message naming the URL and the fix. Throttling
+(the store asking for fewer requests) is retried differently: the store's requests in flight are limited by an
+AIMD limit that halves on each throttled answer (:mod:`sdk.throttle`), waits are longer (full jitter), and the
+retries go on for a time budget rather than a count of tries.
 The backends' own retry loops are turned off where they can be (s3fs, botocore) so there is one loop, whose
 sleep is injected — unit tests never sleep. gcsfs keeps its internal retry (it cannot be configured per
 instance); ours wraps it.
@@ -21,12 +24,22 @@ from typing import TypeVar
 import tenacity
 
 from sdk import backend as _backend
-from sdk.backend import Checksums, ObjectInfo
-from sdk.errors import PodtrainError, TransientStorageError
+from sdk.backend import Checksums, ObjectInfo, PartLayout
+from sdk.errors import ConfigError, PodtrainError, ThrottledStorageError, TransientStorageError
 from sdk.fault import classify
 from sdk.log import get_logger
+from sdk.throttle import AdaptiveLimit
 
-__all__ = ["Checksums", "ObjectInfo", "RetryPolicy", "Store", "open_store", "require_backend", "split_url"]
+__all__ = [
+    "Checksums",
+    "ObjectInfo",
+    "PartLayout",
+    "RetryPolicy",
+    "Store",
+    "open_store",
+    "require_backend",
+    "split_url",
+]
 
 T = TypeVar("T")
 log = get_logger("podtrain.storage")
@@ -36,13 +49,31 @@ require_backend = _backend.require_backend
 
 @dataclass(frozen=True, kw_only=True)
 class RetryPolicy:
-    """How hard to try. ``timeout`` bounds a single request (connect and each read), so a stall is an error."""
+    """How hard to try. ``timeout`` bounds a single request (connect and each read), so a stall is an error.
+
+    Transient errors: ``attempts`` tries in all, ``initial_wait * 2**(n-1)`` plus up to ``jitter`` seconds before
+    retry n, capped at ``max_wait``. Throttled answers do not count as tries: before the n-th retry of a throttled
+    request it waits a random time in ``[0, throttle_initial_wait * 2**(n-1)]`` (full jitter), capped at
+    ``throttle_max_wait`` and at ``timeout`` (the stall window), and it gives up ``throttle_seconds``
+    (``PODTRAIN_THROTTLE_SECONDS``) after its first throttled answer (:mod:`sdk.throttle`).
+    """
 
     attempts: int = 6
     initial_wait: float = 0.25
     max_wait: float = 8.0
     jitter: float = 0.5
     timeout: float = 60.0
+    throttle_initial_wait: float = 1.0
+    throttle_max_wait: float = 30.0
+    throttle_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.throttle_seconds < float("inf"):
+            raise ConfigError(f"throttle_seconds={self.throttle_seconds!r}: a finite number of seconds above 0")
+        if not (0 <= self.throttle_initial_wait <= self.throttle_max_wait < float("inf")):
+            raise ConfigError(
+                f"throttle waits {self.throttle_initial_wait!r}..{self.throttle_max_wait!r}: need 0 <= initial <= max"
+            )
 
 
 class Store:
@@ -54,11 +85,14 @@ class Store:
         *,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``sleep`` waits between tries; ``clock`` measures the throttling budget (inject both in tests)."""
         self.retry = retry or RetryPolicy()
-        self._sleep = sleep
+        self._sleep, self._clock = sleep, clock
         self.backend, self.root = _backend.connect(url, timeout=self.retry.timeout)
         self.url = self.backend.unstrip(self.root)
+        self.limiter = AdaptiveLimit(self.url, clock=clock)  # shared by every thread using this store
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -74,9 +108,10 @@ class Store:
         return self.backend.unstrip(self.path(rel))
 
     def child(self, rel: str) -> Store:
-        """A store rooted at ``rel`` under this one, sharing the connection and policy."""
+        """A store rooted at ``rel`` under this one, sharing the connection, policy and request limit."""
         other = object.__new__(Store)
-        other.retry, other._sleep, other.backend = self.retry, self._sleep, self.backend
+        other.retry, other._sleep, other._clock, other.backend = self.retry, self._sleep, self._clock, self.backend
+        other.limiter = self.limiter
         other.root = self.path(rel)
         other.url = self.backend.unstrip(other.root)
         return other
@@ -109,13 +144,14 @@ class Store:
 
         return self._call("put", rel, attempt)
 
-    def upload_file(self, rel: str, local: Path) -> tuple[ObjectInfo, int, int]:
+    def upload_file(self, rel: str, local: Path, *, fd: int | None = None) -> tuple[ObjectInfo, int, int]:
         """Upload the file ``local`` to ``rel`` (streamed in parts where the store allows) and return what the
         store then holds, with the CRC32C and size of the bytes sent (the store checked that CRC32C, or each
-        part's, on arrival)."""
+        part's, on arrival). ``fd``: the file already open; read by offset (every try from the start), never
+        reopened by name — ``local`` then only names it (:mod:`sdk.push` opens files without following links)."""
 
         def attempt() -> tuple[ObjectInfo, int, int]:
-            info, crc, size = self.backend.upload_file(self.path(rel), local)
+            info, crc, size = self.backend.upload_file(self.path(rel), local, fd=fd)
             return (info or self.backend.describe(self.path(rel))), crc, size
 
         return self._call("put", rel, attempt)
@@ -152,8 +188,14 @@ class Store:
         return self._call("get", rel, lambda: self.backend.read(self.path(rel), start, end))
 
     def describe(self, rel: str) -> ObjectInfo:
-        """Size, fingerprint and the store's whole-object checksums of ``rel`` (any of crc32c, crc32, md5)."""
+        """Size, fingerprint and the store's checksums of ``rel``: any of crc32c, crc32, md5 (the whole object's),
+        and of a multipart upload crc32c_parts, crc32_parts, md5_parts (checked through :meth:`layout`)."""
         return self._call("describe", rel, lambda: self.backend.describe(self.path(rel)))
+
+    def layout(self, rel: str, size: int, *, exact: bool = False) -> PartLayout:
+        """The parts ``rel`` (``size`` bytes) was uploaded in (S3 multipart; one part elsewhere): one request, the
+        others' sizes assumed from the first's; ``exact``: one request per part."""
+        return self._call("describe", rel, lambda: self.backend.layout(self.path(rel), size, exact=exact))
 
     def objects(self, rel: str = "") -> dict[str, ObjectInfo]:
         """Every object under ``rel`` by name (``""`` when ``rel`` is an object): size, fingerprint, checksums."""
@@ -169,15 +211,23 @@ class Store:
 
     # -- the one retry loop ------------------------------------------------------------------------------
     def _call(self, op: str, rel: str, fn: Callable[[], T]) -> T:
-        url = self.url_of(rel)
+        url, limiter = self.url_of(rel), self.limiter
 
         def classified() -> T:
+            ticket, outcome = limiter.acquire(), "failed"
             try:
-                return fn()
-            except PodtrainError:
+                result = fn()
+                outcome = "ok"
+                return result
+            except PodtrainError as exc:
+                outcome = _outcome(exc)
                 raise
             except Exception as exc:
-                raise classify(exc, url=url, op=op) from exc
+                error = classify(exc, url=url, op=op)
+                outcome = _outcome(error)
+                raise error from exc
+            finally:
+                limiter.release(ticket, outcome)
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -189,12 +239,13 @@ class Store:
                 attempt=state.attempt_number,
                 wait_s=round(wait, 3),
                 error=str(exc),
+                throttled=isinstance(exc, ThrottledStorageError),
             )
 
-        policy = self.retry
+        schedule = _Schedule(self.retry, self._clock)
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(policy.attempts),
-            wait=_backoff(policy),
+            stop=schedule.stop,
+            wait=schedule.wait,
             retry=tenacity.retry_if_exception_type(TransientStorageError),
             sleep=self._sleep,
             before_sleep=before_sleep,
@@ -202,22 +253,85 @@ class Store:
         )
         try:
             return retrying(classified)
+        except ThrottledStorageError as exc:
+            cause = " ".join(str(exc).removeprefix(f"{op} {url}: ").split())
+            raise ThrottledStorageError(
+                f"{op} {url}: the store kept throttling this request (asking for fewer requests) for "
+                f"{schedule.throttled_for():.0f} s, past the {self.retry.throttle_seconds:g} s throttling budget "
+                f"(PODTRAIN_THROTTLE_SECONDS) — retry later, or send fewer requests (fewer workers, objects spread "
+                f"over more prefixes); last answer: {cause}",
+                url=url,
+            ) from exc
         except TransientStorageError as exc:
             raise TransientStorageError(
-                f"{op} {url} still failing after {policy.attempts} attempts: {exc}", url=url
+                f"{op} {url} still failing after {schedule.tries} attempts: {exc}", url=url
             ) from exc
 
 
-def _backoff(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:
-    """``initial_wait * 2**(n-1)`` plus up to ``jitter`` seconds, capped at ``max_wait`` (before retry n)."""
-
-    def wait(state: tenacity.RetryCallState) -> float:
-        exponential = policy.initial_wait * 2 ** (state.attempt_number - 1)
-        return float(min(policy.max_wait, exponential + random.uniform(0, policy.jitter)))
-
-    return wait
+def _outcome(error: BaseException) -> str:
+    """How a failed try counts for the request limit (:meth:`sdk.throttle.AdaptiveLimit.release`)."""
+    if isinstance(error, ThrottledStorageError):
+        return "throttled"
+    return "failed" if isinstance(error, TransientStorageError) else "ok"  # a permanent error is still an answer
 
 
-def open_store(url: str, *, retry: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> Store:
+class _Schedule:
+    """One call's retries, as tenacity's ``wait`` and ``stop``: transient errors by count, throttling by time."""
+
+    def __init__(self, policy: RetryPolicy, clock: Callable[[], float]) -> None:
+        self.policy, self.clock = policy, clock
+        self.failures = 0  # transient errors other than throttling
+        self.throttled = 0
+        self.since: float | None = None  # this call's first throttled answer: its budget runs from there
+        self._last: tuple[int, float, bool] = (0, 0.0, False)  # attempt number -> (wait, stop), decided once
+
+    @property
+    def tries(self) -> int:
+        return self.failures + self.throttled
+
+    def throttled_for(self) -> float:
+        return 0.0 if self.since is None else max(0.0, self.clock() - self.since)
+
+    def wait(self, state: tenacity.RetryCallState) -> float:
+        return self._decide(state)[0]
+
+    def stop(self, state: tenacity.RetryCallState) -> bool:
+        return self._decide(state)[1]
+
+    def _decide(self, state: tenacity.RetryCallState) -> tuple[float, bool]:
+        if self._last[0] != state.attempt_number:  # tenacity asks wait and stop after each failure, in either order
+            exc = state.outcome.exception() if state.outcome else None
+            decided = self._throttle() if isinstance(exc, ThrottledStorageError) else self._transient()
+            self._last = (state.attempt_number, *decided)
+        return self._last[1], self._last[2]
+
+    def _transient(self) -> tuple[float, bool]:
+        """``initial_wait * 2**(n-1)`` plus up to ``jitter`` seconds, capped at ``max_wait`` (before retry n)."""
+        policy = self.policy
+        self.failures += 1
+        exponential = policy.initial_wait * 2 ** min(self.failures - 1, 30)
+        wait = min(policy.max_wait, exponential + random.uniform(0, policy.jitter))
+        return float(wait), self.failures >= policy.attempts
+
+    def _throttle(self) -> tuple[float, bool]:
+        """Full jitter up to ``throttle_initial_wait * 2**(n-1)`` (capped), while the budget lasts."""
+        policy, now = self.policy, self.clock()
+        self.throttled += 1
+        if self.since is None:
+            self.since = now
+        left = self.since + policy.throttle_seconds - now
+        if left <= 0:
+            return 0.0, True
+        exponential = policy.throttle_initial_wait * 2 ** min(self.throttled - 1, 30)
+        return min(random.uniform(0, min(policy.throttle_max_wait, policy.timeout, exponential)), left), False
+
+
+def open_store(
+    url: str,
+    *,
+    retry: RetryPolicy | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Store:
     """A :class:`Store` for ``url`` (``s3://``, ``gs://``, ``file://``, a plain path, any fsspec URL)."""
-    return Store(url, retry=retry, sleep=sleep)
+    return Store(url, retry=retry, sleep=sleep, clock=clock)

@@ -7,6 +7,10 @@ landed files are made durable together — one ``syncfs`` of the volume every :d
 :data:`DURABLE_SECONDS`, an ``fsync`` per file where libc has no ``syncfs`` — and then their lines go out. A
 crash in between leaves files in place without a line, which the next pull checks against the store's checksum
 (adoption) or fetches again, and never trusts.
+
+The index is opened with ``O_NOFOLLOW`` (a link planted at its name is an error, never read or appended
+through), a line after a torn last one starts on a line of its own, and a record's mtime comes from the
+descriptor the file was checked through (:meth:`~sdk.landing.LandingFile.finish`).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from sdk.localpath import INDEX_NAME
+
 __all__ = ["DURABLE_BYTES", "DURABLE_SECONDS", "INDEX_NAME", "WarmCache"]
 
-INDEX_NAME = ".podtrain-pull.jsonl"
 DURABLE_BYTES = 256 * 2**20  # landed files are synced to disk, and their lines written, after this many bytes
 DURABLE_SECONDS = 2.0  # … or this long
 
@@ -38,13 +43,14 @@ class WarmCache:
         self._pending_bytes = 0
         self._committed_at = time.monotonic()
         self.entries: dict[str, dict[str, object]] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                    self.entries[str(entry["rel"])] = entry
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn last line from an interrupted pull
+        text = _read(path)
+        self._torn = bool(text) and not text.endswith("\n")  # the next line must not be glued onto a torn one
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+                self.entries[str(entry["rel"])] = entry
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line from an interrupted pull (or a full disk)
 
     def current(self, rel: str, local: str | os.PathLike[str], size: int, fingerprint: str) -> bool:
         """Whether ``local`` holds exactly the listed object ``rel`` already (a ``str`` path is cheapest: a warm
@@ -54,13 +60,16 @@ class WarmCache:
             return False
         try:
             stat = os.stat(local)
-        except FileNotFoundError:
+        except OSError:  # missing, or a path that no longer leads to a file
             return False
         return stat.st_size == size and stat.st_mtime_ns == entry.get("mtime_ns")
 
-    def record(self, local: Path, rel: str, size: int, fingerprint: str) -> None:
-        """Note a landed file; its line is written once its bytes are on disk (:meth:`commit`)."""
-        entry = {"rel": rel, "size": size, "fingerprint": fingerprint, "mtime_ns": local.stat().st_mtime_ns}
+    def record(self, local: Path, rel: str, size: int, fingerprint: str, *, mtime_ns: int | None = None) -> None:
+        """Note a landed file (``mtime_ns``: its modification time, from the descriptor it was checked through;
+        else read from ``local``); its line is written once its bytes are on disk (:meth:`commit`)."""
+        if mtime_ns is None:
+            mtime_ns = local.stat().st_mtime_ns
+        entry = {"rel": rel, "size": size, "fingerprint": fingerprint, "mtime_ns": mtime_ns}
         with self._lock:
             self._pending.append((local, entry))
             self._pending_bytes += size
@@ -80,18 +89,34 @@ class WarmCache:
         _sync(self.path.parent, [local for local, _ in pending])
         with self._lock:
             if self._out is None:
-                self._out = self.path.open("a")
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                self._out = os.fdopen(os.open(self.path, flags, 0o644), "a")
+                if self._torn:
+                    self._out.write("\n")
+                    self._torn = False
             for _, entry in pending:
                 self._out.write(json.dumps(entry) + "\n")
                 self.entries[str(entry["rel"])] = entry
             self._out.flush()
 
     def close(self) -> None:
-        self.commit()
-        with self._lock:
-            if self._out is not None:
-                self._out.close()
-                self._out = None
+        try:
+            self.commit()
+        finally:
+            with self._lock:
+                out, self._out = self._out, None
+            if out is not None:
+                out.close()
+
+
+def _read(path: Path) -> str:
+    """The index's text ("" when there is none), never read through a symbolic link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return ""
+    with os.fdopen(fd, "rb") as index:
+        return index.read().decode("utf-8", "replace")
 
 
 def _sync(folder: Path, files: list[Path]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,14 @@ def _state(seed: int) -> dict[str, Any]:
     return {"model": model, "optimizer": opt, "extra": {"best_loss": float(seed)}}
 
 
-def _in_attempt(name: str, attempt: int = 1) -> str:
-    return name if name == "MANIFEST.json" else f"attempt-{attempt}/{name}"
+def _listed(url: str, step: int, name: str) -> str:
+    """The path, inside the step folder, of the state file ``name`` as the manifest lists it (under the writer's
+    own ``attempt-<n>-<writer>/``); the manifest itself as is."""
+    if name == "MANIFEST.json":
+        return name
+    files = json.loads(open_store(url).get(f"{step_dir(step)}/MANIFEST.json"))["files"]
+    (listed,) = [n for n in files if n.rsplit("/", 1)[-1] == name]
+    return str(listed)
 
 
 def _weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -105,7 +112,9 @@ class CheckpointContract:
         assert doc["format"] == FORMAT
         assert (doc["run_id"], doc["attempt"], doc["step"], doc["world_size"]) == ("r1", 3, 1200, 1)
         names = {"model.safetensors", "optimizer.pt", "extra.pt", "rng.pt"}
-        assert set(doc["files"]) == {f"attempt-3/{n}" for n in names}
+        (folder,) = {n.rsplit("/", 1)[0] for n in doc["files"]}  # one writer folder: attempt-<n>-<writer id>
+        assert re.fullmatch(r"attempt-3-[0-9a-f]{12}", folder), folder
+        assert {n.rsplit("/", 1)[1] for n in doc["files"]} == names
         for name, entry in doc["files"].items():
             data = store.get(f"step-0000001200/{name}")
             assert entry == {"size": len(data), "crc32c": checksum.to_hex(checksum.crc32c(data))}
@@ -131,7 +140,7 @@ class CheckpointContract:
         monkeypatch.setattr("sdk.serialization.SHARD_BYTES", 200)
         original = _state(3)
         Checkpointer(url, run_id="r1", attempt=1).save(8, original)
-        shards = [n for n in self._manifest(url, 8)["files"] if n.startswith("attempt-1/model-")]
+        shards = [n for n in self._manifest(url, 8)["files"] if n.rsplit("/", 1)[-1].startswith("model-")]
         assert len(shards) >= 2
         assert all(n.endswith(f"-of-{len(shards):05d}.safetensors") for n in shards)
         step, restored, _ = self._load(url)
@@ -223,14 +232,14 @@ class CheckpointContract:
         self, url: str, saved: dict, case: str, rel: str, data: bytes | None
     ) -> None:
         """A broken newest checkpoint is skipped and the previous valid one loads."""
-        self._tamper(url, f"{step_dir(30)}/{_in_attempt(rel)}", data)
+        self._tamper(url, f"{step_dir(30)}/{_listed(url, 30, rel)}", data)
         step, state, _ = self._load(url)
         assert step == 20, case
         assert _same(_weights(state), saved[20])
 
     def test_checksum_mismatch_falls_back(self, url: str, saved: dict) -> None:
         """One flipped byte (same size) is caught by CRC32C and the previous checkpoint loads."""
-        rel = f"{step_dir(30)}/attempt-1/model.safetensors"
+        rel = f"{step_dir(30)}/{_listed(url, 30, 'model.safetensors')}"
         data = bytearray(open_store(url).get(rel))
         data[-1] ^= 0x01
         self._tamper(url, rel, bytes(data))
@@ -263,8 +272,9 @@ class CheckpointContract:
         payload = buffer.getvalue()
         doc = self._manifest(url, 30)
         entry = {"size": len(payload), "crc32c": checksum.to_hex(checksum.crc32c(payload))}
-        doc["files"]["attempt-1/optimizer.pt"] = entry
-        self._tamper(url, f"{step_dir(30)}/attempt-1/optimizer.pt", payload)
+        optimizer = _listed(url, 30, "optimizer.pt")
+        doc["files"][optimizer] = entry
+        self._tamper(url, f"{step_dir(30)}/{optimizer}", payload)
         self._tamper(url, f"{step_dir(30)}/MANIFEST.json", json.dumps(doc).encode())
         assert self._load(url)[0] == 20
         assert not marker.exists()
@@ -278,7 +288,7 @@ class CheckpointContract:
     def test_no_valid_checkpoint_left_is_a_clear_none_and_verify_says_why(self, url: str) -> None:
         """When every checkpoint is broken, load returns None (start fresh) and verify raises with the reason."""
         Checkpointer(url, run_id="r1", attempt=1).save(1, _state(1))
-        self._tamper(url, f"{step_dir(1)}/attempt-1/rng.pt", None)
+        self._tamper(url, f"{step_dir(1)}/{_listed(url, 1, 'rng.pt')}", None)
         assert self._load(url)[0] is None
         with pytest.raises(InvalidCheckpointError, match=r"rng\.pt is listed in the manifest but missing"):
             Checkpointer(url, attempt=1).verify()

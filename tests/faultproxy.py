@@ -24,6 +24,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from xml.sax.saxutils import escape
 
 HOST = "127.0.0.1"
 _Response = tuple[str, dict[str, str], bytes]  # status line, headers, body
@@ -31,16 +32,18 @@ _S3_CODES = {403: ("AccessDenied", "Access Denied"), 503: ("SlowDown", "Please r
 _GCS_REASONS = {403: "forbidden", 429: "rateLimitExceeded", 503: "backendError"}
 
 
-def error_body(flavor: str, status: int) -> tuple[bytes, str]:
-    """The error body and content type a real ``flavor`` ("s3" or "gcs") server sends with ``status``."""
+def error_body(flavor: str, status: int, message: str | None = None) -> tuple[bytes, str]:
+    """The error body and content type a real ``flavor`` ("s3" or "gcs") server sends with ``status``;
+    ``message`` replaces the server's sentence (e.g. one quoting the request's token, as some servers do)."""
     phrase = http.HTTPStatus(status).phrase
     if flavor == "s3":
-        code, message = _S3_CODES.get(status, (phrase.replace(" ", ""), phrase))
+        code, text = _S3_CODES.get(status, (phrase.replace(" ", ""), phrase))
+        message = escape(text if message is None else message)
         xml = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>'
         return xml.encode(), "application/xml"
     if flavor == "gcs":
-        reason = _GCS_REASONS.get(status, "backendError")
-        error = {"code": status, "message": phrase, "errors": [{"reason": reason, "message": phrase}]}
+        reason, message = _GCS_REASONS.get(status, "backendError"), phrase if message is None else message
+        error = {"code": status, "message": message, "errors": [{"reason": reason, "message": message}]}
         return json.dumps({"error": error}).encode(), "application/json; charset=UTF-8"
     raise ValueError(f"unknown error-body flavor {flavor!r}: use 's3' or 'gcs'")
 
@@ -117,8 +120,11 @@ class FaultProxy:
             self.faults.append(fault)
         return fault
 
-    def fail(self, status: int = 503, **options: object) -> Fault:
-        """Answer with ``status`` and the flavour's error body (S3: SlowDown for 503, AccessDenied for 403)."""
+    def fail(self, status: int = 503, *, message: str | None = None, **options: object) -> Fault:
+        """Answer with ``status`` and the flavour's error body (S3: SlowDown for 503, AccessDenied for 403);
+        ``message``: that body with this sentence instead of the server's."""
+        if message is not None:
+            options["body"] = error_body(self.flavor, status, message)[0]
         return self.add("status", status=status, **options)
 
     def reset(self, after: int = 0, **options: object) -> Fault:

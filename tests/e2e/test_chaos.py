@@ -282,7 +282,8 @@ def _pending_save(store: Path, attempt: int) -> bool:
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(store):
             folder = store / name
-            if (folder / f"attempt-{attempt}").is_dir() and not (folder / "MANIFEST.json").exists():
+            writing = any(folder.glob(f"attempt-{attempt}-*")) or (folder / f"attempt-{attempt}").is_dir()
+            if writing and not (folder / "MANIFEST.json").exists():  # its writer folder, with or without an id
                 return True
     return False
 

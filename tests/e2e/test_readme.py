@@ -136,7 +136,7 @@ def test_the_environment_table_lists_every_setting_with_its_default() -> None:
         value = getattr(defaults, field.name)
         if value in (None, "") or ".podtrain" in str(value):
             continue  # derived, unset, or a path under the working directory
-        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        shown = f"{value:g}" if isinstance(value, float) else str(int(value)) if isinstance(value, bool) else str(value)
         assert f"`{shown}`" in rows[name], f"{name}: the README says {rows[name]}, the code {shown}"
 
 

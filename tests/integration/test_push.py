@@ -31,9 +31,9 @@ def puts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     original = Store.upload_file
 
-    def spy(self: Store, rel: str, local: Path) -> Any:
+    def spy(self: Store, rel: str, local: Path, **kwargs: Any) -> Any:
         seen.append(rel)
-        return original(self, rel, local)
+        return original(self, rel, local, **kwargs)
 
     monkeypatch.setattr(Store, "upload_file", spy)
     return seen

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,12 +93,14 @@ def test_two_ranks_stop_on_the_same_step_commit_it_once_and_resume_exactly(
     assert newest.step == stop_step, "the step both ranks stopped on is the committed one"
     assert newest.manifest.world_size == 2
     names = set(newest.manifest.files)
+    (writer,) = {n.split("/", 1)[0] for n in names}  # both ranks' files in one writer folder, the job's own
+    assert re.fullmatch(r"attempt-1-[0-9a-f]{12}", writer), writer
     for rank in (0, 1):
         assert {
-            f"attempt-1/rank-{rank}/{n}" for n in ("model.safetensors", "optimizer.pt", "loader.pt", "rng.pt")
+            f"{writer}/rank-{rank}/{n}" for n in ("model.safetensors", "optimizer.pt", "loader.pt", "rng.pt")
         } <= names
     folder = f"step-{stop_step:010d}"
-    assert {"rank-0.json", "rank-1.json"} <= set(open_store(uri).list(f"{folder}/attempt-1"))
+    assert {"rank-0.json", "rank-1.json"} <= set(open_store(uri).list(f"{folder}/{writer}"))
     message = json.loads((tmp_path / "termination-1").read_text())
     assert message["outcome"] == "preempted" and message["step"] == stop_step
 

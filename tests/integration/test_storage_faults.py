@@ -147,9 +147,10 @@ def test_each_retry_is_logged_with_the_url_and_the_error(
 def test_exhausted_attempts_raise_a_transient_error_naming_the_url(
     url: str, proxy: FaultProxy, no_sleep: RecordedSleep, captured_log: CapturedLog
 ) -> None:
-    """When the store answers 503 to every try, the put fails after the policy's attempts with the URL."""
+    """When the store answers 500 to every try, the put fails after the policy's attempts with the URL.
+    (Throttling — S3's 503 SlowDown — is retried for a time budget instead: tests/adversarial/test_throttling.py.)"""
     store = _store(url, no_sleep, attempts=3)
-    fault = proxy.fail(503, times=None)
+    fault = proxy.fail(500, times=None)
     with pytest.raises(TransientStorageError) as caught:
         store.put("obj", DATA)
     assert caught.value.url == store.url_of("obj")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterator
 
@@ -82,3 +83,15 @@ def test_a_due_time_save_rides_on_the_agreement(gloo: None) -> None:
     agreement.poll(False, save_due=True)
     assert agreement.save_due is True
     assert agreement.settle(False) is False
+
+
+def test_the_first_agreement_also_agrees_on_the_jobs_checkpoint_writer_id(gloo: None) -> None:
+    """The ranks' writer id rides on their first collective (no collective of its own) and then stays fixed."""
+    agreement = Agreement(1)
+    assert agreement.writer_id() is None
+    assert agreement.any(True, False) == (True, False)
+    writer = agreement.writer_id()
+    assert writer is not None and re.fullmatch(r"[0-9a-f]{12}", writer)
+    assert agreement.collectives == 1
+    assert agreement.all(True) is True
+    assert agreement.writer_id() == writer

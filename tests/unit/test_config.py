@@ -114,6 +114,20 @@ def test_unparsable_numbers_name_the_variable_and_the_value(variable: str, raw: 
     assert f"is not {kind}" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("raw", "value"), [("1", True), ("true", True), ("Yes", True), ("on", True), ("0", False), ("off", False)]
+)
+def test_yes_no_settings_read_the_usual_spellings(raw: str, value: bool) -> None:
+    """PODTRAIN_REQUIRE_CHECKSUMS (a yes/no setting) takes 1/0, true/false, yes/no, on/off in any case."""
+    assert Config.from_env({"PODTRAIN_REQUIRE_CHECKSUMS": raw}).require_checksums is value
+
+
+def test_an_unreadable_yes_no_setting_names_the_variable_and_the_spellings() -> None:
+    """Anything else is a ConfigError quoting the variable and what it takes, never a silent False."""
+    with pytest.raises(ConfigError, match=r"PODTRAIN_REQUIRE_CHECKSUMS='sure' is not a yes/no value: use 1/0"):
+        Config.from_env({"PODTRAIN_REQUIRE_CHECKSUMS": "sure"})
+
+
 INVALID: list[Any] = [
     ("run_id", "has space", "PODTRAIN_RUN_ID"),
     ("run_id", "-leading-dash", "PODTRAIN_RUN_ID"),

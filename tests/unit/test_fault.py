@@ -15,13 +15,17 @@ import pytest
 from gcsfs.retry import ChecksumError, HttpError
 
 from sdk.errors import (
+    EXIT_UNAVAILABLE,
     PermanentStorageError,
     StorageError,
     StorageNotFoundError,
     StoragePermissionError,
+    ThrottledStorageError,
     TransientStorageError,
+    exit_code,
 )
 from sdk.fault import classify
+from sdk.s3http import S3Error
 
 URL = "s3://bucket/run/step-10/model.safetensors"
 
@@ -99,7 +103,7 @@ PERMANENT = [
 def test_transient_failures_are_retryable_platform_faults(exc: BaseException) -> None:
     """Throttling, 5xx, timeouts, resets and broken streams map to TransientStorageError."""
     error = classify(exc, url=URL, op="put")
-    assert type(error) is TransientStorageError
+    assert isinstance(error, TransientStorageError)
     assert error.transient
     assert error.fault == "platform"
 
@@ -166,3 +170,59 @@ def test_an_untrusted_certificate_is_a_setting_to_fix_naming_aws_ca_bundle() -> 
     error = classify(cause, url=URL, op="list")
     assert isinstance(error, StorageTrustError) and not error.transient
     assert "AWS_CA_BUNDLE" in str(error) and exit_code(error) == EXIT_CONFIG
+
+
+def _s3fs_error(code: str, status: int, message: str) -> OSError:
+    """What s3fs raises for a botocore ClientError: an OSError with the server's message, the ClientError as cause."""
+    error = OSError(errno.EBUSY, message)
+    error.__cause__ = _client_error(code, status)
+    return error
+
+
+THROTTLED = [
+    pytest.param(S3Error(503, "SlowDown", "Please reduce your request rate. (GET u)"), id="s3http 503 SlowDown"),
+    pytest.param(S3Error(429, "TooManyRequests", "Too Many Requests (GET u)"), id="s3http 429"),
+    pytest.param(S3Error(503, "503", "(HEAD u)"), id="s3http bodiless 503 on a HEAD"),
+    pytest.param(S3Error(400, "RequestLimitExceeded", "slow down (GET u)"), id="s3http RequestLimitExceeded"),
+    pytest.param(_client_error("SlowDown", 503), id="botocore 503 SlowDown"),
+    pytest.param(_client_error("TooManyRequests", 429), id="botocore 429"),
+    pytest.param(_client_error("ThrottlingException", 400), id="botocore ThrottlingException"),
+    pytest.param(_client_error("503", 503), id="botocore bodiless 503 on a HEAD"),
+    pytest.param(_s3fs_error("SlowDown", 503, "Please reduce your request rate."), id="s3fs SlowDown"),
+    pytest.param(OSError(errno.EBUSY, "Please reduce your request rate."), id="s3fs SlowDown without its cause"),
+    pytest.param(HttpError({"code": 429, "message": "Too Many Requests"}), id="gcsfs 429"),
+    pytest.param(HttpError({"code": "429", "message": "rateLimitExceeded"}), id="gcsfs 429 as text"),
+    pytest.param(
+        HttpError({"code": 503, "message": "slow", "errors": [{"reason": "rateLimitExceeded"}]}),
+        id="gcsfs reason rateLimitExceeded",
+    ),
+]
+
+NOT_THROTTLED = [
+    pytest.param(S3Error(500, "InternalError", "We encountered an internal error. (GET u)"), id="s3http 500"),
+    pytest.param(S3Error(503, "ServiceUnavailable", "Service is unable to handle request."), id="s3http 503 other"),
+    pytest.param(_client_error("InternalError", 500), id="botocore 500"),
+    pytest.param(_client_error("GatewayTimeout", 504), id="botocore 504"),
+    pytest.param(
+        HttpError({"code": 503, "message": "Service Unavailable", "errors": [{"reason": "backendError"}]}),
+        id="gcsfs 503 backendError",
+    ),
+    pytest.param(TimeoutError("timed out"), id="TimeoutError"),
+    pytest.param(ConnectionResetError(errno.ECONNRESET, "reset by peer"), id="ConnectionResetError"),
+]
+
+
+@pytest.mark.parametrize("exc", THROTTLED)
+def test_throttling_answers_are_throttled_transient_errors(exc: BaseException) -> None:
+    """S3 SlowDown (with or without its XML body), HTTP 429, AWS throttling codes and GCS rateLimitExceeded."""
+    error = classify(exc, url=URL, op="get")
+    assert isinstance(error, ThrottledStorageError)
+    assert error.transient and error.fault == "platform"
+    assert exit_code(error) == EXIT_UNAVAILABLE
+
+
+@pytest.mark.parametrize("exc", NOT_THROTTLED)
+def test_other_transient_errors_are_not_throttling(exc: BaseException) -> None:
+    """5xx server errors (GCS's 503 backendError too), timeouts and resets keep the ordinary retry policy."""
+    error = classify(exc, url=URL, op="get")
+    assert type(error) is TransientStorageError

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sdk import landing
+from sdk.errors import LocalDiskError
 from sdk.landing import ALIGN, LandingFile
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -84,10 +85,10 @@ def test_a_file_system_refusing_o_direct_at_open_gets_a_page_cache_file(
     """EINVAL for O_DIRECT at open (tmpfs on old kernels, FUSE) means a normal file, same bytes."""
     real_open = os.open
 
-    def refusing(path: object, flags: int, *args: object) -> int:
+    def refusing(path: object, flags: int, *args: object, **kwargs: object) -> int:
         if flags & O_DIRECT and O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)  # type: ignore[arg-type]
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(landing.os, "open", refusing)
     data = random.Random(5).randbytes(ALIGN + 7)
@@ -138,3 +139,73 @@ def test_other_open_errors_are_not_swallowed(tmp_path: Path) -> None:
     """Only EINVAL means "no O_DIRECT here"; a missing folder is still an error the caller sees."""
     with pytest.raises(FileNotFoundError):
         LandingFile(tmp_path / "missing" / "f", 10)
+
+
+def test_a_short_write_is_continued_until_every_byte_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pwrite may write less than asked (a signal, a full disk about to say so): the rest is written, in order."""
+    real_pwrite = os.pwrite
+    calls: list[int] = []
+
+    def short(fd: int, data: bytes, offset: int) -> int:
+        calls.append(len(data))
+        return real_pwrite(fd, bytes(data)[: max(1, len(data) // 3)], offset)
+
+    monkeypatch.setattr(landing.os, "pwrite", short)
+    data = random.Random(7).randbytes(ALIGN * 5 + 11)
+    file = LandingFile(tmp_path / "f", len(data), direct=False)
+    file.write(data, 0)
+    assert len(calls) > 2
+    file.finish()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_write_that_writes_nothing_is_an_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """A write that comes back with 0 bytes would loop for ever or leave a hole: ENOSPC, the object named."""
+    monkeypatch.setattr(landing.os, "pwrite", lambda fd, data, offset: 0)
+    file = LandingFile(tmp_path / "f", ALIGN * 2, direct=direct, label="train/x.bin")
+    with pytest.raises(OSError, match="no byte") as caught:
+        file.write(bytes(ALIGN * 2), 0)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == "train/x.bin"
+    file.close()
+
+
+def test_finish_refuses_a_file_with_a_piece_missing_even_when_its_length_looks_right(tmp_path: Path) -> None:
+    """A preallocated file always has its full length on disk: finish() also checks every piece was written."""
+    file = LandingFile(tmp_path / "f", ALIGN * 4, preallocate=True, direct=False, label="x.bin")
+    file.write(bytes(ALIGN * 2), 0)
+    with pytest.raises(LocalDiskError, match=r"'x\.bin': 8192 of 16384 bytes were written"):
+        file.finish()
+    assert file._direct_fd == file._plain_fd == -1, "closed all the same"
+
+
+def test_finish_refuses_a_file_shorter_on_disk_than_listed(tmp_path: Path) -> None:
+    file = LandingFile(tmp_path / "f", 10, direct=False)
+    file.write(b"0123456789", 0)
+    os.ftruncate(file._plain_fd, 5)  # the disk kept less than was written
+    with pytest.raises(LocalDiskError, match="5 are on disk"):
+        file.finish()
+
+
+def test_an_existing_file_or_link_at_the_name_is_never_opened(tmp_path: Path) -> None:
+    """The file is created (O_EXCL | O_NOFOLLOW): a name already taken — a file, a planted symlink — is an error,
+    and the link's target is not touched."""
+    target = tmp_path / "outside"
+    target.write_bytes(b"keep")
+    (tmp_path / "f").symlink_to(target)
+    with pytest.raises(FileExistsError):
+        LandingFile(tmp_path / "f", 4, direct=False)
+    folder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileExistsError):
+            LandingFile("f", 4, dir_fd=folder)
+        file = LandingFile("g", 4, dir_fd=folder, direct=False)
+        file.write(b"data", 0)
+        assert file.finish().st_size == 4
+    finally:
+        os.close(folder)
+    assert target.read_bytes() == b"keep" and (tmp_path / "g").read_bytes() == b"data"

@@ -97,3 +97,39 @@ def test_valid_manifest_parses_every_field() -> None:
     assert (m.run_id, m.attempt, m.step, m.world_size, m.torch) == ("r1", 2, 1200, 1, "2.13.0")
     assert m.files["model.safetensors"] == FileEntry(size=4096, crc32c="1a2b3c4d")
     assert m.total_bytes == 4096
+
+
+def test_a_manifest_nested_200000_deep_is_invalid_not_a_recursion_error() -> None:
+    """Depth is measured before parsing: the reason names it, in the meta or as the whole document."""
+    deep_meta = json.dumps(_manifest(meta={"x": "DEEP"})).encode().replace(b'"DEEP"', b"[" * 200_000 + b"]" * 200_000)
+    for raw in (b"{" * 200_000, deep_meta):
+        with pytest.raises(InvalidCheckpointError, match=r"nested .* levels deep"):
+            parse(raw, location="mem://x/step-0000001200")
+
+
+def test_a_key_twice_in_a_manifest_is_invalid() -> None:
+    """Two "files" (or two entries of one name) are refused: which one counts would be a guess."""
+    raw = json.dumps(_manifest()).encode().replace(b'"torch":', b'"files": {}, "torch":')
+    with pytest.raises(InvalidCheckpointError, match="duplicate key 'files'"):
+        parse(raw, location="mem://x/step-0000001200")
+
+
+def test_a_manifest_parse_would_refuse_is_never_written() -> None:
+    """meta nested past the bound fails to_json with a CheckpointError; within it, it round-trips."""
+    from sdk.errors import CheckpointError
+    from sdk.manifest import MAX_MANIFEST_DEPTH
+
+    def nested(levels: int) -> object:
+        value: object = 1
+        for _ in range(levels):
+            value = {"k": value}
+        return value
+
+    def manifest(meta: object) -> Manifest:
+        files = {"a.pt": FileEntry(size=1, crc32c="00000000")}
+        return Manifest(run_id="r", attempt=1, step=3, world_size=1, files=files, torch="2", meta={"m": meta})
+
+    with pytest.raises(CheckpointError, match="manifest of step 3 cannot be written: nested"):
+        manifest(nested(MAX_MANIFEST_DEPTH)).to_json()
+    ok = manifest(nested(MAX_MANIFEST_DEPTH - 2))
+    assert parse(ok.to_json(), location="here").meta == ok.meta

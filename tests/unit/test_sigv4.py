@@ -18,6 +18,7 @@ REQUESTS = [
     ("GET", "http://127.0.0.1:9000/bucket/data/small/00001.bin", {"x-amz-checksum-mode": "ENABLED"}),
     ("GET", "https://bkt.s3.eu-west-1.amazonaws.com/a%20b/%C3%A9t%C3%A9~x.bin", {"Range": "bytes=0-16777215"}),
     ("HEAD", "https://s3.us-east-1.amazonaws.com/my.bucket/key", {"x-amz-checksum-mode": "ENABLED"}),
+    ("HEAD", "http://127.0.0.1:9000/b/big.bin?partNumber=1", {"x-amz-checksum-mode": "ENABLED"}),
     ("GET", "http://localhost:4566/b/?list-type=2&prefix=data%2F&encoding-type=url&continuation-token=1%2Fx%3D%3D", {}),
     ("PUT", "http://127.0.0.1:9000/b/k", {"x-amz-checksum-crc32c": "AAAAAA==", "x-amz-sdk-checksum-algorithm": "C"}),
     ("PUT", "http://127.0.0.1:9000/b/k", {"If-None-Match": "*", "x-amz-checksum-crc32c": "  spaced   value  "}),

@@ -167,14 +167,16 @@ def test_supervisor_modules_do_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_derive_attempt_is_one_more_than_the_newest_seen(tmp_path: Path) -> None:
-    """An empty store gives attempt 1; after attempt 3 saved, the next is 4; nothing is created by looking."""
+def test_derive_attempt_is_one_more_than_the_newest_seen_and_reserved(tmp_path: Path) -> None:
+    """An empty store gives attempt 1; after attempt 3 saved, the next is 4; each number derived is reserved in the
+    store, so deriving again (another supervisor) gives the next one."""
     import torch
 
     from sdk.checkpoint import Checkpointer
 
     assert term.derive_attempt(str(tmp_path / "none"), run_id="r", timeout=5) == (1, "")
-    assert not (tmp_path / "none").exists()
+    assert (tmp_path / "none" / "attempts" / "attempt-1.reserved.json").is_file()
+    assert term.derive_attempt(str(tmp_path / "none"), run_id="r", timeout=5) == (2, "")
     Checkpointer(str(tmp_path / "ck"), run_id="r", attempt=3).save(1, {"model": torch.nn.Linear(2, 2)})
     assert term.derive_attempt(str(tmp_path / "ck"), run_id="r", timeout=10) == (4, "")
 

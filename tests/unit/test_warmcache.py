@@ -39,3 +39,33 @@ def test_the_real_sync_flushes_without_error(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"data")
     warmcache._sync(tmp_path, [tmp_path / "f", tmp_path / "gone"])
     assert (tmp_path / "f").read_bytes() == b"data"
+
+
+def test_a_line_after_a_torn_last_line_is_not_glued_onto_it(tmp_path: Path) -> None:
+    """A pull cut off mid-line (or a full disk) leaves a torn last line; the next record starts a line of its own,
+    so neither it nor the records after it are lost."""
+    index_path = tmp_path / warmcache.INDEX_NAME
+    (tmp_path / "a.bin").write_bytes(b"x")
+    index_path.write_text(json.dumps({"rel": "old", "size": 1, "fingerprint": "f", "mtime_ns": 1}) + '\n{"rel": "to')
+    index = warmcache.WarmCache(index_path)
+    index.record(tmp_path / "a.bin", "a.bin", 1, "etag-a")
+    index.close()
+    assert set(warmcache.WarmCache(index_path).entries) == {"old", "a.bin"}
+
+
+def test_the_index_is_never_read_or_appended_through_a_symlink(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the user's file\n")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / warmcache.INDEX_NAME).symlink_to(outside)
+    with pytest.raises(OSError, match=r"symbolic link|Too many levels"):
+        warmcache.WarmCache(tmp_path / "d" / warmcache.INDEX_NAME)
+    assert outside.read_text() == "the user's file\n"
+
+
+def test_a_record_takes_the_mtime_it_is_given(tmp_path: Path) -> None:
+    """The pull records the mtime from the descriptor it checked the file through, not from a path lookup."""
+    index = warmcache.WarmCache(tmp_path / warmcache.INDEX_NAME)
+    index.record(tmp_path / "never-looked-up", "x", 3, "etag", mtime_ns=123)
+    index.close()
+    assert warmcache.WarmCache(tmp_path / warmcache.INDEX_NAME).entries["x"]["mtime_ns"] == 123
