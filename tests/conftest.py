@@ -15,9 +15,12 @@ bucket, and points the client environment at it through ``monkeypatch`` so ``ope
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
+import threading
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,6 +66,22 @@ class ManualClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class WriteGate:
+    """Holds a ``Checkpointer``'s writes (background or not) before they start, until the test opens the gate."""
+
+    def __init__(self, checkpointer: Any, *, timeout: float = 60) -> None:
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        write = checkpointer.write
+
+        def gated(*args: Any, **kwargs: Any) -> Any:
+            self.entered.set()
+            assert self.open.wait(timeout), "gate never opened"
+            return write(*args, **kwargs)
+
+        checkpointer.write = gated
 
 
 class CapturedLog:
@@ -177,6 +196,19 @@ def fault_proxy(
     yield make
     for proxy in proxies:
         proxy.stop()
+
+
+@pytest.fixture
+def fast_gcsfs_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gcsfs's own retry loop (6 tries) sleeps 1 s, 2 s, 4 s... between tries; make those sleeps instant."""
+    import gcsfs.retry
+
+    real_sleep = asyncio.sleep
+
+    async def no_wait(seconds: float) -> None:
+        await real_sleep(0)
+
+    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=no_wait))
 
 
 @pytest.fixture

@@ -22,25 +22,10 @@ import sdk
 from sdk.checkpoint import Checkpointer
 from sdk.config import Config
 from sdk.preemption import Preemption
+from tests.conftest import WriteGate
 
 WORKER = str(Path(__file__).with_name("last_save_worker.py"))
 DDP_WORKER = str(Path(__file__).parent.parent / "integration" / "ddp_worker.py")
-
-
-class Gate:
-    """Holds the checkpoint writer (background or not) before it writes, until the test opens it."""
-
-    def __init__(self, checkpointer: Checkpointer) -> None:
-        self.open = threading.Event()
-        self.entered = threading.Event()
-        write = checkpointer.write
-
-        def gated(*args: Any, **kwargs: Any) -> Any:
-            self.entered.set()
-            assert self.open.wait(60), "gate never opened"
-            return write(*args, **kwargs)
-
-        checkpointer.write = gated  # type: ignore[method-assign]
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -87,7 +72,7 @@ def test_a_due_save_deferred_behind_a_slow_save_is_committed_when_the_block_ends
     """10 steps, every 5: step 5's write is held until step 10 is deferred behind it; leaving the block commits 10."""
     model = _model()
     with sdk.init(_config(ckpt_url)) as run:
-        gate = Gate(run.checkpointer)
+        gate = WriteGate(run.checkpointer)
         for step in range(1, 11):
             _advance(model)
             run.checkpoint(step, {"model": model})

@@ -9,18 +9,15 @@ generous upper bound.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import gcsfs.retry
 import pytest
 
 from sdk.errors import EXIT_UNAVAILABLE, ThrottledStorageError, exit_code
@@ -39,17 +36,6 @@ FAST = {"throttle_initial_wait": 0.002, "throttle_max_wait": 0.02, "timeout": 10
 
 def _policy(**options: Any) -> RetryPolicy:
     return RetryPolicy(**{**FAST, **options})
-
-
-@pytest.fixture
-def fast_gcsfs_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """gcsfs retries a 429 six times inside each of our tries, sleeping 1 s, 2 s, 4 s...; make those instant."""
-    real_sleep = asyncio.sleep
-
-    async def no_wait(seconds: float) -> None:
-        await real_sleep(0)
-
-    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=no_wait))
 
 
 def _upload(url: str) -> None:

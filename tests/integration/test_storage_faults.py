@@ -8,14 +8,11 @@ more between tries, so GCS fault counts stay at one, and tests that must exhaust
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
-import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import gcsfs.retry
 import pytest
 from gcsfs.core import GCSFileSystem
 
@@ -46,17 +43,6 @@ def url(request: pytest.FixtureRequest, backend: str) -> str:
 @pytest.fixture
 def proxy(url: str, backend: str, fault_proxy: Callable[[str], FaultProxy]) -> FaultProxy:
     return fault_proxy(backend)
-
-
-@pytest.fixture
-def fast_gcsfs_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """gcsfs's own retry loop (6 tries) sleeps 1 s, 2 s, 4 s... between tries; make those sleeps instant."""
-    real_sleep = asyncio.sleep
-
-    async def no_wait(seconds: float) -> None:
-        await real_sleep(0)
-
-    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=no_wait))
 
 
 def _store(url: str, sleep: Callable[[float], None], **policy: float) -> Store:

@@ -18,7 +18,7 @@ from sdk.preemption import Preemption
 from sdk.run import Run
 from sdk.saver import MAX_TRANSIENT_FAILURES, AsyncSaver
 from sdk.snapshot import Snapshot
-from tests.conftest import CapturedLog
+from tests.conftest import CapturedLog, WriteGate
 
 
 def _model() -> torch.nn.Module:
@@ -37,22 +37,6 @@ def _loaded(url: str, step: int | None = None) -> dict[str, torch.Tensor]:
             p.zero_()
     assert Checkpointer(url, attempt=99).load({"model": fresh}, step=step) is not None
     return _weights(fresh)
-
-
-class Gate:
-    """Holds the background writer before it serializes, until the test opens it."""
-
-    def __init__(self, checkpointer: Checkpointer) -> None:
-        self.open = threading.Event()
-        self.entered = threading.Event()
-        write = checkpointer.write
-
-        def gated(*args: Any, **kwargs: Any) -> Any:
-            self.entered.set()
-            assert self.open.wait(30), "gate never opened"
-            return write(*args, **kwargs)
-
-        checkpointer.write = gated  # type: ignore[method-assign]
 
 
 @pytest.fixture
@@ -77,7 +61,7 @@ def test_weights_changed_right_after_checkpoint_are_not_in_the_committed_checkpo
     run = run_factory()
     model = _model()
     before = _weights(model)
-    gate = Gate(run.checkpointer)
+    gate = WriteGate(run.checkpointer)
     future = run.checkpoint(1, {"model": model})
     assert future is not None and not future.done()
     assert gate.entered.wait(10)
@@ -105,7 +89,7 @@ def test_overlap_mode_copies_parameters_before_the_next_optimizer_step(
     optimizer.step()
     before = _weights(model)
     momentum = {k: v["momentum_buffer"].clone() for k, v in optimizer.state.items()}
-    gate = Gate(run.checkpointer)
+    gate = WriteGate(run.checkpointer)
     future = run.checkpoint(1, {"model": model, "optimizer": optimizer})
     assert future is not None
     assert gate.entered.wait(10)  # the writer's snapshot.wait() ran before the gate: copies are done now
@@ -166,7 +150,7 @@ def test_a_policy_save_due_while_one_is_in_flight_is_deferred_to_the_next_call(
     """At most one save in flight: a due save returns None at once, and the next call saves, due or not."""
     run = run_factory(checkpoint_every_steps=5)
     model = _model()
-    gate = Gate(run.checkpointer)
+    gate = WriteGate(run.checkpointer)
     first = run.checkpoint(5, {"model": model})
     assert first is not None and gate.entered.wait(10)
     assert run.checkpoint(10, {"model": model}) is None  # due, but step 5 is still being written
@@ -183,7 +167,7 @@ def test_force_waits_for_the_save_in_flight_then_saves(run_factory: Callable[...
     """force=True never drops a save: it waits for the one in flight, then writes its own step."""
     run = run_factory()
     model = _model()
-    gate = Gate(run.checkpointer)
+    gate = WriteGate(run.checkpointer)
     first = run.checkpoint(1, {"model": model})
     assert first is not None and gate.entered.wait(10)
     threading.Timer(0.2, gate.open.set).start()
@@ -283,7 +267,7 @@ def test_preemption_waits_for_the_save_in_flight_then_commits_the_newest_step(tm
         pytest.raises(SystemExit) as exited,
         sdk.init(Config(checkpoint_uri=str(tmp_path), attempt=1, checkpoint_every_steps=10), preemption=stop) as run,
     ):
-        gate = Gate(run.checkpointer)
+        gate = WriteGate(run.checkpointer)
         for step in range(1, 100):
             run.checkpoint(step, {"model": model})
             if step == 12:
