@@ -40,6 +40,7 @@ from sdk._pushtree import REPLACED, Entry, Replaced, open_beneath, scan
 from sdk.errors import TransientStorageError
 from sdk.log import get_logger
 from sdk.progress import Progress
+from sdk.redaction import redact
 from sdk.storage import RetryPolicy, Store, open_store
 from sdk.warmcache import INDEX_NAME
 
@@ -116,7 +117,8 @@ def push(
     for name, why in links.items():
         log.warning("push.link_skipped", name=name, reason=why, target=_target(base / name))
     store = open_store(url, retry=retry)  # after the scan: what is sent is what the scan found, opened below
-    sent_before = _read_index(base / PUSH_INDEX, store.url)
+    where = redact(store.url)  # as the index records it: a password in the URL never lands on disk
+    sent_before = _read_index(base / PUSH_INDEX, where)
     todo = [entry for entry in files if sent_before.get(entry.rel) != (entry.size, entry.mtime_ns)]
     bar = Progress("push", len(todo), sum(entry.size for entry in todo), clock=clock, bar=progress)
     folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -127,7 +129,14 @@ def push(
         ):
             budget = _Budget(max_bytes)
             sender = _Sender(
-                store=store, base=base, folder_fd=folder_fd, budget=budget, bar=bar, record=record, links=links
+                store=store,
+                where=where,
+                base=base,
+                folder_fd=folder_fd,
+                budget=budget,
+                bar=bar,
+                record=record,
+                links=links,
             )
             sent_bytes = sum(pool.map(sender.send, todo))
     finally:
@@ -165,6 +174,7 @@ class _Sender:
     recorded. A file replaced by a link (or gone) since the scan is not sent: counted in ``dropped``."""
 
     store: Store
+    where: str  # the store's URL as the index records it (redacted)
     base: Path
     folder_fd: int
     budget: _Budget
@@ -197,7 +207,7 @@ class _Sender:
         native = remote.checksums.get("crc32c")
         if remote.size != sent or (native is not None and native != crc):
             raise TransientStorageError(f"{store.url_of(entry.rel)} does not match {local} after upload", url=store.url)
-        line = {"rel": entry.rel, "size": info.st_size, "mtime_ns": info.st_mtime_ns, "url": store.url}
+        line = {"rel": entry.rel, "size": info.st_size, "mtime_ns": info.st_mtime_ns, "url": self.where}
         with self._lock:
             self.record.write(json.dumps(line) + "\n")
             self.record.flush()
@@ -219,7 +229,8 @@ def _pushable(name: str) -> bool:
 
 
 def _read_index(path: Path, url: str) -> dict[str, tuple[int, int]]:
-    """What was already sent to ``url``: name → (size, mtime_ns); the last line for a name wins."""
+    """What was already sent to ``url`` (redacted, as recorded): name → (size, mtime_ns); the last line for a name
+    wins."""
     sent: dict[str, tuple[int, int]] = {}
     if not path.exists():
         return sent

@@ -254,3 +254,22 @@ def test_a_stored_record_holding_secrets_is_printed_masked(proxy: FaultProxy, tm
     assert_clean("stdout", out.stdout)
     assert_clean("stderr", out.stderr)
     assert f"https://{MARK}@node.example/x" in out.stdout.decode()
+
+
+def test_the_push_record_never_holds_a_secret_of_the_destination_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A destination whose URL holds a secret value: ``.podtrain-push.jsonl`` records it masked, and a second push
+    still recognises what was sent (nothing sent twice)."""
+    from sdk.push import PUSH_INDEX, push
+
+    secret = "pushSecretValue0123456789"
+    monkeypatch.setenv("PODTRAIN_TEST_SECRET_TOKEN", secret)
+    source = tmp_path / "out"
+    source.mkdir()
+    (source / "metrics.jsonl").write_text("{}\n")
+    url = (tmp_path / secret / "artifacts").as_uri()
+    assert push(str(source), url).sent == 1
+    index = (source / PUSH_INDEX).read_bytes()
+    assert secret.encode() not in index and b"***" in index
+    assert push(str(source), url).sent == 0
