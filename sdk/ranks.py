@@ -81,6 +81,11 @@ def gather(
     for name in sorted(wanted):
         rel = f"{folder}/{writer_dir}/{name}"
         body = boundedjson.loads(store.get(rel), what=store.url_of(rel), max_bytes=16 * 2**20, max_depth=4)
-        for file, entry in body["files"].items():
-            files[file] = FileEntry(size=int(entry["size"]), crc32c=str(entry["crc32c"]))
+        try:
+            for file, entry in body["files"].items():
+                files[str(file)] = FileEntry(size=int(entry["size"]), crc32c=str(entry["crc32c"]))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{store.url_of(rel)} is not a rank record ({type(exc).__name__}: {exc}); the step is not committed"
+            ) from exc
     return files

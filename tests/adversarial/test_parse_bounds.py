@@ -344,6 +344,22 @@ def test_a_deeply_nested_rank_record_is_a_clear_error(url: str) -> None:
         ranks.gather(store, "step-0000000005", "attempt-1-ab", 1, timeout=0)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"[]", b'{"files": []}', b'{"files": {"m.pt": 3}}', b'{"files": {"m.pt": {"size": "x", "crc32c": "0"}}}', b"{}"],
+    ids=["a-list", "files-a-list", "entry-a-number", "size-not-a-number", "no-files"],
+)
+def test_a_rank_record_of_the_wrong_shape_is_a_clear_error(url: str, body: bytes) -> None:
+    """Valid JSON that is not a rank record: one CheckpointError naming the record, never a TypeError/KeyError."""
+    from sdk import ranks
+    from sdk.errors import CheckpointError
+
+    store = open_store(url)
+    store.put("step-0000000005/attempt-1-ab/rank-0.json", body)
+    with pytest.raises(CheckpointError, match=r"rank-0\.json is not a rank record .*the step is not committed"):
+        ranks.gather(store, "step-0000000005", "attempt-1-ab", 1, timeout=0)
+
+
 # -- the CLI -----------------------------------------------------------------------------------------------------
 def test_checkpoints_list_and_verify_report_every_damaged_checkpoint(url: str) -> None:
     """One store, step 1 intact and one damaged step per case: `list --all --deep` marks each invalid with its
