@@ -4,9 +4,7 @@
 group, forward signals, own the grace-period deadline, exit with the contract's code and write the termination
 message (:mod:`entrypoint.supervisor`, :mod:`entrypoint.termination`).
 
-``podtrain checkpoints list URI`` — valid checkpoints, newest first (``--json`` for machines, ``--all`` to show
-invalid folders and why). ``podtrain checkpoints verify URI [--step N]`` — exit 0 when the newest (or the
-named) checkpoint verifies byte for byte, 1 with the reason when it does not.
+``podtrain checkpoints list|verify`` — a run's checkpoints, one checked byte for byte (:mod:`entrypoint.checkpoints`).
 
 ``podtrain pull`` / ``podtrain push`` — the dataset in, the outputs out (:mod:`entrypoint.data`).
 ``podtrain record [URI]`` — the run record, one row per attempt (:mod:`entrypoint.record`).
@@ -26,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from entrypoint import data, record, smoke, termination
+from entrypoint import checkpoints, data, record, smoke, termination
 from entrypoint.early import EarlySignals
 from sdk import redaction
 from sdk.errors import ConfigError, PodtrainError, TransientStorageError, exit_code
@@ -42,11 +40,18 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = (
 )
 
 EXAMPLES = """examples:
+  podtrain pull s3://my-bucket/datasets/tiny --dest ./data
+  podtrain run -- python train.py --lr 3e-4
+  podtrain checkpoints list s3://my-bucket/runs/r1
+  podtrain record s3://my-bucket/artifacts/r1
+  podtrain push ./output s3://my-bucket/artifacts/r1
+
+Every command has --help with its own examples: podtrain run --help, podtrain checkpoints list --help, ...
+"""
+RUN_EXAMPLES = """examples:
   podtrain run -- python train.py --lr 3e-4
   podtrain run --grace-seconds 30 -- torchrun --nproc-per-node 8 train.py
-  podtrain checkpoints list s3://my-bucket/runs/r1
-  podtrain checkpoints list ./.podtrain/local/checkpoints --json
-  podtrain checkpoints verify gs://my-bucket/runs/r1 --step 1200
+  PODTRAIN_RUN_ID=r2 podtrain run -- python examples/train.py --steps 60   # a new run, not a resume of 'local'
 """
 
 
@@ -78,31 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action=_VersionAction, help="print podtrain's version and exit")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.set_defaults(usage=parser)  # no command given: this parser's help (see _main)
+    commands = parser.add_subparsers(dest="command")
     _add_run_parser(commands)
     data.add_parser(commands)
     record.add_parser(commands)
     smoke.add_parser(commands)
-    checkpoints = commands.add_parser(
-        "checkpoints",
-        help="list and verify checkpoints",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    actions = checkpoints.add_subparsers(dest="action", required=True)
-    listing = actions.add_parser("list", help="valid checkpoints under URI, newest first")
-    listing.add_argument("uri", help="the run's checkpoint location (s3://, gs://, file://, a path)")
-    listing.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    listing.add_argument("--all", action="store_true", help="also show folders that are not valid, and why")
-    listing.add_argument(
-        "--deep",
-        action="store_true",
-        help="read every file and check its CRC32C (default: sizes, and the store's CRC32C where it keeps one)",
-    )
-    verify = actions.add_parser("verify", help="verify the newest (or --step) checkpoint byte for byte")
-    verify.add_argument("uri", help="the run's checkpoint location")
-    verify.add_argument("--step", type=int, default=None, help="the step to verify (default: newest committed)")
-    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    checkpoints.add_parser(commands)
     return parser
 
 
@@ -118,8 +105,17 @@ def main(argv: list[str] | None = None, *, early: EarlySignals | None = None) ->
         return _main(argv, early)
 
 
-def _main(argv: list[str] | None, early: EarlySignals | None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; `podtrain` or `podtrain checkpoints` alone prints its help and exits 2, a usage error."""
     args = build_parser().parse_args(argv)
+    if args.command is None or (args.command == "checkpoints" and args.action is None):
+        args.usage.print_help()
+        raise SystemExit(EXIT_USAGE)  # as argparse's own usage errors do
+    return args
+
+
+def _main(argv: list[str] | None, early: EarlySignals | None) -> int:
+    args = _parse(argv)
     if args.command == "run":
         return _run(args, early)
     try:
@@ -132,9 +128,9 @@ def _main(argv: list[str] | None, early: EarlySignals | None) -> int:
         if args.command == "smoke":
             return smoke.run(args)
         if args.command == "checkpoints" and args.action == "list":
-            return _list(args)
+            return checkpoints.list_checkpoints(args)
         if args.command == "checkpoints" and args.action == "verify":
-            return _verify(args)
+            return checkpoints.verify(args)
     except ConfigError as exc:
         print(f"podtrain: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -144,87 +140,22 @@ def _main(argv: list[str] | None, early: EarlySignals | None) -> int:
     except PodtrainError as exc:
         print(f"podtrain: {exc}", file=sys.stderr)
         return exit_code(exc) or EXIT_FAILED
+    except data.Interrupted as exc:  # Ctrl-C: one line saying what was kept, no traceback
+        print(f"podtrain: {exc}", file=sys.stderr)
+        return data.EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"podtrain: {args.command} interrupted (Ctrl-C)", file=sys.stderr)
+        return data.EXIT_INTERRUPTED
     return EXIT_USAGE  # pragma: no cover - argparse requires a command
 
 
-def _checkpointer(uri: str) -> Any:
-    from sdk.checkpoint import Checkpointer
-    from sdk.storage import require_backend
-
-    require_backend(uri)
-    return Checkpointer(uri, attempt=1)  # read-only use: no attempt is derived or written
-
-
-def _list(args: argparse.Namespace) -> int:
-    ckpt = _checkpointer(args.uri)
-    rows = []
-    for entry in ckpt.scan():
-        problem = ckpt.problem(entry, download=args.deep)
-        ok = problem is None
-        if not ok and not args.all:
-            continue
-        m = entry.manifest
-        rows.append(
-            {
-                "step": entry.step,
-                "valid": ok,
-                "url": entry.url,
-                "attempt": m.attempt if m else None,
-                "created": m.created if m else None,
-                "files": len(m.files) if m else None,
-                "bytes": m.total_bytes if m else None,
-                "problem": problem,
-            }
-        )
-    if args.json:
-        print(json.dumps({"uri": ckpt.url, "checkpoints": rows}, indent=1))
-        return EXIT_OK
-    if not rows:
-        print(f"no valid checkpoints under {ckpt.url}")
-        return EXIT_OK
-    print(f"{'STEP':>10}  {'ATTEMPT':>7}  {'CREATED':<20}  {'FILES':>5}  {'SIZE':>10}  URL")
-    for r in rows:
-        size = _human(r["bytes"]) if r["bytes"] is not None else "-"
-        attempt, created, files = r["attempt"] or "-", r["created"] or "-", r["files"] or "-"
-        line = f"{r['step']:>10}  {attempt:>7}  {created:<20}  {files:>5}  {size:>10}  {r['url']}"
-        print(line + ("" if r["valid"] else f"  INVALID: {r['problem']}"))
-    return EXIT_OK
-
-
-def _verify(args: argparse.Namespace) -> int:
-    from sdk.errors import InvalidCheckpointError, NoCheckpointError
-
-    ckpt = _checkpointer(args.uri)
-    try:
-        info = ckpt.verify(args.step, download=True)
-    except (InvalidCheckpointError, NoCheckpointError) as exc:
-        if args.json:
-            print(json.dumps({"ok": False, "uri": ckpt.url, "step": args.step, "reason": str(exc)}))
-        else:
-            print(f"FAILED: {exc}")
-        return EXIT_FAILED
-    if args.json:
-        print(json.dumps({"ok": True, "uri": info.url, "step": info.step, "bytes": info.manifest.total_bytes}))
-    else:
-        print(
-            f"OK: {info.url} (step {info.step}, {len(info.manifest.files)} files, "
-            f"{_human(info.manifest.total_bytes)}) verified: sizes and CRC32C match the manifest"
-        )
-    return EXIT_OK
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 # -- podtrain run ------------------------------------------------------------------------------------------
-RUN_HELP = """Run CMD under the supervisor. Exit codes: 0 success, 1 the command failed (do not retry), 2 bad
-configuration or usage (do not retry), 75 preempted (retry: SIGTERM received), 69 storage unavailable (retry).
+RUN_HELP = """Run CMD under the supervisor, in three stages:
+  1. before CMD starts: the dataset (PODTRAIN_DATA_URI) is pulled into PODTRAIN_DATA_DIR, when one is set;
+  2. CMD runs in its own process group; stop signals are forwarded, the grace period's deadline is kept;
+  3. after CMD ends, whatever its outcome: PODTRAIN_OUTPUT_DIR is pushed to PODTRAIN_ARTIFACT_URI/<run_id>.
+Exit codes: 0 success, 1 the command failed (do not retry), 2 bad configuration or usage (do not retry),
+75 preempted (retry: SIGTERM received), 69 storage unavailable (retry).
 The termination message (one line of JSON) goes to PODTRAIN_TERMINATION_LOG and is the last log line."""
 
 
@@ -233,7 +164,7 @@ def _add_run_parser(commands: Any) -> None:
         "run",
         help="run a training command under the supervisor (signals, deadline, exit codes)",
         description=RUN_HELP,
-        epilog=EXAMPLES,
+        epilog=RUN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--run-id", default=None, help="overrides PODTRAIN_RUN_ID")
@@ -268,10 +199,14 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
         return _run_config_error(args, str(exc))
     if not cmd:
         return _run_config_error(args, "no command given: use podtrain run [options] -- CMD [ARGS...]")
-    from sdk import listing
-
-    for uri in config.data_uris:  # S3: the dataset's first listing overlaps the attempt's look-up (sdk.listing)
-        listing.start(uri)
+    undecodable = [n for n, arg in enumerate(cmd) if any("\ud800" <= c <= "\udfff" for c in arg)]
+    if undecodable:  # sys.argv holds bytes that are not UTF-8 as lone surrogates, which no UTF-8 writer takes
+        return _run_config_error(
+            args, f"the command's argument {undecodable[0]} holds bytes that are not UTF-8: pass UTF-8 text"
+        )
+    failed = _before_pull(args, config, early)
+    if failed is not None:
+        return failed
 
     derived_note = ""
     stopping = early is not None and early.sigterm_at() is not None
@@ -302,8 +237,8 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
     result = Supervisor(cmd, grace_seconds=config.grace_seconds, log=log, early=early.received if early else ()).run()
     for signum in FORWARDED:  # the child is gone: a late signal must not cut the termination message short
         signal.signal(signum, signal.SIG_IGN)
-    outcome = outcome_of(result)
     pushed, push_note = data.push_after_child(config, result.exit_by, log)  # outputs go up whatever the outcome
+    outcome = outcome_of(result, completed=_child_completed(recorder), push_problem=push_note)  # unpushed: 69
     # Under preemption, half of what is left of the grace period goes to finding the checkpoint; the rest is spare.
     # Otherwise at most half a grace period, in case the pod is told to stop while we look.
     limit = min(10.0, config.grace_seconds / 2)
@@ -311,7 +246,7 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
     step, checkpoint, note = termination.newest_checkpoint(
         config.checkpoint_uri, run_id=config.run_id, attempt=config.attempt, timeout=timeout
     )
-    note = "; ".join(n for n in (note, push_note) if n)
+    note = "; ".join(n for n in (note, push_note) if n and n not in outcome.message)
     fields = termination.record(
         outcome,
         run_id=config.run_id,
@@ -325,6 +260,28 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
     recorder.finish(outcome, checkpoint_step=step, pushed=pushed, message=fields["message"], exit_by=result.exit_by)
     _finish(fields, config.termination_log, log)
     return outcome.exit_code
+
+
+def _before_pull(args: argparse.Namespace, config: Any, early: EarlySignals | None) -> int | None:
+    """Start the data's first listing (S3: it overlaps the attempt's look-up, :mod:`sdk.listing`), then check the
+    output folder and the checkpoint store (:mod:`entrypoint.preflight`) unless a SIGTERM came first: the exit
+    code when a check failed (its sentence written as the termination message), else None."""
+    from entrypoint import preflight
+    from sdk import listing
+
+    for uri in config.data_uris:
+        listing.start(uri)
+    if early is not None and early.sigterm_at() is not None:
+        return None
+    problem = preflight.check(config, timeout=min(10.0, config.grace_seconds / 2))
+    return None if problem is None else _run_config_error(args, problem[1], code=problem[0])
+
+
+def _child_completed(recorder: record.Recorder) -> bool | None:
+    """Whether the child reported reaching the end of its run (:func:`sdk.report.completed`); None: no report."""
+    from sdk import report
+
+    return report.completed(report.read(recorder.report_file))
 
 
 def _run_failed_before_child(
@@ -349,14 +306,14 @@ def _run_failed_before_child(
     return code
 
 
-def _run_config_error(args: argparse.Namespace, message: str) -> int:
-    """Exit 2 before any child starts: say what to fix on stderr, and in the termination message."""
+def _run_config_error(args: argparse.Namespace, message: str, *, code: int = termination.EXIT_CONFIG) -> int:
+    """Exit 2 (or ``code``) before any child starts: say what to fix on stderr, and in the termination message."""
     from sdk.log import get_logger
 
     print(f"podtrain: {message}", file=sys.stderr)
     path = args.termination_log or os.environ.get("PODTRAIN_TERMINATION_LOG") or termination.DEFAULT_TERMINATION_LOG
     fields = termination.record(
-        termination.Outcome(termination.EXIT_CONFIG, message),
+        termination.Outcome(code, message),
         run_id=args.run_id or os.environ.get("PODTRAIN_RUN_ID") or None,
         attempt=None,
         step=None,
@@ -365,7 +322,7 @@ def _run_config_error(args: argparse.Namespace, message: str) -> int:
         gpus=0,
     )
     _finish(fields, path, get_logger("podtrain.supervisor"))
-    return termination.EXIT_CONFIG
+    return code
 
 
 def _finish(fields: dict[str, Any], path: str, log: Any) -> None:

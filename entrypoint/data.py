@@ -6,17 +6,32 @@ The pull itself is :func:`sdk.pull.pull`; this module is its command line and it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from entrypoint import termination
 
-__all__ = ["EXAMPLES", "add_parser", "pull_before_child", "push_after_child", "run", "run_push"]
+__all__ = [
+    "EXAMPLES",
+    "EXIT_INTERRUPTED",
+    "Interrupted",
+    "add_parser",
+    "pull_before_child",
+    "push_after_child",
+    "run",
+    "run_push",
+]
 
 PUSH_CAP = 300.0  # seconds the supervisor spends pushing outputs when no deadline runs
+MAX_WORKERS = 1024  # transfers in flight at once: each is a thread and a connection
+MAX_PIECE_MIB = 4096  # one range's bytes are held in memory, workers x piece at most
 
 EXAMPLES = """examples:
   podtrain pull s3://bucket/datasets/shakespeare/ --dest /data
@@ -32,7 +47,9 @@ fetches only what changed in the store (.podtrain-pull.jsonl in the folder remem
 already there by other means are kept when their checksum matches. Objects over --piece-mib come in parallel
 byte ranges; memory stays under workers x piece size. A key that cannot be a file inside the folder ('..', an
 absolute or over-long name, a key that is also a prefix) stops the pull with exit 2 before anything is written;
-a full disk is exit 1 with the files already there intact; two pulls into one folder take turns.
+a full disk is exit 1 with the files already there intact; two pulls into one folder take turns. Ctrl-C stops
+after the pieces in flight (exit 130; twice: at once), keeping what landed, a large object's pieces included:
+the same command again fetches only the rest.
 """
 
 
@@ -117,13 +134,23 @@ def run_push(args: argparse.Namespace) -> int:
     from sdk.log import configure
     from sdk.push import default_url, push
 
-    config = Config.from_env()
+    config = Config.from_env(stall_seconds=args.stall_seconds)  # the flag checked like the variable
+    if not 1 <= args.workers <= MAX_WORKERS:
+        from sdk.errors import ConfigError
+
+        raise ConfigError(f"--workers {args.workers} is invalid: use 1..{MAX_WORKERS}")
+    source = args.dir or config.output_dir
+    if not os.path.exists(source):
+        from sdk.errors import ConfigError
+
+        named = "DIR" if args.dir else "PODTRAIN_OUTPUT_DIR"
+        raise ConfigError(f"nothing to push: {source} does not exist: name an existing folder or file ({named})")
     configure(fmt=config.log_format, level=config.log_level)
     result = push(
-        args.dir or config.output_dir,
+        source,
         args.uri or default_url(config.artifact_uri, config.run_id),
         workers=args.workers,
-        stall_seconds=args.stall_seconds or config.stall_seconds,
+        stall_seconds=config.stall_seconds,
         retry=_retry(config),
         progress=args.progress,
     )
@@ -175,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     from sdk import listing
     from sdk.config import Config
 
-    config = Config.from_env(data_dir=args.dest)
+    config = Config.from_env(data_dir=args.dest, stall_seconds=args.stall_seconds)  # flags checked like variables
     uris = list(args.uris) or config.data_uris
     for uri in uris:
         listing.start(uri)  # S3: the first listing overlaps the imports below (sdk.listing)
@@ -186,23 +213,28 @@ def run(args: argparse.Namespace) -> int:
 
     if not uris:
         raise ConfigError("nothing to pull: name a URI, or set PODTRAIN_DATA_URI")
-    if args.workers < 1 or args.piece_mib < 1:
-        raise ConfigError(f"--workers {args.workers} / --piece-mib {args.piece_mib} is invalid: at least 1")
+    if not (1 <= args.workers <= MAX_WORKERS and 1 <= args.piece_mib <= MAX_PIECE_MIB):
+        raise ConfigError(
+            f"--workers {args.workers} / --piece-mib {args.piece_mib} is invalid: "
+            f"--workers in 1..{MAX_WORKERS}, --piece-mib in 1..{MAX_PIECE_MIB}"
+        )
     include, exclude = config.data_globs
     configure(fmt=config.log_format, level=config.log_level)
-    result = pull(
-        uris,
-        config.data_dir,
-        include=args.include or include,
-        exclude=args.exclude or exclude,
-        workers=args.workers,
-        piece_size=args.piece_mib * 2**20,
-        stall_seconds=args.stall_seconds or config.stall_seconds,
-        retry=_retry(config),
-        progress=args.progress,
-        direct=args.direct,
-        require_checksums=bool(args.require_checksums or config.require_checksums),
-    )
+    with _interruptible(f"pull into {config.data_dir}") as cancel:
+        result = pull(
+            uris,
+            config.data_dir,
+            include=args.include or include,
+            exclude=args.exclude or exclude,
+            workers=args.workers,
+            piece_size=args.piece_mib * 2**20,
+            stall_seconds=config.stall_seconds,
+            retry=_retry(config),
+            progress=args.progress,
+            direct=args.direct,
+            require_checksums=bool(args.require_checksums or config.require_checksums),
+            cancel=cancel,
+        )
     if args.json:
         print(json.dumps({"dest": config.data_dir, **result.__dict__}))
     else:
@@ -213,6 +245,41 @@ def run(args: argparse.Namespace) -> int:
             + (f"; {result.unverified} unverified (the store keeps no checksum for them)" if result.unverified else "")
         )
     return 0
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) stopped a command; its one line says what was kept. Exit :data:`EXIT_INTERRUPTED`."""
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
+
+
+@contextlib.contextmanager
+def _interruptible(what: str) -> Iterator[threading.Event]:
+    """Ctrl-C during the block sets the event it yields (the pull stops after the pieces in flight, keeping every
+    file already in place) and the block's end raises :class:`Interrupted`; a second Ctrl-C exits 130 at once."""
+    cancel = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield cancel
+        return
+    message = f"{what} interrupted (Ctrl-C): what landed is kept; run the same command again to fetch the rest"
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if cancel.is_set():  # the second Ctrl-C: stop now, without waiting for the pieces in flight
+            sys.stderr.write(f"podtrain: {message}\n")
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield cancel
+    except Exception as exc:
+        if cancel.is_set():  # PullCancelled, or whatever the stop interrupted
+            raise Interrupted(message) from exc
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def pull_before_child(

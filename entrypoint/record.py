@@ -64,10 +64,30 @@ def run(args: argparse.Namespace) -> int:
     require_backend(url)
     found = record.read(url)
     if not found.get("attempts"):
+        _require_bucket(url)  # a listing of a missing bucket is empty too: say which it is
         print(f"podtrain: no run record under {url}", file=sys.stderr)
         return termination.EXIT_FAILED
     print(json.dumps(found, indent=1) if args.json else record.render(found))
     return termination.EXIT_OK
+
+
+def _require_bucket(url: str) -> None:
+    """Raise :class:`~sdk.errors.StorageNotFoundError` (exit 2) when ``url``'s bucket does not exist; a local
+    folder is left alone (checking it would create it)."""
+    from sdk.backend import LocalBackend
+    from sdk.errors import StorageNotFoundError
+    from sdk.storage import open_store
+
+    store = open_store(url)
+    if isinstance(store.backend, LocalBackend):
+        return
+    try:
+        store.ensure_root()
+    except StorageNotFoundError as exc:
+        bucket = url.split("://", 1)[-1].split("/", 1)[0]
+        raise StorageNotFoundError(
+            f"the bucket {bucket!r} of {url} does not exist: check the URL (PODTRAIN_ARTIFACT_URI)", url=url
+        ) from exc
 
 
 class Recorder:

@@ -56,7 +56,7 @@ def add_parser(commands: Any) -> None:
     smoke = commands.add_parser(
         "smoke",
         help="GPU preflight: torch sees the GPUs, CUDA works, a matmul is right, NCCL is there",
-        description=__doc__.split("\n\n")[1].replace("\n", " ") if __doc__ else None,
+        description="\n\n".join(__doc__.split("\n\n")[1:3]).replace("``", "") if __doc__ else None,  # with the list
         epilog="examples:\n  podtrain smoke\n  podtrain smoke --gpus 8 --json\n"
         "  podtrain smoke --allow-cpu   # the checks that need no GPU (CI, a laptop)",
         formatter_class=argparse.RawDescriptionHelpFormatter,

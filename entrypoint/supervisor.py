@@ -10,6 +10,11 @@ The supervisor owns the deadline. The first SIGTERM's arrival starts the grace p
 supervisor still has ``margin`` seconds to read the newest checkpoint, write the termination message and exit
 before the kubelet's own SIGKILL.
 
+The child never outlives the supervisor, even a SIGKILLed one: the kernel SIGKILLs it when the supervisor's thread
+that started it ends (``PR_SET_PDEATHSIG``, Linux), and a watchdog SIGKILLs its process group when the supervisor
+dies without releasing it (:mod:`entrypoint._lifeline`). At a normal end, what the child left running in its group
+is left alone (as PID 1 of a pod, the container's end takes it).
+
 As PID 1 (no tini in front) the supervisor also reaps orphans re-parented to it: on SIGCHLD, and on every poll,
 ``waitpid(-1, WNOHANG)`` until nothing is left; the child's own status is taken from that loop.
 
@@ -28,7 +33,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from entrypoint.termination import EXIT_CONFIG, EXIT_PREEMPTED, Outcome, classify
+from entrypoint._lifeline import Lifeline, parent_death_signal
+from entrypoint.termination import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, EXIT_UNAVAILABLE, Outcome, classify
 from sdk.preemption import safety_margin
 
 __all__ = ["FORWARDED", "Supervisor", "SupervisorResult", "outcome_of", "safety_margin"]
@@ -38,7 +44,15 @@ POLL_SECONDS = 0.05
 
 
 def _spawn(argv: Sequence[str], env: Mapping[str, str] | None) -> Any:
-    return subprocess.Popen(list(argv), env=None if env is None else dict(env), start_new_session=True)
+    """The child, in its own session, dying with this process; its group guarded by a watchdog (:mod:`._lifeline`)."""
+    proc = subprocess.Popen(
+        list(argv),
+        env=None if env is None else dict(env),
+        start_new_session=True,
+        preexec_fn=parent_death_signal(),  # noqa: PLW1509 - only a prctl call between fork and exec
+    )
+    proc.lifeline = Lifeline(proc.pid)  # type: ignore[attr-defined]
+    return proc
 
 
 @dataclass
@@ -55,18 +69,29 @@ class SupervisorResult:
     reaped: list[int] = field(default_factory=list)  # orphans reaped as PID 1
 
 
-def outcome_of(result: SupervisorResult) -> Outcome:
-    """The exit code and sentence for ``result`` (see :func:`entrypoint.termination.classify`)."""
+def outcome_of(result: SupervisorResult, *, completed: bool | None = None, push_problem: str = "") -> Outcome:
+    """The exit code and sentence for ``result`` (see :func:`entrypoint.termination.classify`).
+
+    ``completed``: the child's completion report (:func:`sdk.report.completed`). ``push_problem``: why the outputs
+    were not pushed, if so; a success then becomes 69, so the retry resumes at the final checkpoint and pushes.
+    """
     if result.returncode is None:
         if result.preempted:
             return Outcome(EXIT_PREEMPTED, "preempted: SIGTERM arrived before the child started")
         return Outcome(EXIT_CONFIG, f"the command could not be started: {result.start_error}")
-    return classify(
+    outcome = classify(
         result.returncode,
         preempted=result.preempted,
         killed_by_us=result.killed_by_us,
         forwarded=result.forwarded,
+        completed=completed,
     )
+    if outcome.exit_code == EXIT_OK and push_problem:
+        return Outcome(
+            EXIT_UNAVAILABLE,
+            f"{outcome.message}, but {push_problem}; a retry resumes at the final checkpoint and pushes them",
+        )
+    return outcome
 
 
 class Supervisor:
@@ -211,6 +236,9 @@ class Supervisor:
                     self.status = -signal.SIGKILL
                     break
             self._sleep(self.poll_seconds)
+        lifeline = getattr(self._proc, "lifeline", None)
+        if lifeline is not None:  # a normal end: the watchdog must not kill what the child left in its group
+            lifeline.release()
         if self.is_pid1:
             self.reap_orphans()
         return self._result(start, self.status)

@@ -79,16 +79,29 @@ def classify(
     preempted: bool = False,
     killed_by_us: bool = False,
     forwarded: frozenset[int] = frozenset(),
+    completed: bool | None = None,
 ) -> Outcome:
     """Map the child's return code (``-N``: killed by signal N, as ``subprocess`` reports it) to an exit code.
 
     ``preempted``: the supervisor got SIGTERM. Then any failure of the child except a configuration error (2) or
     storage being unavailable (69) is a preemption (75): the child may have died of the forwarded SIGTERM before
     installing a handler, been SIGKILLed at the deadline (``killed_by_us``), or failed while being torn down.
-    A child that still finished with 0 succeeded. ``forwarded``: signals the supervisor passed on to the child.
+    A child that exits 0 after the SIGTERM succeeded only if it reported completion (``completed``, from the SDK's
+    report, :mod:`sdk.report`): ``False`` makes it a preemption (75: the run did not reach its end, the retry
+    resumes); ``None`` (no SDK in the child, nothing reported) trusts the exit code, as the message says.
+    ``forwarded``: signals the supervisor passed on to the child.
     """
     if returncode == 0:
-        return Outcome(EXIT_OK, "child exited 0")
+        if not preempted:
+            return Outcome(EXIT_OK, "child exited 0")
+        if completed is None:
+            return Outcome(EXIT_OK, "child exited 0 after SIGTERM (no completion report: the exit code is trusted)")
+        if completed:
+            return Outcome(EXIT_OK, "child exited 0 after SIGTERM and reported completion")
+        return Outcome(
+            EXIT_PREEMPTED,
+            "preempted: child exited 0 after SIGTERM but did not report completion (the run is unfinished)",
+        )
     if returncode == EXIT_CONFIG:
         return Outcome(EXIT_CONFIG, "child exited 2: bad configuration or usage")
     if returncode == EXIT_UNAVAILABLE:
@@ -234,8 +247,9 @@ def record(
 def render(fields: Mapping[str, Any], limit: int = MAX_BYTES) -> str:
     """One line of JSON, at most ``limit`` UTF-8 bytes: the ``message`` is cut (marked with ``…``) to fit.
 
-    Secrets are masked first (:func:`sdk.redaction.redact_value`), so a cut never leaves half of one."""
-    fields = redact_value(dict(fields))
+    Secrets are masked first (:func:`sdk.redaction.redact_value`), so a cut never leaves half of one. Bytes that
+    were not UTF-8 (held as lone surrogates in ``os.environ`` and ``sys.argv``) are written as ``\\xNN`` text."""
+    fields = redact_value({key: _printable(value) for key, value in fields.items()})
 
     def dump(values: Mapping[str, Any]) -> str:
         return json.dumps(values, ensure_ascii=False, separators=(", ", ": "))
@@ -266,6 +280,23 @@ def render(fields: Mapping[str, Any], limit: int = MAX_BYTES) -> str:
     return line
 
 
+def _printable(value: Any) -> Any:
+    """A string with its undecodable bytes (surrogates) spelled ``\\xNN``, so it can be encoded as UTF-8."""
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape" if _escaped(value) else "backslashreplace").decode(
+            "utf-8", "backslashreplace"
+        )
+    return value
+
+
+def _escaped(value: str) -> bool:
+    return all("\udc80" <= c <= "\udcff" for c in value if "\ud800" <= c <= "\udfff")
+
+
 def write_termination_log(path: str, line: str, *, warn: Callable[[str], None] | None = None) -> bool:
     """Write ``line`` to ``path``, secrets masked (:func:`sdk.redaction.redact`); False (and no exception) where
     it cannot be written.
@@ -276,7 +307,7 @@ def write_termination_log(path: str, line: str, *, warn: Callable[[str], None] |
     if not path or (path == DEFAULT_TERMINATION_LOG and not os.path.exists(path)):
         return False
     try:
-        with open(path, "w", encoding="utf-8") as f:
+        with open(path, "w", encoding="utf-8", errors="backslashreplace") as f:  # never a UnicodeEncodeError
             f.write(redact(line) + "\n")
         return True
     except OSError as exc:

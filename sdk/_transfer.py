@@ -5,6 +5,12 @@ pull's thread pool in any order and written at their offsets into ``<name>.podtr
 the last piece to arrive checks the whole — its length on disk, and the store's checksum: a full-object CRC
 combined from the pieces', an MD5, or a multipart upload's part checksums (:class:`sdk.integrity.PartCheck`) —
 before the file is renamed into place and recorded in the warm index (:mod:`sdk.warmcache`).
+
+A pull that is stopped keeps the pieces of a ranged object that landed (:meth:`Transfer.abandon` with ``keep``;
+the warm index records their CRCs once the partial file is on disk). The next pull of the object, unchanged in the
+store, plans only the other pieces (:attr:`Transfer.starts`); the first to open the file reads each kept piece back
+and keeps it when its CRC is still the one recorded, or fetches it again. The whole-object check combines every
+piece's CRC, kept or fetched, as before.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from sdk.landing import LandingFile
 from sdk.log import get_logger
 from sdk.progress import Progress
 from sdk.storage import ObjectInfo, Store
-from sdk.warmcache import WarmCache
+from sdk.warmcache import BY_PARTS, WarmCache
 
 __all__ = ["Transfer", "Wanted"]
 
@@ -62,8 +68,15 @@ class Transfer:
         self._leaf = self._partial = ""
         size = wanted.info.size
         self.piece_size = piece_size if size > piece_size else max(size, 1)
-        self.starts = list(range(0, size, self.piece_size)) or [0]
-        self.ranged = len(self.starts) > 1
+        self.every = list(range(0, size, self.piece_size)) or [0]  # every piece's start
+        self.ranged = len(self.every) > 1
+        self.starts = self.every  # the pieces to fetch: all but those an earlier, stopped pull kept
+        self._kept_digest, self._kept = "", {}  # piece start -> its CRC, as an earlier pull recorded it
+        if self.ranged:
+            digest, kept = index.kept_pieces(wanted.name, size, wanted.info.fingerprint, self.piece_size)
+            if kept and set(kept) < set(self.every):
+                self._kept_digest, self._kept = digest, kept
+                self.starts = [start for start in self.every if start not in kept]
         self._lock = threading.Lock()
         self._file: LandingFile | None = None
         self._parts: dict[int, tuple[Digest, int]] = {}  # piece start -> (its digest, its length)
@@ -83,21 +96,67 @@ class Transfer:
                     if self._dir_fd < 0:
                         self._dir_fd, self._leaf = self.folder.folder_of(self.wanted.name, create=True)
                     self._partial = self.folder.partial_of(self._leaf)
-                    self._file = LandingFile(
-                        self._partial,
-                        self.wanted.info.size,
-                        direct=self.direct,
-                        preallocate=self.ranged,
-                        dir_fd=self._dir_fd,
-                        label=self.wanted.name,
-                        replace=True,
-                    )
+                    resumed = bool(self._kept) and self._landing(resume=True) is not None
+                    if not resumed:
+                        self._landing(resume=False)
                 except OSError as exc:
                     self.folder.explain(exc, self.wanted.name, self.wanted.store.url_of(self.wanted.rel))
                     raise
                 if self.ranged:  # ranged GETs carry no checksum: what to check against, asked once
                     self._plan()
+                if self._kept:
+                    self._take_kept(resumed)
+            assert self._file is not None
             return self._file
+
+    def _landing(self, *, resume: bool) -> LandingFile | None:
+        """The partial file, created (``resume`` False) or as an earlier pull left it (None when it is not there
+        as recorded: then the object starts over)."""
+        try:
+            self._file = LandingFile(
+                self._partial,
+                self.wanted.info.size,
+                direct=self.direct,
+                preallocate=self.ranged,
+                dir_fd=self._dir_fd,
+                label=self.wanted.name,
+                replace=not resume,
+                resume=resume,
+            )
+        except OSError as exc:
+            if not resume:
+                raise
+            log.info("pull.not_resumed", name=self.wanted.name, reason=str(exc))
+            return None
+        return self._file
+
+    def _take_kept(self, resumed: bool) -> None:
+        """The pieces an earlier, stopped pull kept: each read back from the partial file and kept when its CRC is
+        the one recorded (and the object is still checked by its CRC); any other fetched again here."""
+        assert self._file is not None
+        kept, self._kept = self._kept, {}
+        digest = Digest.for_checksums(self._sums)
+        if self._check is not None:  # checked by its parts: every part's CRC/MD5 comes from the bytes read back
+            usable = resumed and self._kept_digest == BY_PARTS
+        else:
+            usable = resumed and digest is not None and digest.name == self._kept_digest
+        size, again = self.wanted.info.size, 0
+        for start, crc in sorted(kept.items()):
+            end = min(start + self.piece_size, size)
+            if usable:
+                data = self._landed(start, end - start)
+                piece = Digest.of(data, self._sums)
+                if len(data) == end - start and (self._check is not None or piece.value == crc):
+                    if self._check is not None:
+                        self._segments[start] = self._check.piece(start, data)
+                    self._file.mark(start, len(data))
+                    self._parts[start] = (piece, len(data))
+                    continue
+            again += 1
+            data, piece = self._read_checked(start, end)
+            self._file.write(data, start)
+            self._parts[start] = (piece, len(data))
+        log.info("pull.resumed", name=self.wanted.name, kept=len(kept) - again, fetched_again=again)
 
     def fetch(self, start: int, progress: Progress) -> None:
         """Read one piece, checked, and write it at its offset; the last piece completes the file."""
@@ -108,7 +167,7 @@ class Transfer:
         progress.add_bytes(len(data))
         with self._lock:
             self._parts[start] = (digest, len(data))
-            last = len(self._parts) == len(self.starts)
+            last = len(self._parts) == len(self.every)
         if last:
             self._complete()
             progress.add_file()
@@ -165,7 +224,7 @@ class Transfer:
         assert self._file is not None
         for read in range(2, _READS + 1):
             parts, segments = [], []
-            for start in self.starts:
+            for start in self.every:
                 end = min(start + self.piece_size, self.wanted.info.size)
                 data, _ = self.wanted.store.read(self.wanted.rel, start, end)
                 self._file.write(data, start)
@@ -258,8 +317,8 @@ class Transfer:
     def _check_pieces(self) -> str:
         """A ranged object, once every piece landed: its pieces' CRCs combined, or its check by parts."""
         if self._check is None:
-            return self._mismatch(Digest.combine([self._parts[s] for s in self.starts]))
-        return self._check_parts([seg for start in self.starts for seg in self._segments[start]], self._landed)
+            return self._mismatch(Digest.combine([self._parts[s] for s in self.every]))
+        return self._check_parts([seg for start in self.every for seg in self._segments[start]], self._landed)
 
     def _landed(self, offset: int, length: int) -> bytes:
         """Bytes of the partial file as written (an MD5 over a part that came in several pieces reads them back),
@@ -270,15 +329,40 @@ class Transfer:
         finally:
             os.close(fd)
 
-    def abandon(self) -> None:
+    def abandon(self, *, keep: bool = False) -> None:
         """After the pull (a failure, a cancel, or success): close and remove what was not completed (it is
-        fetched again next time); the file at the name before is untouched."""
+        fetched again next time); the file at the name before is untouched. ``keep`` (the pull was stopped): a
+        ranged object checked by its CRC keeps the pieces that landed, for the next pull (see the module)."""
         if self._file is not None:
             self._file.close()
             self._file = None
         if self._dir_fd >= 0:
-            if not self.done and self._partial:
+            if not self.done and self._partial and not (keep and self._keep()):
                 with contextlib.suppress(OSError):
                     os.unlink(self._partial, dir_fd=self._dir_fd)
             os.close(self._dir_fd)
             self._dir_fd = -1
+
+    def _keep(self) -> bool:
+        """Record the landed pieces of a ranged object in the warm index, with their CRCs where the object is checked
+        by a whole-object CRC (one checked by its parts is checked from the bytes read back); False when there is
+        nothing to keep (no piece, or every piece: the whole failed its check) or no checksum to keep it by."""
+        if not self.ranged or not 0 < len(self._parts) < len(self.every):
+            return False
+        digests = {digest.name for digest, _ in self._parts.values()}
+        crcs: dict[int, int | None] = dict.fromkeys(self._parts)
+        if self._check is None:
+            if len(digests) != 1 or not digests <= {"crc32c", "crc32"}:
+                return False  # unverified: nothing would show a kept piece is still right
+            crcs = {start: digest.value for start, (digest, _) in self._parts.items() if isinstance(digest.value, int)}
+        info = self.wanted.info
+        self.index.keep_pieces(
+            self.path.with_name(self._partial),
+            self.wanted.name,
+            info.size,
+            info.fingerprint,
+            piece_size=self.piece_size,
+            crcs=crcs,
+            digest=BY_PARTS if self._check is not None else digests.pop(),
+        )
+        return True

@@ -84,9 +84,12 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 def require_backend(url: str, variable: str = "") -> None:
-    """Raise :class:`BackendMissingError` when ``url``'s scheme is unknown or its package is not installed."""
-    protocol, _ = split_url(url)
+    """Raise :class:`BackendMissingError` when ``url``'s scheme is unknown, it names no bucket (``s3://``,
+    ``gs:///x``), or its package is not installed."""
+    protocol, path = split_url(url)
     where = f"{variable}={url!r}" if variable else repr(url)
+    if protocol in _PACKAGES and not path.partition("/")[0]:
+        raise BackendMissingError(f"{where} names no bucket — use {protocol}://BUCKET/PREFIX")
     needed = _PACKAGES.get(protocol)
     if needed is not None:  # found without importing them: s3fs and gcsfs take ~0.5 s to import
         missing = [name for name in needed if importlib.util.find_spec(name) is None]
@@ -99,16 +102,31 @@ def require_backend(url: str, variable: str = "") -> None:
     import fsspec
 
     try:
-        fsspec.get_filesystem_class(protocol)
+        opened_by_url = not _required_arguments(fsspec.get_filesystem_class(protocol))
     except ImportError as exc:
         extra = _EXTRAS.get(protocol)
         hint = f"pip install '{extra}" if extra else f"install the fsspec backend for {protocol}://"
         raise BackendMissingError(f"{where}: the {protocol}:// backend is not installed — {hint} ({exc})") from None
     except ValueError:
+        opened_by_url = False
+    if not opened_by_url:  # ftp://, sftp://, …: the file system needs a host it is never given here
         raise BackendMissingError(
-            f"{where}: unknown URL scheme {protocol!r} — use s3://, gs://, file://, a local path, "
-            "or any scheme fsspec knows"
-        ) from None
+            f"{where}: unknown URL scheme {protocol!r} — use s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, file:///PATH, "
+            "a local path, or an fsspec scheme that needs no host"
+        )
+
+
+def _required_arguments(cls: Any) -> list[str]:
+    """The arguments ``cls()`` cannot do without (an FTP file system's ``host``): such a scheme is never usable,
+    as :func:`connect` makes the file system from the scheme alone."""
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # fsspec's metaclass hides it
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty]
 
 
 def connect(url: str, *, timeout: float) -> tuple[Backend, str]:

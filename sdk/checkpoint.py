@@ -37,6 +37,7 @@ from sdk.errors import (
     StaleAttemptError,
     StorageNotFoundError,
 )
+from sdk.invalidmark import MARK_NAME
 from sdk.log import get_logger
 from sdk.manifest import MANIFEST_NAME, FileEntry, Manifest, parse, parse_step_dir, step_dir
 from sdk.retention import Committed, Uncommitted, plan_deletions
@@ -66,6 +67,7 @@ class ScanEntry:
     manifest: Manifest | None
     problem: str | None
     attempts: frozenset[int]
+    marked: bool = False  # an earlier full check left its finding here (sdk.invalidmark)
 
 
 class Checkpointer:
@@ -314,7 +316,7 @@ class Checkpointer:
                         manifest = parsed
                 except InvalidCheckpointError as exc:
                     problem = exc.reason
-            entries.append(ScanEntry(step, location, manifest, problem, attempts))
+            entries.append(ScanEntry(step, location, manifest, problem, attempts, MARK_NAME in children))
         return sorted(entries, key=lambda e: e.step, reverse=True)
 
     def list(self, *, verify: bool = True, download: bool = False) -> list[CheckpointInfo]:

@@ -9,6 +9,7 @@ so ``python train.py`` runs on a laptop.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -25,7 +26,16 @@ ENV_PREFIX = "PODTRAIN_"
 LogFormat = Literal["auto", "json", "console"]
 CheckpointMode = Literal["async", "overlap", "sync"]
 _FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" would let a trailing newline pass
+# Ranges (README's settings table): finite, so no deadline, timeout or sleep overflows.
+_MAX_COUNT = 1_000_000  # attempts, ranks, checkpoints kept
+_MAX_STEPS = 10**12  # step intervals
+_MAX_SECONDS = 366 * 86400.0  # checkpoint interval
+_MAX_GRACE = 86400.0  # a day: Kubernetes grace periods are seconds to hours
+_MAX_STALL = 86400.0
+_MAX_THROTTLE = 3600.0
+_OR_UNSET = dict.fromkeys(("attempt", "keep_every", "checkpoint_every_steps", "checkpoint_every_seconds"), ", or unset")
+_NAME_MAX, _PATH_MAX = 255, 4096  # Linux: bytes in one path component; in a whole path, with its NUL
 T = TypeVar("T")
 
 
@@ -78,23 +88,47 @@ class Config:
         self._validate()
 
     def _validate(self) -> None:
-        if not _RUN_ID.match(self.run_id):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, str) and not _is_utf8(value):
+                raise ConfigError(
+                    f"{_variable(field.name)}={_shown(value)} holds bytes that are not UTF-8: "
+                    "set it to UTF-8 text (names, paths and URLs here must be UTF-8)"
+                )
+        if not _RUN_ID.fullmatch(self.run_id):
             _fail("run_id", self.run_id, "use 1-128 letters, digits, '.', '_' or '-', starting alphanumeric")
-        if self.attempt is not None and self.attempt < 1:
-            _fail("attempt", self.attempt, "attempts are numbered from 1")
-        if self.world_size < 1:
-            _fail("world_size", self.world_size, "must be at least 1")
+        self._check_int("attempt", 1, _MAX_COUNT, "the attempt's number")
+        self._check_int("world_size", 1, _MAX_COUNT, "the number of ranks")
         if not 0 <= self.rank < self.world_size:
             _fail("rank", self.rank, f"must be in [0, WORLD_SIZE={self.world_size})")
-        if self.keep_last < 1:
-            _fail("keep_last", self.keep_last, "keep at least 1 checkpoint")
-        if self.keep_every is not None and self.keep_every < 1:
-            _fail("keep_every", self.keep_every, "a positive step interval, or unset")
-        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
-            _fail("checkpoint_every_steps", self.checkpoint_every_steps, "a positive step interval, or unset")
-        if self.checkpoint_every_seconds is not None and not self.checkpoint_every_seconds > 0:
-            _fail("checkpoint_every_seconds", self.checkpoint_every_seconds, "a positive number of seconds, or unset")
+        self._check_int("keep_last", 1, _MAX_COUNT, "how many checkpoints to keep")
+        self._check_int("keep_every", 1, _MAX_STEPS, "a step interval")
+        self._check_int("checkpoint_every_steps", 1, _MAX_STEPS, "a step interval")
+        self._check_seconds("checkpoint_every_seconds", _MAX_SECONDS, "seconds between checkpoints")
         self._validate_choices()
+        self._validate_paths()
+
+    def _check_int(self, name: str, low: int, high: int, what: str) -> None:
+        value = getattr(self, name)
+        if value is not None and not low <= value <= high:
+            _fail(name, value, f"{what}, in [{low}, {high}]{_OR_UNSET.get(name, '')}")
+
+    def _check_seconds(self, name: str, high: float, what: str) -> None:
+        """A finite number of seconds in (0, high]: ``inf`` or ``1e300`` would overflow a deadline or a timeout."""
+        value = getattr(self, name)
+        if value is not None and not (math.isfinite(value) and 0 < value <= high):
+            _fail(name, value, f"{what}, in (0, {high:.0f}]{_OR_UNSET.get(name, '')}")
+
+    def _validate_paths(self) -> None:
+        for name in ("data_dir", "output_dir", "checkpoint_uri", "artifact_uri"):
+            path = _local_path(getattr(self, name))
+            if path is None:
+                continue
+            problem = _too_long(path)
+            if problem:
+                _fail_path(name, path, f"{problem}: use a shorter path")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            _fail_path("output_dir", self.output_dir, "it names a file, not a folder: name a folder (or a new path)")
 
     def _validate_choices(self) -> None:
         if self.checkpoint_mode not in ("async", "overlap", "sync"):
@@ -108,12 +142,9 @@ class Config:
             parse_signals(self.stop_signals)
         except ValueError as exc:
             _fail("stop_signals", self.stop_signals, f"{exc}; name signals like SIGTERM,SIGUSR1")
-        if not self.stall_seconds > 0:
-            _fail("stall_seconds", self.stall_seconds, "seconds without a byte before a transfer is retried (> 0)")
-        if not 0 < self.throttle_seconds <= 3600:
-            _fail("throttle_seconds", self.throttle_seconds, "seconds to retry a throttling store, in (0, 3600]")
-        if not self.grace_seconds > 0:
-            _fail("grace_seconds", self.grace_seconds, "set it to the pod's terminationGracePeriodSeconds (> 0)")
+        self._check_seconds("stall_seconds", _MAX_STALL, "seconds without a byte before a transfer is retried")
+        self._check_seconds("throttle_seconds", _MAX_THROTTLE, "seconds to retry a throttling store")
+        self._check_seconds("grace_seconds", _MAX_GRACE, "the pod's terminationGracePeriodSeconds")
         if self.log_format not in ("auto", "json", "console"):
             _fail("log_format", self.log_format, "one of auto, json, console")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -163,6 +194,45 @@ def _variable(name: str) -> str:
 
 def _fail(name: str, value: object, fix: str) -> None:
     raise ConfigError(f"{_variable(name)}={value!r} is invalid: {fix}")
+
+
+def _fail_path(name: str, path: str, fix: str) -> None:
+    shown = path if len(path) <= 80 else f"{path[:40]}…{path[-20:]} ({len(path.encode())} bytes)"
+    raise ConfigError(f"{_variable(name)}={shown!r} is invalid: {fix}")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # os.environ and sys.argv hold undecodable bytes as lone surrogates
+        return False
+    return True
+
+
+def _shown(text: str) -> str:
+    """``text`` with its undecodable bytes as ``\\xNN``, quoted: safe to print and to write as UTF-8."""
+    try:
+        return repr(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+    except UnicodeEncodeError:  # a surrogate no byte decodes to: set in code, not read from the environment
+        return ascii(text)
+
+
+def _local_path(url: str) -> str | None:
+    """The absolute local path ``url`` names (a plain path, ``file://`` or ``local://``), else None."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return os.path.abspath(os.path.expanduser(url))
+    return os.path.abspath(rest) if scheme.lower() in ("file", "local") else None
+
+
+def _too_long(path: str) -> str:
+    """Why the file system would refuse ``path`` with ENAMETOOLONG, or ``""``."""
+    longest = max((len(part.encode("utf-8")) for part in path.split("/")), default=0)
+    if longest > _NAME_MAX:
+        return f"a name in it is {longest} bytes long, over the {_NAME_MAX} the file system allows"
+    if len(path.encode("utf-8")) >= _PATH_MAX:
+        return f"it is {len(path.encode('utf-8'))} bytes long, over the {_PATH_MAX - 1} the file system allows"
+    return ""
 
 
 def _parse(name: str, variable: str, raw: str, type_name: str) -> Any:

@@ -36,6 +36,7 @@ __all__ = [
     "StorageNotFoundError",
     "StoragePermissionError",
     "StorageTrustError",
+    "StorageEndpointError",
     "ThrottledStorageError",
     "TransientStorageError",
     "PermanentStorageError",
@@ -66,7 +67,9 @@ class ConfigError(PodtrainError, ValueError):
 
 
 class BackendMissingError(ConfigError):
-    """A URL's scheme is unknown, or its fsspec backend is not installed; the message names the package."""
+    """A URL's scheme is unknown or unusable (``ftp://``: it needs a host), the URL names no bucket (``s3://``),
+    or its fsspec backend is not installed; the message names the fix (the URL's form, or the package). Exit 2
+    in every command, being a :class:`ConfigError`."""
 
 
 class StorageError(PodtrainError):
@@ -106,6 +109,10 @@ class StoragePermissionError(PermanentStorageError, PermissionError):
 
 class StorageTrustError(PermanentStorageError):
     """The endpoint's TLS certificate is not signed by a CA this process trusts (a private CA not configured)."""
+
+
+class StorageEndpointError(PermanentStorageError):
+    """The endpoint's host name does not exist (DNS says so: a misspelt ``AWS_ENDPOINT_URL`` or URL)."""
 
 
 class UnverifiedObjectError(PermanentStorageError):
@@ -216,6 +223,7 @@ def exit_code(error: BaseException) -> int | None:
         | StorageNotFoundError
         | StoragePermissionError
         | StorageTrustError
+        | StorageEndpointError
         | InsufficientSpaceError
         | DataPathError
         | UnverifiedObjectError,

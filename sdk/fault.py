@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import socket
 
 from sdk.errors import (
     PermanentStorageError,
+    StorageEndpointError,
     StorageError,
     StorageNotFoundError,
     StoragePermissionError,
@@ -57,6 +59,10 @@ _TRANSIENT_NAMES = {
     "ContentLengthError",
 }
 _TRANSIENT_TEXT = ("ServiceUnavailable", "InternalError")
+# DNS says the endpoint's host does not exist (a misspelt endpoint): a setting to fix. EAI_AGAIN stays transient.
+_NO_SUCH_HOST = {getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name)}
+# No credentials anywhere in the cloud's chain (botocore; google-auth): a setting to fix, never worth a retry.
+_NO_CREDENTIALS_NAMES = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 # Throttling: the store asks for fewer requests, not for the same ones again (sdk.throttle). S3 documents SlowDown
 # (503) for a request rate above a prefix's; the other codes are the throttling codes botocore's standard retry
@@ -89,6 +95,18 @@ def classify(exc: BaseException, *, url: str, op: str = "access") -> StorageErro
     names = {cls.__name__ for cls in type(exc).__mro__}
     if isinstance(exc, FileExistsError):
         return PermanentStorageError(f"{op} {url}: already exists ({text})", url=url)
+    if names & _NO_CREDENTIALS_NAMES:
+        return StoragePermissionError(
+            f"{op} {url}: no credentials found — set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a "
+            f"role (S3), or GOOGLE_APPLICATION_CREDENTIALS (GCS) ({text})",
+            url=url,
+        )
+    if isinstance(exc, OSError) and exc.filename is not None and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StoragePermissionError(  # a local folder: its mode or a read-only mount, not credentials
+            f"{op} {url}: permission denied on the local disk — check the folder's owner and mode, or a read-only "
+            f"mount ({text})",
+            url=url,
+        )
     if isinstance(exc, FileNotFoundError) or code == 404:
         return StorageNotFoundError(
             f"{op} {url}: not found — check that the bucket exists and the URL is spelled right ({text})",
@@ -100,6 +118,13 @@ def classify(exc: BaseException, *, url: str, op: str = "access") -> StorageErro
             f"(AWS_* / GOOGLE_APPLICATION_CREDENTIALS) and that they may use this bucket ({text})",
             url=url,
         )
+    if isinstance(exc, socket.gaierror) and exc.errno in _NO_SUCH_HOST:
+        return StorageEndpointError(
+            f"{op} {url}: the endpoint's host name does not resolve — check AWS_ENDPOINT_URL (S3) or the URL ({text})",
+            url=url,
+        )
+    if isinstance(exc, socket.gaierror):  # EAI_AGAIN and the like: the resolver did not answer this time
+        return TransientStorageError(f"{op} {url}: the endpoint's host name could not be looked up ({text})", url=url)
     if "SSLCertVerificationError" in names:  # by name: ssl is imported only where HTTPS is used
         return StorageTrustError(
             f"{op} {url}: the endpoint's TLS certificate is not trusted — if it is signed by a private CA, point "

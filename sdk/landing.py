@@ -37,6 +37,7 @@ import contextlib
 import errno
 import mmap
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -76,7 +77,8 @@ class LandingFile:
 
     ``path`` is created (``O_EXCL``: it must not exist, unless ``replace`` lets what is there be removed first),
     relative to the folder descriptor ``dir_fd`` when given; ``label`` names the file in errors (the object's
-    name)."""
+    name). ``resume``: ``path`` is the partial file an earlier pull left, opened as it is (a regular file of
+    exactly ``size`` bytes, else ``ESTALE``); the pieces kept from it are told with :meth:`mark`."""
 
     def __init__(
         self,
@@ -88,8 +90,9 @@ class LandingFile:
         dir_fd: int | None = None,
         label: str = "",
         replace: bool = False,
+        resume: bool = False,
     ) -> None:
-        self.path, self.size, self.dir_fd, self._replace = path, size, dir_fd, replace
+        self.path, self.size, self.dir_fd, self._replace, self._resume = path, size, dir_fd, replace, resume
         self.label = label or str(path)
         self._lock = threading.Lock()
         self._padded = False  # a direct write went past ``size``: cut the file back on close
@@ -104,7 +107,8 @@ class LandingFile:
                     if exc.errno != errno.EINVAL:
                         raise
                     with contextlib.suppress(FileNotFoundError):  # some file systems create it, then refuse
-                        os.unlink(path, dir_fd=dir_fd)
+                        if not resume:
+                            os.unlink(path, dir_fd=dir_fd)
             if self._direct_fd < 0:
                 self._plain_fd = self._create(_CREATE)
             self.direct = self._direct_fd >= 0
@@ -117,7 +121,15 @@ class LandingFile:
 
     def _create(self, flags: int) -> int:
         """A new file at the path (``O_EXCL | O_NOFOLLOW``); with ``replace``, what is there already (a leftover of
-        an interrupted pull, or anything planted) is removed first — unlinked, never written through."""
+        an interrupted pull, or anything planted) is removed first — unlinked, never written through. With
+        ``resume``, the file there is opened as it is, and must be a regular file of the full size."""
+        if self._resume:
+            fd = os.open(self.path, (flags & ~(os.O_CREAT | os.O_EXCL)), dir_fd=self.dir_fd)
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode) or status.st_size != self.size:
+                os.close(fd)
+                raise OSError(errno.ESTALE, "the partial file left by an earlier pull is not the one recorded")
+            return fd
         try:
             return os.open(self.path, flags, 0o644, dir_fd=self.dir_fd)
         except FileExistsError:
@@ -155,6 +167,10 @@ class LandingFile:
         except OSError as exc:
             exc.filename = self.label
             raise
+        self._pieces[offset] = length
+
+    def mark(self, offset: int, length: int) -> None:
+        """Count a piece already in the file (kept from an earlier pull, its bytes checked) as written."""
         self._pieces[offset] = length
 
     def _plain(self) -> int:

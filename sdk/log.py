@@ -1,9 +1,10 @@
 """Logging: structlog, JSON lines off a terminal, readable lines on one; secrets never reach a line.
 
 Every line carries ``run_id``, ``attempt`` and ``rank`` (bound once by :func:`configure`, visible from every
-thread). The redaction processor runs last before rendering, after exceptions are formatted, so a secret in a
-traceback is caught too. Its rules are :mod:`sdk.redaction`'s, which every other writer uses as well
-(:func:`redact` and :func:`redact_value`, re-exported here).
+thread); a readable line leaves out those that are not set (null in JSON). The redaction processor runs last
+before rendering, after exceptions are formatted, so a secret in a traceback is caught too. Its rules are
+:mod:`sdk.redaction`'s, which every other writer uses as well (:func:`redact` and :func:`redact_value`,
+re-exported here).
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ def _add_run_fields(logger: Any, method: str, event: MutableMapping[str, Any]) -
     return event
 
 
+def _add_set_run_fields(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """For people: only the run fields that are set (a command outside any run has no run id, no attempt)."""
+    for key, value in _static.items():
+        if value is not None:
+            event.setdefault(key, value)
+    return event
+
+
 def configure(
     *,
     run_id: str | None = None,
@@ -92,7 +101,7 @@ def configure(
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            _add_run_fields,
+            _add_set_run_fields if fmt == "console" else _add_run_fields,  # JSON lines keep one shape (nulls)
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -30,7 +30,8 @@ def safety_margin(grace_seconds: float) -> float:
 
 
 def parse_signals(names: str | Iterable[str]) -> tuple[signal.Signals, ...]:
-    """``"SIGTERM,SIGUSR1"`` (or ``TERM``) → signals; raises ValueError naming an unknown one."""
+    """``"SIGTERM,SIGUSR1"`` (or ``TERM``) → signals; raises ValueError naming an unknown one, or one that cannot
+    be caught (SIGKILL, SIGSTOP)."""
     items = names.split(",") if isinstance(names, str) else list(names)
     parsed = []
     for raw in (n.strip().upper() for n in items):
@@ -38,9 +39,12 @@ def parse_signals(names: str | Iterable[str]) -> tuple[signal.Signals, ...]:
             continue
         name = raw if raw.startswith("SIG") else f"SIG{raw}"
         try:
-            parsed.append(signal.Signals[name])
+            signum = signal.Signals[name]
         except KeyError:
             raise ValueError(f"unknown signal {raw!r}") from None
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            raise ValueError(f"{name} cannot be caught, so it cannot stop a run cleanly")
+        parsed.append(signum)
     if not parsed:
         raise ValueError("no signal named")
     return tuple(parsed)

@@ -171,8 +171,9 @@ def _fetch_all(transfers: list[Transfer], progress: Progress, *, workers: int, c
                 raise
     finally:
         progress.close()
+        stopped = cancel is not None and cancel.is_set()  # stopped, not failed: keep the pieces that landed
         for transfer in transfers:
-            transfer.abandon()
+            transfer.abandon(keep=stopped)
 
 
 def _locked(dest: str | Path, wait: float, cancel: threading.Event | None) -> Destination:

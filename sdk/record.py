@@ -132,20 +132,26 @@ def render(record: Mapping[str, Any]) -> str:
     lines = [f"run {record.get('run_id') or '?'}  ({record.get('url', '')})"]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     t = record.get("totals") or totals(record.get("attempts", []))
+    attempts = f"{t['attempts']} attempt" + ("" if t["attempts"] == 1 else "s")
     lines.append(
-        f"total: {t['attempts']} attempts, {t['preemptions']} preempted, {t['wall_seconds']:.1f} wall s, "
-        f"{t['gpu_seconds']:.1f} GPU s, {t['steps_lost']} steps lost, last step {t['last_step']}, "
-        f"outcome {t['outcome']}"
+        f"total: {attempts}, {t['preemptions']} preempted, {t['wall_seconds']:.1f} wall s, "
+        f"{t['gpu_seconds']:.1f} GPU s, {t['steps_lost']} steps lost, last step {_known(t['last_step'])}, "
+        f"outcome {_known(t['outcome'])}"
     )
     return "\n".join(lines)
+
+
+def _known(value: Any, unknown: str = "-") -> str:
+    return unknown if value is None else str(value)
 
 
 def _cell(entry: Mapping[str, Any], key: str) -> str:
     if key == "gpus":
         model, count = entry.get("gpu_model"), entry.get("gpu_count") or 0
         return f"{count}x {model}" if model and count else str(count)
-    if key == "steps":
-        return f"{entry.get('resumed_from', '?')}->{entry.get('last_step', '?')}"
+    if key == "steps":  # from the step it resumed from to the last it reached; "-": the child reported none
+        start, last = entry.get("resumed_from"), entry.get("last_step")
+        return "-" if start is None and last is None else f"{_known(start, '?')}->{_known(last, '?')}"
     if key == "data":
         return _bytes_and_seconds(entry.get("data_bytes"), entry.get("data_seconds"))
     if key == "artifacts":

@@ -7,6 +7,11 @@ Without the variable (``python train.py`` on a laptop) nothing is written.
 
 Writes are throttled to one per :data:`EVERY` seconds while steps advance, plus one at each event that matters
 (resume, a data pull, the end), so a run that dies loses at most that much of its step count.
+
+``completed`` tells the supervisor whether the run reached its end: ``sdk.init()`` writes ``False`` when the block
+opens (:meth:`Report.begin`) and ``True`` when it ends normally without a stop request (:meth:`Report.complete`).
+After a SIGTERM the supervisor counts a child's exit 0 as success only with ``completed: true``; a report without
+the field (no SDK in the child) leaves the exit code as the only word on it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EVERY", "Report", "gpu_info", "read"]
+__all__ = ["EVERY", "Report", "completed", "gpu_info", "read"]
 
 EVERY = 1.0
 
@@ -39,6 +44,15 @@ class Report:
         self.fields.update(fields)
         self.flush()
 
+    def begin(self) -> None:
+        """The SDK's block opened: ``completed: false`` until :meth:`complete` (no GPU look-up yet: CUDA stays cold)."""
+        self.fields["completed"] = False
+        self.flush(gpu=False)
+
+    def complete(self) -> None:
+        """The block reached its end without a stop request."""
+        self.update(completed=True)
+
     def step(self, step: int) -> None:
         """The loop reached ``step``; written when :data:`EVERY` seconds passed since the last write."""
         if self.path is None or step <= self.fields.get("last_step", -1):
@@ -48,10 +62,10 @@ class Report:
         if self._clock() - self._written_at >= EVERY:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, *, gpu: bool = True) -> None:
         if self.path is None:
             return
-        if "gpu_model" not in self.fields:
+        if gpu and "gpu_model" not in self.fields:
             self.fields.update(gpu_info())
         partial = self.path.with_name(self.path.name + ".tmp")
         try:
@@ -78,6 +92,13 @@ def gpu_info() -> dict[str, Any]:
     except Exception:  # noqa: S110 - a broken driver must not stop training; the supervisor counts from the env
         pass
     return {"gpu_model": None, "gpu_count": 0}
+
+
+def completed(child: dict[str, Any]) -> bool | None:
+    """From a report read by :func:`read`: whether the SDK's block ended normally; None when the child wrote no
+    ``completed`` field (it does not use the SDK, or is not rank 0's report)."""
+    value = child.get("completed")
+    return value if isinstance(value, bool) else None
 
 
 def read(path: str) -> dict[str, Any]:

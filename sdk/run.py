@@ -15,6 +15,7 @@ orchestrator retries from the checkpoint that stands.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import sys
@@ -44,6 +45,7 @@ __all__ = ["EXIT_PREEMPTED", "Run", "init"]
 SAVE_ESTIMATE_FACTOR = 1.5  # an emergency save is tried when 1.5x the typical recent save still fits
 TEARDOWN_RESERVE = 5.0  # seconds: with less left before the deadline, a preempted run exits without teardown
 CLOSE_TIMEOUT = 600.0  # seconds the end of the block waits for a save in flight after an error in the block
+_DEFAULT_RUN_ID = next(f.default for f in dataclasses.fields(Config) if f.name == "run_id")  # "local"
 
 
 class Run:
@@ -103,7 +105,17 @@ class Run:
         if step is None:
             self.log.info("run.fresh_start", checkpoint_uri=self.checkpointer.url)
             return 0
+        if self.config.rank == 0:
+            self._say_resumed(step)
         return step
+
+    def _say_resumed(self, step: int) -> None:
+        """One line: which run resumes, from where; a run id left at its default gets how to start anew instead."""
+        text = f"resuming run '{self.config.run_id}' from step {step} at {self.checkpointer.resumed_url}"
+        if self.config.run_id == _DEFAULT_RUN_ID:  # likely a second `python train.py`, not a retry
+            self.log.warning("run.resumed", message=f"{text}; set PODTRAIN_RUN_ID for a new run")
+        else:
+            self.log.info("run.resumed", message=text)
 
     def pull_data(self, *uris: str, dest: str | None = None, **options: Any) -> PullResult:
         """Fetch the dataset (``uris``, default ``PODTRAIN_DATA_URI``) into ``dest`` (default ``PODTRAIN_DATA_DIR``).
@@ -418,6 +430,7 @@ def _opened(config: Config | None, preemption: Preemption | None, overrides: dic
     run = Run(config, checkpointer, preemption)
     run.preemption.install()
     run.log.info("run.start", checkpoint_uri=checkpointer.url, world_size=config.world_size)
+    run.report.begin()  # the SDK is in use: after a SIGTERM the supervisor trusts an exit 0 only once complete()
     try:
         try:
             yield run
@@ -434,6 +447,7 @@ def _opened(config: Config | None, preemption: Preemption | None, overrides: dic
             run.close(failed=True)
             raise
         run.close()
+        run.report.complete()  # the block reached its end without a stop request (sdk.report)
     finally:
         run.preemption.uninstall()
         if run.report.pending:

@@ -8,6 +8,12 @@ landed files are made durable together — one ``syncfs`` of the volume every :d
 crash in between leaves files in place without a line, which the next pull checks against the store's checksum
 (adoption) or fetches again, and never trusts.
 
+A pull that is stopped (Ctrl-C, SIGTERM) with part of a large object landed notes, in the same way, a line with
+that object's kept pieces (:meth:`WarmCache.keep_pieces`): its ``<name>.podtrain-partial`` is made durable with
+the batch, then the line names the piece size and each landed piece's CRC. The next pull of the same object,
+unchanged in the store, fetches only the other pieces (:class:`sdk._transfer.Transfer` reads the kept ones back
+and keeps each whose CRC still matches). A pull killed outright writes no such line and starts the object over.
+
 The index is opened with ``O_NOFOLLOW`` (a link planted at its name is an error, never read or appended
 through), a line after a torn last one starts on a line of its own, and a record's mtime comes from the
 descriptor the file was checked through (:meth:`~sdk.landing.LandingFile.finish`).
@@ -26,10 +32,11 @@ from typing import TextIO
 
 from sdk.localpath import INDEX_NAME
 
-__all__ = ["DURABLE_BYTES", "DURABLE_SECONDS", "INDEX_NAME", "WarmCache"]
+__all__ = ["BY_PARTS", "DURABLE_BYTES", "DURABLE_SECONDS", "INDEX_NAME", "WarmCache"]
 
 DURABLE_BYTES = 256 * 2**20  # landed files are synced to disk, and their lines written, after this many bytes
 DURABLE_SECONDS = 2.0  # … or this long
+BY_PARTS = "parts"  # kept pieces of an object checked by its parts: no CRC of their own, read back and checked whole
 
 
 class WarmCache:
@@ -76,6 +83,41 @@ class WarmCache:
             due = self._pending_bytes >= DURABLE_BYTES or time.monotonic() - self._committed_at >= DURABLE_SECONDS
         if due:
             self.commit()
+
+    def keep_pieces(
+        self,
+        partial: Path,
+        rel: str,
+        size: int,
+        fingerprint: str,
+        *,
+        piece_size: int,
+        crcs: dict[int, int | None],
+        digest: str,
+    ) -> None:
+        """Note the pieces of ``rel`` (the listed ``size`` and ``fingerprint``) that landed in ``partial`` before the
+        pull stopped: piece start -> its ``digest`` (``crc32c`` or ``crc32``) value, or None (``digest``
+        :data:`BY_PARTS`: the object is checked by its parts, from the bytes read back). Written with the next
+        :meth:`commit`, once ``partial`` is on disk; :meth:`kept_pieces` reads it back."""
+        kept = {"piece_size": piece_size, "digest": digest, "crcs": {str(at): crc for at, crc in sorted(crcs.items())}}
+        entry = {"rel": rel, "size": size, "fingerprint": fingerprint, "partial": kept}
+        with self._lock:
+            self._pending.append((partial, entry))
+
+    def kept_pieces(self, rel: str, size: int, fingerprint: str, piece_size: int) -> tuple[str, dict[int, int | None]]:
+        """``(digest, {piece start: value})`` of the pieces an earlier, stopped pull kept of ``rel`` as it is listed
+        now (same size, fingerprint and piece size); ``("", {})`` when there are none."""
+        entry = self.entries.get(rel) or {}
+        kept = entry.get("partial")
+        if not isinstance(kept, dict) or entry.get("size") != size or entry.get("fingerprint") != fingerprint:
+            return "", {}
+        try:
+            if kept["piece_size"] != piece_size or kept["digest"] not in ("crc32c", "crc32", BY_PARTS):
+                return "", {}
+            crcs = dict(kept["crcs"]).items()
+            return str(kept["digest"]), {int(at): None if crc is None else int(crc) for at, crc in crcs}
+        except (KeyError, TypeError, ValueError):
+            return "", {}
 
     def commit(self) -> None:
         """Make the noted files durable (one ``syncfs`` of the volume, not one ``fsync`` per file), then write

@@ -115,7 +115,9 @@ def _run_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         PODTRAIN_RUN_ID=RUN_ID,
         PODTRAIN_ATTEMPT="1",
         PODTRAIN_GRACE_SECONDS="20",
-        PODTRAIN_CHECKPOINT_URI=f"s3://ckuser:{URL_PASSWORD}@{BUCKET}/ckpt",
+        # The password rides in the checkpoint URI as a secret parameter, in a prefix the store can write (the
+        # supervisor probes the checkpoint store before anything starts; user-info would name no bucket).
+        PODTRAIN_CHECKPOINT_URI=f"s3://{BUCKET}/ckpt-password={URL_PASSWORD}",
         PODTRAIN_ARTIFACT_URI=f"s3://{BUCKET}/artifacts",
         PODTRAIN_OUTPUT_DIR=str(tmp_path / "out"),
         PODTRAIN_TERMINATION_LOG=str(tmp_path / "termination-log"),

@@ -540,8 +540,12 @@ def test_sigterm_soak_100_trials(tmp_path: Path, reference: Reference) -> None:
 
 def test_sigterm_while_the_supervisor_starts_still_exits_75_with_a_message(tmp_path: Path) -> None:
     """A SIGTERM while `podtrain run` is still starting (here: deriving the attempt from a store that does not
-    answer) is caught from its first line: no child is started, exit 75 within the grace period, a message."""
-    env = {**_storage_down(), "PODTRAIN_ATTEMPT": ""}
+    answer) is caught from its first line: no child is started, exit 75 within the grace period, a message.
+
+    The contract is "exited before SIGTERM + grace", checked against the grace this test sets: a long one, since
+    the start-up's imports alone can take seconds on a loaded machine (6.2 s once, against the chains' 5 s)."""
+    grace = 30.0
+    env = {**_storage_down(), "PODTRAIN_ATTEMPT": "", "PODTRAIN_GRACE_SECONDS": str(grace)}
     attempt = Chain(tmp_path, seed=0).start(1, env=env)
     end = time.monotonic() + 30
     while not _catches(attempt.proc.pid, signal.SIGTERM):  # entrypoint.early's handler: imports still to come
@@ -550,8 +554,9 @@ def test_sigterm_while_the_supervisor_starts_still_exits_75_with_a_message(tmp_p
     os.kill(attempt.proc.pid, signal.SIGTERM)
     sent = time.monotonic()
     rc = attempt.proc.wait(timeout=PROCESS_TIMEOUT)
+    took = time.monotonic() - sent
     assert rc == 75, f"exit {rc}\n{attempt.tail()}"
-    assert time.monotonic() - sent < GRACE, attempt.tail()
+    assert took < grace, f"exited {took:.1f} s after SIGTERM, grace {grace} s\n{attempt.tail()}"
     message = _termination_message(attempt.termlog, "start-up")
     assert message["outcome"] == "preempted" and message["checkpoint"] is None, message
     assert _progress(attempt.progress).pid is None, "the child must not start after the SIGTERM"

@@ -81,3 +81,63 @@ def test_unknown_scheme_exits_two_naming_the_fix() -> None:
     out = _podtrain("checkpoints", "list", "nosuchscheme://bucket/run")
     assert out.returncode == 2
     assert "unknown URL scheme" in out.stderr
+
+
+def test_verify_takes_the_step_url_that_list_prints(store: str) -> None:
+    """The URL in list's table (and its --json) names one checkpoint: verify checks that one, not the newest."""
+    table = _podtrain("checkpoints", "list", store).stdout.splitlines()[1:]
+    urls = {int(line.split()[0]): line.split()[-1] for line in table}
+    out = _podtrain("checkpoints", "verify", urls[2])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "step 2" in out.stdout and urls[2] in out.stdout
+    doc = json.loads(_podtrain("checkpoints", "list", store, "--json").stdout)
+    url = next(c["url"] for c in doc["checkpoints"] if c["step"] == 1)
+    result = json.loads(_podtrain("checkpoints", "verify", url + "/", "--json").stdout)
+    assert result["ok"] and result["step"] == 1, result
+
+
+def test_verify_of_a_step_url_with_another_step_exits_two_in_one_line(store: str) -> None:
+    """A step URL and a --step that disagree: exit 2, one line naming both, no traceback."""
+    doc = json.loads(_podtrain("checkpoints", "list", store, "--json").stdout)
+    url = next(c["url"] for c in doc["checkpoints"] if c["step"] == 2)
+    out = _podtrain("checkpoints", "verify", url, "--step", "3")
+    assert out.returncode == 2, out
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "step 2" in out.stderr and "--step 3" in out.stderr, out.stderr
+
+
+def _corrupt(tmp_path: Path, step: int) -> None:
+    target = next((tmp_path / "ckpt" / f"step-{step:010d}").rglob("model.safetensors"))
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+
+def _listed(store: str, *options: str) -> dict[int, tuple[bool, str | None]]:
+    doc = json.loads(_podtrain("checkpoints", "list", store, "--json", *options).stdout)
+    return {c["step"]: (c["valid"], c["problem"]) for c in doc["checkpoints"]}
+
+
+def test_list_marks_what_a_deep_check_found_invalid_also_in_later_plain_lists(store: str, tmp_path: Path) -> None:
+    """A flipped byte a plain list cannot see (a file:// store keeps no checksum): once `list --deep` read it, every
+    later plain list shows that checkpoint INVALID with the reason; the others stay valid."""
+    _corrupt(tmp_path, 3)
+    assert _listed(store) == {3: (True, None), 2: (True, None), 1: (True, None)}  # sizes match: nothing to see
+    deep = _podtrain("checkpoints", "list", store, "--deep")
+    assert deep.returncode == 0, deep.stderr
+    assert "INVALID" in next(line for line in deep.stdout.splitlines() if line.split()[0] == "3"), deep.stdout
+    table = _podtrain("checkpoints", "list", store)
+    row = next(line for line in table.stdout.splitlines() if line.split()[0] == "3")
+    assert "INVALID:" in row and "CRC32C" in row and "--deep" in row, table.stdout
+    listed = _listed(store)
+    assert listed[3][0] is False and "model.safetensors" in str(listed[3][1]), listed
+    assert listed[2] == (True, None) and listed[1] == (True, None), listed
+
+
+def test_a_failed_verify_marks_the_checkpoint_for_later_lists(store: str, tmp_path: Path) -> None:
+    """`checkpoints verify` that finds a checkpoint corrupt leaves the same mark: a plain list then says why."""
+    _corrupt(tmp_path, 2)
+    assert _podtrain("checkpoints", "verify", store, "--step", "2").returncode == 1
+    listed = _listed(store)
+    assert listed[2][0] is False and "CRC32C" in str(listed[2][1]), listed
+    assert listed[3] == (True, None), listed

@@ -141,6 +141,22 @@ INVALID: list[Any] = [
     ("checkpoint_every_steps", -5, "PODTRAIN_CHECKPOINT_EVERY_STEPS"),
     ("grace_seconds", 0.0, "PODTRAIN_GRACE_SECONDS"),
     ("grace_seconds", float("nan"), "PODTRAIN_GRACE_SECONDS"),
+    ("grace_seconds", float("inf"), "PODTRAIN_GRACE_SECONDS"),
+    ("grace_seconds", 1e300, "PODTRAIN_GRACE_SECONDS"),
+    ("stall_seconds", float("inf"), "PODTRAIN_STALL_SECONDS"),
+    ("stall_seconds", float("nan"), "PODTRAIN_STALL_SECONDS"),
+    ("throttle_seconds", float("inf"), "PODTRAIN_THROTTLE_SECONDS"),
+    ("checkpoint_every_seconds", float("inf"), "PODTRAIN_CHECKPOINT_EVERY_SECONDS"),
+    ("checkpoint_every_seconds", float("nan"), "PODTRAIN_CHECKPOINT_EVERY_SECONDS"),
+    ("checkpoint_every_steps", 10**30, "PODTRAIN_CHECKPOINT_EVERY_STEPS"),
+    ("keep_last", 10**30, "PODTRAIN_KEEP_LAST"),
+    ("keep_every", 10**30, "PODTRAIN_KEEP_EVERY"),
+    ("attempt", 10**30, "PODTRAIN_ATTEMPT"),
+    ("world_size", 10**30, "WORLD_SIZE"),
+    ("stop_signals", "SIGTERM,SIGKILL", "PODTRAIN_STOP_SIGNALS"),
+    ("stop_signals", "STOP", "PODTRAIN_STOP_SIGNALS"),
+    ("stop_signals", "SIGTERM,SIGNOPE", "PODTRAIN_STOP_SIGNALS"),
+    ("run_id", "r1\n", "PODTRAIN_RUN_ID"),
     ("log_format", "xml", "PODTRAIN_LOG_FORMAT"),
     ("log_level", "loud", "PODTRAIN_LOG_LEVEL"),
 ]
@@ -157,11 +173,70 @@ def test_every_invalid_value_names_its_variable_and_the_fix(field: str, value: A
     assert len(message.split("is invalid: ", 1)[1]) > 5  # a fix follows
 
 
-@pytest.mark.parametrize(("field", "value", "variable"), INVALID)
+@pytest.mark.parametrize(("field", "value", "variable"), [case for case in INVALID if case[1] != "r1\n"])
 def test_invalid_values_from_the_environment_fail_the_same_way(field: str, value: Any, variable: str) -> None:
-    """A bad value given as a variable is rejected with the same variable name."""
+    """A bad value given as a variable is rejected with the same variable name (blank space around a variable's
+    value is stripped, so the trailing newline is tested as an explicit value only)."""
     with pytest.raises(ConfigError, match=f"^{variable}="):
         Config.from_env({variable: str(value)})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PODTRAIN_GRACE_SECONDS", "86400"),
+        ("PODTRAIN_STALL_SECONDS", "0.5"),
+        ("PODTRAIN_KEEP_LAST", "1000000"),
+        ("PODTRAIN_CHECKPOINT_EVERY_STEPS", "1000000000000"),
+        ("PODTRAIN_STOP_SIGNALS", "TERM,USR2,SIGHUP"),
+    ],
+)
+def test_the_ends_of_each_documented_range_are_accepted(variable: str, value: str) -> None:
+    Config.from_env({variable: value})
+
+
+def test_a_number_out_of_range_names_the_range() -> None:
+    with pytest.raises(ConfigError, match=r"^PODTRAIN_GRACE_SECONDS=inf is invalid: .*in \(0, 86400\]$"):
+        Config.from_env({"PODTRAIN_GRACE_SECONDS": "inf"})
+
+
+def test_a_stop_signal_that_cannot_be_caught_is_named() -> None:
+    with pytest.raises(ConfigError, match="SIGKILL cannot be caught"):
+        Config.from_env({"PODTRAIN_STOP_SIGNALS": "SIGTERM,SIGKILL"})
+
+
+@pytest.mark.parametrize("variable", ["PODTRAIN_OUTPUT_DIR", "PODTRAIN_NODE_NAME", "PODTRAIN_CHECKPOINT_URI"])
+def test_bytes_that_are_not_utf8_are_refused_and_shown_escaped(variable: str) -> None:
+    """os.environ holds undecodable bytes as lone surrogates: refused, and the message itself is valid UTF-8."""
+    undecodable = b"/tmp/r\xff".decode("utf-8", "surrogateescape")
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({variable: undecodable})
+    message = str(caught.value)
+    assert message.startswith(f"{variable}='/tmp/r\\\\xff' holds bytes that are not UTF-8")
+    message.encode("utf-8")
+
+
+@pytest.mark.parametrize("field", ["data_dir", "output_dir", "checkpoint_uri", "artifact_uri"])
+@pytest.mark.parametrize("tail", ["a" * 256, "/".join(["d" * 200] * 21)], ids=["long name", "long path"])
+def test_a_too_long_local_path_is_refused(tmp_path: Path, field: str, tail: str) -> None:
+    prefix = "file://" if field.endswith("uri") else ""
+    with pytest.raises(ConfigError, match=r"is invalid: .* the file system allows: use a shorter path$") as caught:
+        Config(**{field: f"{prefix}{tmp_path}/{tail}"})
+    assert len(str(caught.value)) < 300  # the path is shortened in the message
+
+
+def test_a_long_remote_url_is_not_measured_as_a_local_path() -> None:
+    Config(checkpoint_uri="s3://bucket/" + "k" * 300)
+
+
+def test_a_name_of_255_bytes_is_accepted(tmp_path: Path) -> None:
+    Config(output_dir=str(tmp_path / ("a" * 255)))
+
+
+def test_an_output_dir_naming_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match=r"^PODTRAIN_OUTPUT_DIR=.* names a file, not a folder"):
+        Config.from_env({"PODTRAIN_OUTPUT_DIR": str(tmp_path / "f")})
 
 
 def test_rank_must_be_below_world_size_when_both_come_from_the_environment() -> None:

@@ -226,3 +226,28 @@ def test_other_transient_errors_are_not_throttling(exc: BaseException) -> None:
     """5xx server errors (GCS's 503 backendError too), timeouts and resets keep the ordinary retry policy."""
     error = classify(exc, url=URL, op="get")
     assert type(error) is TransientStorageError
+
+
+def test_missing_credentials_are_a_setting_to_fix_naming_the_variables() -> None:
+    """botocore's NoCredentialsError (no key anywhere in the chain) is exit 2 with the variables to set."""
+    err = classify(botocore.exceptions.NoCredentialsError(), url="s3://b/k", op="put")
+    assert isinstance(err, StoragePermissionError) and exit_code(err) == 2
+    assert "no credentials found" in str(err) and "AWS_ACCESS_KEY_ID" in str(err)
+
+
+def test_a_local_permission_error_blames_the_folder_not_credentials() -> None:
+    """EACCES / EROFS on a local path: the folder's mode or a read-only mount, never the cloud's credentials."""
+    for number in (errno.EACCES, errno.EROFS):
+        err = classify(OSError(number, "denied", "/ckpt/x"), url="file:///ckpt", op="put")
+        assert isinstance(err, StoragePermissionError) and exit_code(err) == 2
+        assert "local disk" in str(err) and "credentials" not in str(err)
+
+
+def test_a_host_name_that_does_not_resolve_is_a_setting_to_fix_and_a_resolver_hiccup_is_transient() -> None:
+    """EAI_NONAME (a misspelt endpoint) → exit 2 naming AWS_ENDPOINT_URL; EAI_AGAIN → retried, 69."""
+    import socket
+
+    err = classify(socket.gaierror(socket.EAI_NONAME, "Name or service not known"), url="s3://b/k", op="find")
+    assert exit_code(err) == 2 and "does not resolve" in str(err) and "AWS_ENDPOINT_URL" in str(err)
+    again = classify(socket.gaierror(socket.EAI_AGAIN, "Temporary failure"), url="s3://b/k", op="find")
+    assert isinstance(again, TransientStorageError) and exit_code(again) == EXIT_UNAVAILABLE

@@ -209,3 +209,22 @@ def test_an_existing_file_or_link_at_the_name_is_never_opened(tmp_path: Path) ->
     finally:
         os.close(folder)
     assert target.read_bytes() == b"keep" and (tmp_path / "g").read_bytes() == b"data"
+
+
+def test_resume_opens_the_partial_file_as_it_is_and_finish_counts_the_marked_pieces(tmp_path: Path) -> None:
+    """resume: the bytes already there are kept (never truncated), a marked piece counts as written, and a file
+    of another size or a missing one is refused rather than created."""
+    size, half = 2 * 2**20, 2**20
+    first = LandingFile(tmp_path / "f.part", size, preallocate=True, direct=False)
+    first.write(b"a" * half, 0)
+    first.close()
+    again = LandingFile(tmp_path / "f.part", size, preallocate=True, resume=True)
+    again.mark(0, half)
+    again.write(b"b" * half, half)
+    again.finish()
+    assert (tmp_path / "f.part").read_bytes() == b"a" * half + b"b" * half
+    (tmp_path / "short.part").write_bytes(b"x" * 10)
+    for name in ("short.part", "missing.part"):
+        with pytest.raises(OSError):
+            LandingFile(tmp_path / name, size, resume=True)
+    assert (tmp_path / "short.part").read_bytes() == b"x" * 10 and not (tmp_path / "missing.part").exists()

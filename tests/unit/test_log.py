@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -79,6 +80,22 @@ def test_every_line_carries_run_id_attempt_and_rank(configure: Configure) -> Non
     get_logger("b").error("two")
     for line in _lines(out):
         assert (line["run_id"], line["attempt"], line["rank"]) == ("run-42", 3, 1)
+
+
+def test_readable_lines_leave_out_run_fields_that_are_not_set(configure: Configure) -> None:
+    """On a terminal, a command outside any run prints no ``run_id=None attempt=None``; JSON lines keep every
+    key (null), so what reads them sees one shape."""
+    out = configure(stream=_Terminal(), fmt="console")
+    get_logger("podtrain.test").info("pull.done", files=1)
+    assert "pull.done" in out.getvalue() and "None" not in out.getvalue(), out.getvalue()
+    out = configure(stream=_Terminal(), fmt="console", run_id="r7", attempt=2)
+    get_logger("podtrain.test").info("run.start")
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue())  # colours
+    assert "run_id=r7" in text and "attempt=2" in text, text
+    out = configure(fmt="json")
+    get_logger("podtrain.test").info("pull.done")
+    (line,) = _lines(out)
+    assert line["run_id"] is None and line["attempt"] is None
 
 
 def test_run_fields_reach_lines_written_from_other_threads(configure: Configure) -> None:

@@ -66,3 +66,10 @@ def test_margin_is_five_seconds_or_a_fifth_of_a_short_grace() -> None:
     """min(5 s, 20 % of grace)."""
     assert safety_margin(60) == 5.0
     assert safety_margin(10) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("names", ["SIGTERM,SIGKILL", "STOP", "kill"])
+def test_signals_that_cannot_be_caught_are_refused(names: str) -> None:
+    """A handler for SIGKILL or SIGSTOP cannot be installed: naming one is an error, not a crash at start."""
+    with pytest.raises(ValueError, match="cannot be caught"):
+        parse_signals(names)

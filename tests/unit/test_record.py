@@ -113,6 +113,19 @@ def test_the_table_shows_one_row_per_attempt_and_the_totals() -> None:
     assert lines[4].startswith("total: 2 attempts, 1 preempted, 100.0 wall s, 800.0 GPU s, 7 steps lost, last step 90")
 
 
+def test_the_table_says_nothing_for_what_an_attempt_never_reached_and_counts_in_words() -> None:
+    """An attempt whose child never reported a step shows "-" for its steps (not "None->None"); one attempt is
+    "1 attempt"; an unknown last step is "-"."""
+    entry = _entry(1, outcome="failed", exit_code=1, resumed_from=None, last_step=None, wall_seconds=0.1)
+    text = record.render({"run_id": "r1", "url": "file:///a/r1", "attempts": [entry]})
+    assert "None" not in text, text
+    row = text.splitlines()[2].split()
+    assert row[row.index("failed") + 6] == "-", text  # outcome, exit, node, GPUs, wall s, GPU s, then steps
+    assert text.splitlines()[-1].startswith("total: 1 attempt, 0 preempted,"), text
+    assert "last step -," in text, text
+    assert "2 attempts" in record.render({"attempts": [_entry(1), _entry(2)]})
+
+
 @pytest.mark.parametrize(
     ("exit_code", "lost"),
     [(termination.EXIT_PREEMPTED, 7), (termination.EXIT_FAILED, 7), (termination.EXIT_OK, 0)],

@@ -45,3 +45,15 @@ def test_a_missing_or_torn_report_reads_as_empty(tmp_path: Path) -> None:
     assert report.read(str(tmp_path / "none.json")) == {}
     (tmp_path / "torn.json").write_text('{"last_step": 4')
     assert report.read(str(tmp_path / "torn.json")) == {}
+
+
+def test_the_block_s_start_and_normal_end_are_reported_as_completed_false_then_true(tmp_path: Path) -> None:
+    """begin() writes completed=False (no GPU look-up yet), complete() True; a report without it reads as None."""
+    path = tmp_path / "report.json"
+    rep = Report(str(path))
+    rep.begin()
+    child = report.read(str(path))
+    assert report.completed(child) is False and "gpu_model" not in child
+    rep.complete()
+    assert report.completed(report.read(str(path))) is True
+    assert report.completed({}) is None and report.completed({"completed": "yes"}) is None

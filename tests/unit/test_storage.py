@@ -243,6 +243,22 @@ def test_missing_backend_package_says_what_to_install(monkeypatch: pytest.Monkey
     assert "not installed" in str(caught.value)
 
 
+@pytest.mark.parametrize("url", ["s3://", "gs://", "s3:///prefix", "gcs:///"])
+def test_a_url_that_names_no_bucket_is_a_config_error_before_any_io(url: str) -> None:
+    """``s3://`` would otherwise reach botocore's parameter check (or gcsfs's retries against no bucket)."""
+    with pytest.raises(BackendMissingError, match=r"names no bucket — use \w+://BUCKET/PREFIX$") as caught:
+        open_store(url)
+    assert isinstance(caught.value, ConfigError)
+
+
+@pytest.mark.parametrize("url", ["ftp://host/dir", "webhdfs://host/dir"])
+def test_a_scheme_whose_file_system_needs_a_host_is_refused_as_unknown(url: str) -> None:
+    """fsspec knows ftp://, but its file system cannot be made from the scheme alone (it needs ``host``), which is
+    all :func:`sdk.backend.connect` gives it: refused up front (exit 2), not a TypeError later."""
+    with pytest.raises(BackendMissingError, match=r"^PODTRAIN_DATA_URI=.*unknown URL scheme .* needs no host$"):
+        require_backend(url, "PODTRAIN_DATA_URI")
+
+
 def test_installed_backends_pass_require_backend() -> None:
     """s3, gs, file and memory are all available in the dev environment."""
     for url in ("s3://b/k", "gs://b/k", "file:///tmp/x", "memory://x", "relative/dir"):

@@ -273,3 +273,13 @@ def test_empty_command_is_refused() -> None:
     """A supervisor needs a command."""
     with pytest.raises(ValueError, match="no command"):
         Supervisor([], grace_seconds=1.0)
+
+
+def test_a_success_whose_outputs_were_not_pushed_is_69_and_says_so() -> None:
+    """Unpushed outputs turn a success into 69 (the retry pushes); a failure keeps its own code."""
+    from entrypoint.supervisor import SupervisorResult
+
+    outcome = outcome_of(SupervisorResult(returncode=0), push_problem="outputs not pushed: bucket missing")
+    assert outcome.exit_code == 69 and "outputs not pushed: bucket missing" in outcome.message
+    assert "retry" in outcome.message
+    assert outcome_of(SupervisorResult(returncode=3), push_problem="outputs not pushed: x").exit_code == 1

@@ -189,3 +189,47 @@ def test_derive_attempt_says_why_when_the_store_cannot_be_read(monkeypatch: pyte
     attempt, note = term.derive_attempt("s3://podtrain-nope/x", run_id="r", timeout=5)
     assert attempt is None
     assert "s3://podtrain-nope/x" in note and "Could not connect" in note
+
+
+@pytest.mark.parametrize(
+    ("completed", "code", "words"),
+    [
+        (False, 75, "did not report completion"),
+        (True, 0, "reported completion"),
+        (None, 0, "no completion report"),
+    ],
+)
+def test_exit_0_after_sigterm_succeeds_only_with_a_completion_report(
+    completed: bool | None, code: int, words: str
+) -> None:
+    """The SDK's report decides; a child without the SDK (None) is trusted, and the message says so."""
+    outcome = classify(0, preempted=True, completed=completed)
+    assert outcome.exit_code == code and words in outcome.message
+    assert classify(0, preempted=False, completed=False).exit_code == 0  # no SIGTERM: the exit code is the verdict
+
+
+def test_render_and_write_spell_undecodable_bytes_instead_of_crashing(tmp_path: Path) -> None:
+    """A run id or message holding bytes that were not UTF-8 (lone surrogates, as os.environ and sys.argv keep
+    them) is written as ``\\xNN`` text: the termination message is still one line of valid UTF-8 JSON."""
+    undecodable = b"r\xff\xfe".decode("utf-8", "surrogateescape")
+    fields = term.record(
+        term.Outcome(2, f"bad {undecodable}"),
+        run_id=undecodable,
+        attempt=None,
+        step=None,
+        checkpoint="\ud800lone",
+        seconds=0.0,
+        gpus=0,
+    )
+    target = tmp_path / "termination-log"
+    assert term.write_termination_log(str(target), term.render(fields))
+    written = json.loads(target.read_bytes().decode("utf-8"))
+    assert written["run_id"] == "r\\xff\\xfe"
+    assert written["message"] == "bad r\\xff\\xfe"
+    assert written["checkpoint"] == "\\ud800lone"
+
+
+def test_write_termination_log_never_fails_on_a_line_that_is_not_utf8(tmp_path: Path) -> None:
+    target = tmp_path / "termination-log"
+    assert term.write_termination_log(str(target), '{"message": "\udcff"}')
+    assert target.read_bytes() == b'{"message": "\\udcff"}\n'

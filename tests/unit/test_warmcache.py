@@ -69,3 +69,29 @@ def test_a_record_takes_the_mtime_it_is_given(tmp_path: Path) -> None:
     index.record(tmp_path / "never-looked-up", "x", 3, "etag", mtime_ns=123)
     index.close()
     assert warmcache.WarmCache(tmp_path / warmcache.INDEX_NAME).entries["x"]["mtime_ns"] == 123
+
+
+def test_kept_pieces_are_written_after_the_partial_file_is_synced_and_read_back_only_for_the_same_object(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """keep_pieces() waits for commit(), which syncs the partial file first; kept_pieces() answers for the same
+    size, fingerprint and piece size only; a later line for the name (the file landed whole) wins."""
+    synced: list[list[str]] = []
+    index_path = tmp_path / warmcache.INDEX_NAME
+    monkeypatch.setattr(warmcache, "_sync", lambda folder, files: synced.append([p.name for p in files]))
+    index = warmcache.WarmCache(index_path)
+    partial = tmp_path / "big.bin.podtrain-partial"
+    index.keep_pieces(partial, "big.bin", 3 * 2**20, "etag-1", piece_size=2**20, crcs={0: 7, 2**20: 0}, digest="crc32c")
+    assert not index_path.exists(), "nothing is written before the sync"
+    index.close()
+    assert synced == [["big.bin.podtrain-partial"]]
+    again = warmcache.WarmCache(index_path)
+    assert again.kept_pieces("big.bin", 3 * 2**20, "etag-1", 2**20) == ("crc32c", {0: 7, 2**20: 0})
+    assert not again.current("big.bin", tmp_path / "big.bin", 3 * 2**20, "etag-1"), "kept pieces are no file"
+    for changed in (("big.bin", 3 * 2**20, "etag-2", 2**20), ("big.bin", 4 * 2**20, "etag-1", 2**20)):
+        assert again.kept_pieces(*changed) == ("", {}), "another version of the object: start over"
+    assert again.kept_pieces("big.bin", 3 * 2**20, "etag-1", 2**21) == ("", {}), "another piece size"
+    (tmp_path / "big.bin").write_bytes(b"x")
+    again.record(tmp_path / "big.bin", "big.bin", 3 * 2**20, "etag-1")
+    again.close()
+    assert warmcache.WarmCache(index_path).kept_pieces("big.bin", 3 * 2**20, "etag-1", 2**20) == ("", {})
