@@ -43,7 +43,9 @@ def _run(
     return proc.returncode, stderr, message
 
 
-def _refused(tmp: Path, env: dict[str, str | bytes], variable: str, **kwargs: object) -> None:
+def _refused(tmp: Path, env: dict[str, str | bytes], variable: str, **kwargs: object) -> dict[str, object]:
+    """Run with ``env``: checks the refusal (exit 2, one line naming ``variable``, the child never ran) and returns
+    the termination message."""
     code, stderr, message = _run(tmp, env, **kwargs)  # type: ignore[arg-type]
     assert "Traceback" not in stderr, stderr
     assert code == 2, stderr
@@ -51,6 +53,7 @@ def _refused(tmp: Path, env: dict[str, str | bytes], variable: str, **kwargs: ob
     assert len(said) == 1 and variable in said[0], stderr
     assert message.get("exit_code") == 2 and variable in str(message.get("message")), message
     assert not (tmp / "ran").exists(), "the child ran"
+    return message
 
 
 @pytest.mark.parametrize(
@@ -70,32 +73,38 @@ def _refused(tmp: Path, env: dict[str, str | bytes], variable: str, **kwargs: ob
     ],
 )
 def test_an_absurd_setting_is_refused_before_the_child_starts(tmp_path: Path, variable: str, value: str) -> None:
-    _refused(tmp_path, {variable: value}, variable)
+    assert _refused(tmp_path, {variable: value}, variable)["outcome"] == "config_error"
 
 
 def test_a_run_id_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
-    _refused(tmp_path, {}, "PODTRAIN_RUN_ID", args=("--run-id", "r1\n"))
+    assert _refused(tmp_path, {}, "PODTRAIN_RUN_ID", args=("--run-id", "r1\n"))["outcome"] == "config_error"
 
 
 @pytest.mark.parametrize("variable", ["PODTRAIN_RUN_ID", "PODTRAIN_OUTPUT_DIR", "PODTRAIN_NODE_NAME"])
 def test_non_utf8_bytes_in_a_variable_are_refused_with_a_termination_message(tmp_path: Path, variable: str) -> None:
-    _refused(tmp_path, {variable: os.fsencode(str(tmp_path)) + b"/r\xff\xfe"}, variable)
+    assert (
+        _refused(tmp_path, {variable: os.fsencode(str(tmp_path)) + b"/r\xff\xfe"}, variable)["outcome"]
+        == "config_error"
+    )
 
 
 def test_non_utf8_bytes_in_the_command_are_refused_with_a_termination_message(tmp_path: Path) -> None:
-    _refused(tmp_path, {}, "command", cmd=[*CHILD, b"arg-\xff"])
+    assert _refused(tmp_path, {}, "command", cmd=[*CHILD, b"arg-\xff"])["outcome"] == "config_error"
 
 
 @pytest.mark.parametrize("variable", ["PODTRAIN_DATA_DIR", "PODTRAIN_OUTPUT_DIR", "PODTRAIN_CHECKPOINT_URI"])
 @pytest.mark.parametrize("shape", ["one long name", "a long path"])
 def test_a_path_too_long_for_the_file_system_is_refused(tmp_path: Path, variable: str, shape: str) -> None:
     tail = "a" * 5000 if shape == "one long name" else "/".join(["d" * 200] * 25)
-    _refused(tmp_path, {variable: f"{tmp_path}/{tail}"}, variable)
+    assert _refused(tmp_path, {variable: f"{tmp_path}/{tail}"}, variable)["outcome"] == "config_error"
 
 
 def test_an_output_dir_naming_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a folder")
-    _refused(tmp_path, {"PODTRAIN_OUTPUT_DIR": str(tmp_path / "a-file")}, "PODTRAIN_OUTPUT_DIR")
+    assert (
+        _refused(tmp_path, {"PODTRAIN_OUTPUT_DIR": str(tmp_path / "a-file")}, "PODTRAIN_OUTPUT_DIR")["outcome"]
+        == "config_error"
+    )
 
 
 def test_sane_settings_still_run_the_child(tmp_path: Path) -> None:

@@ -192,7 +192,9 @@ def test_invalid_values_from_the_environment_fail_the_same_way(field: str, value
     ],
 )
 def test_the_ends_of_each_documented_range_are_accepted(variable: str, value: str) -> None:
-    Config.from_env({variable: value})
+    field = variable.removeprefix("PODTRAIN_").lower()
+    taken = getattr(Config.from_env({variable: value}), field)
+    assert str(taken) == value or taken == float(value) if field != "stop_signals" else taken == value
 
 
 def test_a_number_out_of_range_names_the_range() -> None:
@@ -226,11 +228,13 @@ def test_a_too_long_local_path_is_refused(tmp_path: Path, field: str, tail: str)
 
 
 def test_a_long_remote_url_is_not_measured_as_a_local_path() -> None:
-    Config(checkpoint_uri="s3://bucket/" + "k" * 300)
+    url = "s3://bucket/" + "k" * 300
+    assert Config(checkpoint_uri=url).checkpoint_uri == url
 
 
 def test_a_name_of_255_bytes_is_accepted(tmp_path: Path) -> None:
-    Config(output_dir=str(tmp_path / ("a" * 255)))
+    folder = str(tmp_path / ("a" * 255))
+    assert Config(output_dir=folder).output_dir == folder
 
 
 def test_an_output_dir_naming_a_file_is_refused(tmp_path: Path) -> None:
