@@ -6,7 +6,7 @@ drift on a noisy machine hits them alike:
 
 * **none** — the training step alone;
 * **podtrain** — plus ``Run.should_stop()``: a blocking all-reduce every ``K`` steps, ``K`` itself agreed from
-  the measured cost and step time (:mod:`sdk.agreement`);
+  the measured cost and step time (:mod:`sdk.lifecycle.agreement`);
 * **every step** — plus a blocking all-reduce of the stop flag every step, for comparison.
 
 Rank 0 prints the median per-step time of each, the overheads as a share of the step, and the ``K`` podtrain
@@ -37,7 +37,7 @@ def worker(steps_per_block: int, blocks: int, out: Path) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from sdk.config import Config
-    from sdk.preemption import Preemption
+    from sdk.lifecycle.preemption import Preemption
     from sdk.run import Run
 
     dist.init_process_group("gloo")

@@ -183,7 +183,7 @@ class Bench:
         self.s3.head_bucket(Bucket=BUCKET)
 
     def checkpointer(self, url: str) -> Any:
-        from sdk.checkpoint import Checkpointer
+        from sdk.checkpoints.checkpointer import Checkpointer
 
         ckpt = Checkpointer(url)
         ckpt.store.ensure_root()  # creates the client and opens its connection, as a job does at start

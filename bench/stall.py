@@ -146,9 +146,9 @@ class StallBench:
 
         Its ``Preemption`` is never installed: no signal handlers, :meth:`Preemption.request` only.
         """
-        from sdk.checkpoint import Checkpointer
+        from sdk.checkpoints.checkpointer import Checkpointer
         from sdk.config import Config
-        from sdk.preemption import Preemption
+        from sdk.lifecycle.preemption import Preemption
         from sdk.run import Run
 
         cfg = Config(

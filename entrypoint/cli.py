@@ -4,10 +4,11 @@
 group, forward signals, own the grace-period deadline, exit with the contract's code and write the termination
 message (:mod:`entrypoint.supervisor`, :mod:`entrypoint.termination`).
 
-``podtrain checkpoints list|verify`` — a run's checkpoints, one checked byte for byte (:mod:`entrypoint.checkpoints`).
+``podtrain checkpoints list|verify`` — a run's checkpoints, one checked byte for byte
+(:mod:`entrypoint.commands.checkpoints`).
 
-``podtrain pull`` / ``podtrain push`` — the dataset in, the outputs out (:mod:`entrypoint.data`).
-``podtrain record [URI]`` — the run record, one row per attempt (:mod:`entrypoint.record`).
+``podtrain pull`` / ``podtrain push`` — the dataset in, the outputs out (:mod:`entrypoint.commands.data`).
+``podtrain record [URI]`` — the run record, one row per attempt (:mod:`entrypoint.commands.record`).
 
 Start-up stays light: torch is imported only by the commands that read checkpoints.
 """
@@ -24,7 +25,8 @@ import threading
 import time
 from typing import Any
 
-from entrypoint import checkpoints, data, record, smoke, termination
+from entrypoint import termination
+from entrypoint.commands import checkpoints, data, record, smoke
 from entrypoint.early import EarlySignals
 from sdk import redaction
 from sdk.errors import ConfigError, PodtrainError, TransientStorageError, exit_code
@@ -178,7 +180,7 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
     from entrypoint.supervisor import FORWARDED, Supervisor, outcome_of
     from sdk.config import Config
     from sdk.log import configure, get_logger
-    from sdk.storage import require_backend
+    from sdk.stores.store import require_backend
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -229,9 +231,10 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
     recorder.pulled(pulled)
     if failure is not None:
         return _run_failed_before_child(args, config, failure, log, recorder)
-    # The termination message needs sdk.checkpoint (0.25-0.5 s to import): imported while the child runs, so
+    # The termination message needs sdk.checkpoints.checkpointer (0.25-0.5 s to import): imported while the child runs,
+    # so
     # the look-up in the last seconds of a grace period does not spend them importing.
-    threading.Thread(target=importlib.import_module, args=("sdk.checkpoint",), daemon=True).start()
+    threading.Thread(target=importlib.import_module, args=("sdk.checkpoints.checkpointer",), daemon=True).start()
     os.environ["PODTRAIN_REPORT_FILE"] = recorder.report_file  # the child's steps, for the run record
     recorder.started_child()
     result = Supervisor(cmd, grace_seconds=config.grace_seconds, log=log, early=early.received if early else ()).run()
@@ -263,11 +266,12 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
 
 
 def _before_pull(args: argparse.Namespace, config: Any, early: EarlySignals | None) -> int | None:
-    """Start the data's first listing (S3: it overlaps the attempt's look-up, :mod:`sdk.listing`), then check the
+    """Start the data's first listing (S3: it overlaps the attempt's look-up, :mod:`sdk.stores._listing`), then check
+    the
     output folder and the checkpoint store (:mod:`entrypoint.preflight`) unless a SIGTERM came first: the exit
     code when a check failed (its sentence written as the termination message), else None."""
     from entrypoint import preflight
-    from sdk import listing
+    from sdk.stores import _listing as listing
 
     for uri in config.data_uris:
         listing.start(uri)
@@ -278,8 +282,9 @@ def _before_pull(args: argparse.Namespace, config: Any, early: EarlySignals | No
 
 
 def _child_completed(recorder: record.Recorder) -> bool | None:
-    """Whether the child reported reaching the end of its run (:func:`sdk.report.completed`); None: no report."""
-    from sdk import report
+    """Whether the child reported reaching the end of its run (:func:`sdk.lifecycle.childreport.completed`); None: no
+    report."""
+    from sdk.lifecycle import childreport as report
 
     return report.completed(report.read(recorder.report_file))
 

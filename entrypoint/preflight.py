@@ -44,7 +44,7 @@ def check_output_dir(path: str) -> tuple[int, str] | None:
 
 def check_checkpoint_store(uri: str, *, timeout: float) -> tuple[int, str] | None:
     """The checkpoint store at ``uri`` takes a write, within ``timeout`` seconds."""
-    from sdk.storage import split_url
+    from sdk.stores.store import split_url
 
     protocol, path = split_url(uri)
     if protocol == "file":
@@ -61,7 +61,7 @@ def check_checkpoint_store(uri: str, *, timeout: float) -> tuple[int, str] | Non
 
 def _probe(uri: str, timeout: float) -> Exception | None:
     """Write and delete a probe object at the store's root; the error, or None."""
-    from sdk.storage import RetryPolicy, open_store
+    from sdk.stores.store import RetryPolicy, open_store
 
     retry = RetryPolicy(attempts=2, initial_wait=0.1, max_wait=0.5, jitter=0.1, timeout=max(timeout, 1.0))
     name = f".podtrain-probe-{secrets.token_hex(6)}"

@@ -35,7 +35,7 @@ from typing import Any
 
 from entrypoint._lifeline import Lifeline, parent_death_signal
 from entrypoint.termination import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, EXIT_UNAVAILABLE, Outcome, classify
-from sdk.preemption import safety_margin
+from sdk.lifecycle.preemption import safety_margin
 
 __all__ = ["FORWARDED", "Supervisor", "SupervisorResult", "outcome_of", "safety_margin"]
 
@@ -72,7 +72,8 @@ class SupervisorResult:
 def outcome_of(result: SupervisorResult, *, completed: bool | None = None, push_problem: str = "") -> Outcome:
     """The exit code and sentence for ``result`` (see :func:`entrypoint.termination.classify`).
 
-    ``completed``: the child's completion report (:func:`sdk.report.completed`). ``push_problem``: why the outputs
+    ``completed``: the child's completion report (:func:`sdk.lifecycle.childreport.completed`). ``push_problem``: why
+    the outputs
     were not pushed, if so; a success then becomes 69, so the retry resumes at the final checkpoint and pushes.
     """
     if result.returncode is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sdk.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_UNAVAILABLE
-from sdk.preemption import EXIT_PREEMPTED
+from sdk.lifecycle.preemption import EXIT_PREEMPTED
 from sdk.redaction import redact, redact_value
 
 __all__ = [
@@ -87,7 +87,8 @@ def classify(
     storage being unavailable (69) is a preemption (75): the child may have died of the forwarded SIGTERM before
     installing a handler, been SIGKILLed at the deadline (``killed_by_us``), or failed while being torn down.
     A child that exits 0 after the SIGTERM succeeded only if it reported completion (``completed``, from the SDK's
-    report, :mod:`sdk.report`): ``False`` makes it a preemption (75: the run did not reach its end, the retry
+    report, :mod:`sdk.lifecycle.childreport`): ``False`` makes it a preemption (75: the run did not reach its end, the
+    retry
     resumes); ``None`` (no SDK in the child, nothing reported) trusts the exit code, as the message says.
     ``forwarded``: signals the supervisor passed on to the child.
     """
@@ -156,14 +157,14 @@ def newest_checkpoint(
     Reads manifests only (no torch, no file checks). ``note`` is empty when a checkpoint was found, otherwise
     says why there is none (none committed, store missing, unreachable, too slow).
     """
-    from sdk.storage import split_url
+    from sdk.stores.store import split_url
 
     protocol, path = split_url(uri)
     if protocol == "file" and not Path(path).exists():
         return None, None, f"no checkpoint committed yet ({uri} does not exist)"
 
     def look() -> Any:
-        from sdk.checkpoint import Checkpointer
+        from sdk.checkpoints.checkpointer import Checkpointer
 
         return Checkpointer(uri, run_id=run_id, attempt=attempt or 1, retry=_quick_retry(timeout)).list(verify=False)
 
@@ -177,14 +178,14 @@ def newest_checkpoint(
 
 def derive_attempt(uri: str, *, run_id: str, timeout: float) -> tuple[int | None, str]:
     """``(attempt, note)``: the next attempt number after the newest the checkpoint store has seen, reserved there
-    (:func:`sdk.fence.reserve_attempt`: no other process can derive it too), within ``timeout``.
+    (:func:`sdk.checkpoints._fence.reserve_attempt`: no other process can derive it too), within ``timeout``.
 
     The supervisor derives it once and passes it to the child as ``PODTRAIN_ATTEMPT``, so that every rank of a
     multi-process child uses the same number. ``None`` with the reason when the store did not answer.
     """
 
     def look() -> Any:
-        from sdk.checkpoint import Checkpointer
+        from sdk.checkpoints.checkpointer import Checkpointer
 
         return Checkpointer(uri, run_id=run_id, retry=_quick_retry(timeout)).attempt
 
@@ -193,7 +194,7 @@ def derive_attempt(uri: str, *, run_id: str, timeout: float) -> tuple[int | None
 
 
 def _quick_retry(timeout: float) -> Any:
-    from sdk.storage import RetryPolicy
+    from sdk.stores.store import RetryPolicy
 
     return RetryPolicy(attempts=2, initial_wait=0.1, max_wait=0.5, jitter=0.1, timeout=max(timeout, 1.0))
 

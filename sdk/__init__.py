@@ -22,24 +22,24 @@ __all__ = [
 ]
 
 _LAZY = {
-    "CheckpointInfo": "sdk.checkpoint",
-    "Checkpointer": "sdk.checkpoint",
+    "CheckpointInfo": "sdk.checkpoints.checkpointer",
+    "Checkpointer": "sdk.checkpoints.checkpointer",
     "Config": "sdk.config",
-    "ResumableLoader": "sdk.loader",
+    "ResumableLoader": "sdk.data.loader",
     "Run": "sdk.run",
-    "Store": "sdk.storage",
+    "Store": "sdk.stores.store",
     "errors": "sdk.errors",
     "init": "sdk.run",
-    "open_store": "sdk.storage",
+    "open_store": "sdk.stores.store",
 }
 
 if TYPE_CHECKING:
     from sdk import errors
-    from sdk.checkpoint import Checkpointer, CheckpointInfo
+    from sdk.checkpoints.checkpointer import Checkpointer, CheckpointInfo
     from sdk.config import Config
-    from sdk.loader import ResumableLoader
+    from sdk.data.loader import ResumableLoader
     from sdk.run import Run, init
-    from sdk.storage import Store, open_store
+    from sdk.stores.store import Store, open_store
 
 
 def __getattr__(name: str) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from sdk.errors import ConfigError
-from sdk.preemption import parse_signals
+from sdk.lifecycle.preemption import parse_signals
 
 __all__ = ["ENV_PREFIX", "CheckpointMode", "Config", "LogFormat"]
 
@@ -63,7 +63,9 @@ class Config:
     checkpoint_mode: CheckpointMode = "async"
     artifact_uri: str = ""
     stall_seconds: float = 60.0  # a data pull or artifact push that moves no byte for this long is cut and retried
-    throttle_seconds: float = 300.0  # how long a pull or push keeps retrying a store that throttles it (sdk.throttle)
+    throttle_seconds: float = (
+        300.0  # how long a pull or push keeps retrying a store that throttles it (sdk.stores._throttle)
+    )
     require_checksums: bool = False  # a pulled object the store keeps no checksum for is an error, not "unverified"
     output_dir: str = ""
     grace_seconds: float = 30.0
@@ -72,7 +74,7 @@ class Config:
     log_format: LogFormat = "auto"
     log_level: str = "info"
     node_name: str = ""  # the Kubernetes node (downward API spec.nodeName), for the run record
-    report_file: str = ""  # set by `podtrain run`: where the child reports its progress (sdk.report)
+    report_file: str = ""  # set by `podtrain run`: where the child reports its progress (sdk.lifecycle.childreport)
 
     def __post_init__(self) -> None:
         home = Path.cwd() / ".podtrain" / self.run_id

@@ -47,7 +47,8 @@ __all__ = [
 
 Fault = Literal["user", "platform"]
 
-# Exit codes of the run's contract with the orchestrator (the supervisor reports them; 75 is in sdk.preemption).
+# Exit codes of the run's contract with the orchestrator (the supervisor reports them; 75 is in
+# sdk.lifecycle.preemption).
 EXIT_FAILED = 1  # the user's code failed: never retry
 EXIT_CONFIG = 2  # bad configuration or usage: never retry
 EXIT_UNAVAILABLE = 69  # storage unavailable after retries: retry later
@@ -89,7 +90,7 @@ class TransientStorageError(StorageError):
 
 class ThrottledStorageError(TransientStorageError):
     """The store asked us to slow down (S3 ``SlowDown``, HTTP 429, GCS ``rateLimitExceeded``): retried with fewer
-    requests in flight and longer waits (:mod:`sdk.throttle`), within a time budget; past it, exit 69 as any
+    requests in flight and longer waits (:mod:`sdk.stores._throttle`), within a time budget; past it, exit 69 as any
     storage outage (retry later)."""
 
 

@@ -27,18 +27,18 @@ from contextlib import contextmanager
 from typing import Any
 
 from sdk import log as _log
-from sdk import outputs
-from sdk.agreement import Agreement
-from sdk.checkpoint import Checkpointer, CheckpointInfo
+from sdk.checkpoints.checkpointer import Checkpointer, CheckpointInfo
+from sdk.checkpoints.saver import AsyncSaver
 from sdk.config import Config
+from sdk.data import outputs
+from sdk.data.pull import PullResult
+from sdk.data.push import PushResult
 from sdk.errors import ConfigError, PodtrainError, exit_code
-from sdk.preemption import EXIT_PREEMPTED, Preemption
-from sdk.pull import PullResult
-from sdk.push import PushResult
+from sdk.lifecycle.agreement import Agreement
+from sdk.lifecycle.childreport import Report
+from sdk.lifecycle.preemption import EXIT_PREEMPTED, Preemption
 from sdk.redaction import redact
-from sdk.report import Report
-from sdk.saver import AsyncSaver
-from sdk.storage import RetryPolicy
+from sdk.stores.store import RetryPolicy
 
 __all__ = ["EXIT_PREEMPTED", "Run", "init"]
 
@@ -121,11 +121,11 @@ class Run:
         """Fetch the dataset (``uris``, default ``PODTRAIN_DATA_URI``) into ``dest`` (default ``PODTRAIN_DATA_DIR``).
 
         Under ``podtrain run`` the supervisor has already pulled it, so this finds everything in place and fetches
-        nothing; run directly, it does the pull. Options are :func:`sdk.pull.pull`'s (``include``, ``workers``…).
+        nothing; run directly, it does the pull. Options are :func:`sdk.data.pull.pull`'s (``include``, ``workers``…).
         With several ranks each rank pulls into its own ``dest`` unless they share one (then pull on one rank).
         """
+        from sdk.data.pull import pull
         from sdk.errors import ConfigError
-        from sdk.pull import pull
 
         sources = list(uris) or self.config.data_uris
         if not sources:
@@ -142,10 +142,10 @@ class Run:
     def push_artifacts(self, path: str | None = None, *, name: str | None = None, **options: Any) -> PushResult:
         """Upload ``path`` (default ``PODTRAIN_OUTPUT_DIR``) to ``PODTRAIN_ARTIFACT_URI/<run_id>[/name]``.
 
-        Verified and incremental (:mod:`sdk.push`): calling it again sends only new or changed files. Under
+        Verified and incremental (:mod:`sdk.data.push`): calling it again sends only new or changed files. Under
         ``podtrain run`` the output folder is also pushed when the child ends, whatever the outcome.
         """
-        from sdk.push import default_url, push
+        from sdk.data.push import default_url, push
 
         url = default_url(self.config.artifact_uri, self.config.run_id)
         options.setdefault("retry", self._retry())
@@ -164,7 +164,7 @@ class Run:
     def export(self, model: Any, *, step: int, name: str = "model", **meta: Any) -> PushResult:
         """Write the final weights as ``export/<name>.safetensors`` with a JSON sidecar (step, run_id, attempt,
         the last metrics, ``meta``) in ``PODTRAIN_OUTPUT_DIR``, push both, and verify them in the store."""
-        from sdk.push import default_url, push
+        from sdk.data.push import default_url, push
 
         sidecar = {"run_id": self.config.run_id, "attempt": self.checkpointer.attempt, "step": step}
         folder = outputs.write_export(
@@ -175,7 +175,7 @@ class Run:
     def should_stop(self) -> bool:
         """True once a stop signal arrived: break out of the loop; the block's end saves what fits, exits 75.
 
-        Call it once per step. With several ranks it is agreed (:mod:`sdk.agreement`): every rank gets True at
+        Call it once per step. With several ranks it is agreed (:mod:`sdk.lifecycle.agreement`): every rank gets True at
         the same step, at the first agreement after a rank saw the signal (agreements are at most ~1 s apart).
         """
         if self.agreement is not None:
@@ -223,7 +223,7 @@ class Run:
         training loop never waits on storage for a policy save; a newer step is saved instead of an older one);
         when the loop ends before a next call, the end of the block saves it (see :meth:`finish`).
         ``force=True`` waits for the save in flight and saves this step. A background failure that must be
-        raised (see :mod:`sdk.saver`) is raised here.
+        raised (see :mod:`sdk.checkpoints.saver`) is raised here.
 
         Every call also records ``(step, state)`` (and ``meta``) as what the end of the block — an emergency save
         on preemption, or :meth:`finish` — commits when it is not committed yet.
@@ -447,7 +447,7 @@ def _opened(config: Config | None, preemption: Preemption | None, overrides: dic
             run.close(failed=True)
             raise
         run.close()
-        run.report.complete()  # the block reached its end without a stop request (sdk.report)
+        run.report.complete()  # the block reached its end without a stop request (sdk.lifecycle.childreport)
     finally:
         run.preemption.uninstall()
         if run.report.pending:

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 
-from sdk import checksum
-from sdk.checkpoint import Checkpointer
+from sdk.checkpoints.checkpointer import Checkpointer
+from sdk.checkpoints.manifest import FORMAT, step_dir
 from sdk.errors import CommitConflictError, InvalidCheckpointError, NoCheckpointError, StaleAttemptError
-from sdk.manifest import FORMAT, step_dir
-from sdk.storage import open_store
+from sdk.stores import checksum
+from sdk.stores.store import open_store
 
 
 class _Exploit:
@@ -137,7 +137,7 @@ class CheckpointContract:
 
     def test_a_model_state_split_into_shards_round_trips(self, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
         """Past the shard size the model is saved as several safetensors files and loads back whole."""
-        monkeypatch.setattr("sdk.serialization.SHARD_BYTES", 200)
+        monkeypatch.setattr("sdk.checkpoints.serialization.SHARD_BYTES", 200)
         original = _state(3)
         Checkpointer(url, run_id="r1", attempt=1).save(8, original)
         shards = [n for n in self._manifest(url, 8)["files"] if n.rsplit("/", 1)[-1].startswith("model-")]

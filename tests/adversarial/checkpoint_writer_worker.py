@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repository's sdk
 
-from sdk.checkpoint import Checkpointer
+from sdk.checkpoints.checkpointer import Checkpointer
+from sdk.checkpoints.manifest import MANIFEST_NAME
 from sdk.config import Config
 from sdk.errors import CheckpointError
-from sdk.manifest import MANIFEST_NAME
 
 WAIT = 60.0  # seconds a peer waits at a barrier before giving up (the test then fails with the reason)
 

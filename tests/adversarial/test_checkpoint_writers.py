@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from sdk.manifest import MANIFEST_NAME, parse, step_dir
-from sdk.storage import open_store
+from sdk.checkpoints.manifest import MANIFEST_NAME, parse, step_dir
+from sdk.stores.store import open_store
 
 WORKER = str(Path(__file__).with_name("checkpoint_writer_worker.py"))
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))  # the console script installed beside this python

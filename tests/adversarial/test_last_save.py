@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import sdk
-from sdk.checkpoint import Checkpointer
+from sdk.checkpoints.checkpointer import Checkpointer
 from sdk.config import Config
-from sdk.preemption import Preemption
+from sdk.lifecycle.preemption import Preemption
 from tests.conftest import WriteGate
 
 WORKER = str(Path(__file__).with_name("last_save_worker.py"))

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import torch
 
-from sdk import checksum
-from sdk.checkpoint import Checkpointer
-from sdk.manifest import MANIFEST_NAME, FileEntry, parse, step_dir
-from sdk.storage import open_store
+from sdk.checkpoints.checkpointer import Checkpointer
+from sdk.checkpoints.manifest import MANIFEST_NAME, FileEntry, parse, step_dir
+from sdk.stores import checksum
+from sdk.stores.store import open_store
 from tests.conftest import CapturedLog
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))
@@ -265,9 +265,9 @@ def test_resume_skips_a_pickle_over_the_size_bound(
     file_url: str, captured_log: CapturedLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pickle larger than the bound is refused before it is unpickled (the bound is lowered for the test)."""
-    import sdk.statefile
+    import sdk.checkpoints._statefile
 
-    monkeypatch.setattr(sdk.statefile, "MAX_PICKLE_BYTES", 2**20)
+    monkeypatch.setattr(sdk.checkpoints._statefile, "MAX_PICKLE_BYTES", 2**20)
     _save(file_url, 1, 2)
     _damage(file_url, 2, "counter.pt", _with_pickle(b"\x80\x02}" + b"N" * (2 * 2**20) + b"."))
     state = _state(99)
@@ -325,7 +325,7 @@ def test_a_deeply_nested_claim_is_ignored(url: str) -> None:
 
 def test_a_deeply_nested_attempt_record_is_skipped(url: str) -> None:
     """An attempt record nested 200,000 deep is skipped by the run record's reader like any unreadable one."""
-    from sdk import record
+    from sdk.lifecycle import runrecord as record
 
     record.write(url, {"attempt": 1, "run_id": "r", "outcome": "succeeded"})
     open_store(url).put(f"{record.ATTEMPTS_DIR}/attempt-2.json", b"[" * DEEP + b"]" * DEEP)
@@ -335,7 +335,7 @@ def test_a_deeply_nested_attempt_record_is_skipped(url: str) -> None:
 
 def test_a_deeply_nested_rank_record_is_a_clear_error(url: str) -> None:
     """Rank 0 gathering a rank record nested 200,000 deep gets one clear error naming it, no RecursionError."""
-    from sdk import ranks
+    from sdk.checkpoints import _ranks as ranks
     from sdk.errors import MalformedDocumentError
 
     store = open_store(url)
@@ -351,7 +351,7 @@ def test_a_deeply_nested_rank_record_is_a_clear_error(url: str) -> None:
 )
 def test_a_rank_record_of_the_wrong_shape_is_a_clear_error(url: str, body: bytes) -> None:
     """Valid JSON that is not a rank record: one CheckpointError naming the record, never a TypeError/KeyError."""
-    from sdk import ranks
+    from sdk.checkpoints import _ranks as ranks
     from sdk.errors import CheckpointError
 
     store = open_store(url)

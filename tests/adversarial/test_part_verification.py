@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from sdk import checksum
+from sdk.data.pull import PARTIAL_SUFFIX, pull
 from sdk.errors import TransientStorageError, UnverifiedObjectError
-from sdk.pull import PARTIAL_SUFFIX, pull
-from sdk.storage import RetryPolicy
+from sdk.stores import checksum
+from sdk.stores.store import RetryPolicy
 from tests.conftest import BUCKET, CapturedLog
 from tests.faultproxy import FaultProxy
 

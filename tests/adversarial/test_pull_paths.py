@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
+from sdk.data._localpath import INDEX_NAME, LOCK_NAME, PARTIAL_SUFFIX
+from sdk.data.pull import pull
 from sdk.errors import DataPathError, DestinationBusyError, UnsafeKeyError
-from sdk.localpath import INDEX_NAME, LOCK_NAME, PARTIAL_SUFFIX
-from sdk.pull import pull
-from sdk.storage import Store, open_store
+from sdk.stores.store import Store, open_store
 from tests.conftest import CapturedLog
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-import sdk.push
-from sdk.push import push
-from sdk.storage import open_store
+import sdk.data.push
+from sdk.data.push import push
+from sdk.stores.store import open_store
 from tests.conftest import BUCKET, CapturedLog
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))
@@ -114,7 +114,7 @@ def test_a_file_swapped_for_a_link_after_the_scan_is_not_followed(
     (out / "model.txt").write_bytes(b"weights")
     (out / "sub" / "data.txt").write_bytes(b"data")
     (out / "keep.txt").write_bytes(b"kept")
-    real_open_store = sdk.push.open_store
+    real_open_store = sdk.data.push.open_store
 
     def swap_then_open(*args: Any, **kwargs: Any) -> Any:  # called after the folder was scanned
         (out / "model.txt").unlink()
@@ -124,7 +124,7 @@ def test_a_file_swapped_for_a_link_after_the_scan_is_not_followed(
         os.symlink(tmp_path / "secretdir", out / "sub")
         return real_open_store(*args, **kwargs)
 
-    monkeypatch.setattr(sdk.push, "open_store", swap_then_open)
+    monkeypatch.setattr(sdk.data.push, "open_store", swap_then_open)
     result = push(out, f"{s3_url}/artifacts/r2", workers=1)
     objects = _bucket()
     _assert_nothing_leaked(objects)
@@ -194,7 +194,7 @@ def test_the_supervisor_push_after_the_child_skips_links_out_of_the_folder(s3_ur
 def test_a_file_over_the_multipart_threshold_is_streamed_from_its_descriptor(s3_url: str, tmp_path: Path) -> None:
     """S3 parts are read from the descriptor opened without following links: a big file, and an inside link to it,
     both land whole; a link to a big file outside does not."""
-    from sdk.s3 import S3_MULTIPART_THRESHOLD
+    from sdk.stores._s3 import S3_MULTIPART_THRESHOLD
 
     big = os.urandom(S3_MULTIPART_THRESHOLD + 123)
     out = tmp_path / "out"

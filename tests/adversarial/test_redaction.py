@@ -92,7 +92,7 @@ def _podtrain(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Complete
 
 def _store_bytes(prefix: str) -> dict[str, bytes]:
     """Every object under ``s3://BUCKET/<prefix>``, read directly (not through podtrain's writers)."""
-    from sdk.storage import open_store
+    from sdk.stores.store import open_store
 
     store = open_store(f"s3://{BUCKET}/{prefix}")
     return {name: store.get(name) for name in store.walk()}
@@ -102,7 +102,7 @@ def _store_bytes(prefix: str) -> dict[str, bytes]:
 CHILD = """
 import os
 from sdk.log import get_logger
-from sdk.outputs import append_metrics
+from sdk.data.outputs import append_metrics
 token = os.environ["AWS_SESSION_TOKEN"]
 url = "https://admin:" + os.environ["DB_PASSWORD"] + "@internal.example/x"
 get_logger("child").info("child.says " + token, url=url)
@@ -245,7 +245,7 @@ def test_a_usage_error_echoing_a_secret_is_masked(tmp_path: Path) -> None:
 def test_a_stored_record_holding_secrets_is_printed_masked(proxy: FaultProxy, tmp_path: Path, as_json: bool) -> None:
     """`podtrain record` of a run.json written by hand (or by an older podtrain) with secrets in it: the table and
     the JSON it prints hide them."""
-    from sdk.storage import open_store
+    from sdk.stores.store import open_store
 
     entry = {"attempt": 1, "outcome": "failed", "exit_code": 1, "node": f"https://{URL_TOKEN}@node.example/x"}
     stored = {"run_id": RUN_ID, "attempts": [{**entry, "message": SERVER_MESSAGE}]}
@@ -263,7 +263,7 @@ def test_the_push_record_never_holds_a_secret_of_the_destination_url(
 ) -> None:
     """A destination whose URL holds a secret value: ``.podtrain-push.jsonl`` records it masked, and a second push
     still recognises what was sent (nothing sent twice)."""
-    from sdk.push import PUSH_INDEX, push
+    from sdk.data.push import PUSH_INDEX, push
 
     secret = "pushSecretValue0123456789"
     monkeypatch.setenv("PODTRAIN_TEST_SECRET_TOKEN", secret)

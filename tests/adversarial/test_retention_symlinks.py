@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdk.checkpoint import Checkpointer
+from sdk.checkpoints.checkpointer import Checkpointer
+from sdk.checkpoints.manifest import MANIFEST_NAME, step_dir
 from sdk.errors import PermanentStorageError
-from sdk.manifest import MANIFEST_NAME, step_dir
-from sdk.storage import open_store
+from sdk.stores.store import open_store
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))
 

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from sdk.data.pull import INDEX_NAME, pull
 from sdk.errors import EXIT_UNAVAILABLE, ThrottledStorageError, exit_code
-from sdk.pull import INDEX_NAME, pull
-from sdk.storage import RetryPolicy, open_store
+from sdk.stores.store import RetryPolicy, open_store
 from tests.faultproxy import FaultProxy
 
 if TYPE_CHECKING:

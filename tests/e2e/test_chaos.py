@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 import torch
 
-from sdk.checkpoint import Checkpointer, CheckpointInfo
+from sdk.checkpoints.checkpointer import Checkpointer, CheckpointInfo
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "tests" / "e2e" / "chaos_train.py"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sdk.storage import open_store
+from sdk.stores.store import open_store
 from tests.faultproxy import FaultProxy
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdk.checkpoint import Checkpointer
+from sdk.checkpoints.checkpointer import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,7 @@
 Run as a script (one fresh process per run). Everything a step draws from is random: the loader's shuffle
 (from the global torch RNG: the DataLoader has no generator of its own), dropout (global torch RNG), and
 augmentation in ``__getitem__`` from numpy's and python's global RNGs. The model is trained with Adam and a
-OneCycle schedule, checkpointed through :class:`sdk.checkpoint.Checkpointer`.
+OneCycle schedule, checkpointed through :class:`sdk.checkpoints.checkpointer.Checkpointer`.
 
     python resume_worker.py --ckpt file:///tmp/c --out final.pt [--stop-at 50] [--every 20]
 
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sdk.checkpoint import Checkpointer
-from sdk.loader import ResumableLoader
+from sdk.checkpoints.checkpointer import Checkpointer
+from sdk.data.loader import ResumableLoader
 
 SAMPLES = 200
 BATCH = 16  # 13 batches an epoch, the last one of 8

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from sdk.checkpoint import Checkpointer
+from sdk.checkpoints.checkpointer import Checkpointer
 from sdk.errors import StorageNotFoundError, StoragePermissionError
-from sdk.storage import RetryPolicy
+from sdk.stores.store import RetryPolicy
 from tests.checkpoint_contract import CheckpointContract, _same, _state, _weights
 from tests.conftest import CapturedLog, RecordedSleep
 from tests.faultproxy import FaultProxy

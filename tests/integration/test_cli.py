@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdk.checkpoint import Checkpointer
+from sdk.checkpoints.checkpointer import Checkpointer
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))  # the console script installed beside this python
 

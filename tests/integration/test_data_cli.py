@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trustme
 
-from sdk.storage import open_store
+from sdk.stores.store import open_store
 from tests.conftest import MotoS3Server
 from tests.faultproxy import FaultProxy
 

@@ -1,4 +1,4 @@
-"""sdk.listing: a pull's first S3 listing, started early, is used once and never replaces the real listing's
+"""sdk.stores._listing: a pull's first S3 listing, started early, is used once and never replaces the real listing's
 errors or freshness."""
 
 from __future__ import annotations
@@ -8,14 +8,15 @@ from typing import Any
 
 import pytest
 
-from sdk import listing, s3http
 from sdk.errors import StorageNotFoundError
-from sdk.storage import open_store
+from sdk.stores import _listing as listing
+from sdk.stores import _s3http as s3http
+from sdk.stores.store import open_store
 
 
 @pytest.fixture
 def lists(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
-    """Every ListObjectsV2 sdk.s3http makes: (thread name, bucket, prefix)."""
+    """Every ListObjectsV2 sdk.stores._s3http makes: (thread name, bucket, prefix)."""
     seen: list[tuple[str, str, str]] = []
     real = s3http.S3HTTP.list
 

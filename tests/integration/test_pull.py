@@ -1,4 +1,4 @@
-"""Pulling a dataset (sdk.pull) from file://, S3 (moto) and GCS (fake-gcs-server) on 127.0.0.1."""
+"""Pulling a dataset (sdk.data.pull) from file://, S3 (moto) and GCS (fake-gcs-server) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from sdk.data.pull import INDEX_NAME, PARTIAL_SUFFIX, pull
 from sdk.errors import InsufficientSpaceError, StorageNotFoundError, StoragePermissionError
-from sdk.pull import INDEX_NAME, PARTIAL_SUFFIX, pull
-from sdk.storage import RetryPolicy, Store, open_store
+from sdk.stores.store import RetryPolicy, Store, open_store
 from tests.faultproxy import FaultProxy
 
 FILES = {"train/a.bin": os.urandom(3000), "train/b.bin": os.urandom(70_000), "val/c.txt": b"hello", "README": b"x"}
@@ -125,7 +125,7 @@ def test_not_enough_disk_fails_before_fetching(
     """A volume without room: InsufficientSpaceError naming the sizes and the folder, nothing read."""
     _upload(store_url)
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("sdk.pull.shutil.disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    monkeypatch.setattr("sdk.data.pull.shutil.disk_usage", lambda path: usage(10**9, 10**9, 1000))
     with pytest.raises(InsufficientSpaceError, match="bigger volume"):
         pull([f"{store_url}/data"], tmp_path / "data")
     assert gets == []

@@ -1,4 +1,4 @@
-"""Pushing outputs (sdk.push, `podtrain push`, the supervisor's push when the child ends) on file://, S3, GCS."""
+"""Pushing outputs (sdk.data.push, `podtrain push`, the supervisor's push when the child ends) on file://, S3, GCS."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from sdk.backend import Backend
-from sdk.push import PUSH_INDEX, push
-from sdk.storage import Store, open_store
+from sdk.data.push import PUSH_INDEX, push
+from sdk.stores._fsspec import Backend
+from sdk.stores.store import Store, open_store
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))
 

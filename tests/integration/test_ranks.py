@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdk.checkpoint import Checkpointer
-from sdk.storage import open_store
+from sdk.checkpoints.checkpointer import Checkpointer
+from sdk.stores.store import open_store
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 STEPS = 160

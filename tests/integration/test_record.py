@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sdk import record
-from sdk.storage import open_store
+from sdk.lifecycle import runrecord as record
+from sdk.stores.store import open_store
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))
 TRAIN = Path(__file__).resolve().parents[1] / "e2e" / "chaos_train.py"

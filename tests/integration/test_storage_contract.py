@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from sdk import checksum, s3
 from sdk.errors import PermanentStorageError, StorageNotFoundError, StoragePermissionError
-from sdk.storage import Store, open_store, split_url
+from sdk.stores import _s3 as s3
+from sdk.stores import checksum
+from sdk.stores.store import Store, open_store, split_url
 
 if TYPE_CHECKING:
     from tests.conftest import RecordedSleep
@@ -77,7 +78,7 @@ class StoreContract:
     def test_upload_returns_what_the_store_holds_and_describe_agrees(self, store: Store) -> None:
         """upload() answers with the stored size and, where the store keeps one, the CRC32C it checked;
         describe() says the same; a ranged read returns exactly that slice."""
-        from sdk import checksum
+        from sdk.stores import checksum
 
         data = _blob(70_000)
         crc = checksum.crc32c(data)
@@ -303,7 +304,7 @@ class TestS3Store(StoreContract):
     ) -> None:
         """When a part is refused, the upload fails with S3's error and is aborted: no object, no parts left over
         for S3 to bill."""
-        from sdk import s3http
+        from sdk.stores import _s3http as s3http
 
         (tmp_path / "big.bin").write_bytes(os.urandom(11 * 2**20))
         real = s3http.S3HTTP.upload_part

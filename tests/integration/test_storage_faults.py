@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import pytest
 from gcsfs.core import GCSFileSystem
 
-from sdk import checksum
 from sdk.errors import TransientStorageError
-from sdk.storage import RetryPolicy, Store, open_store
+from sdk.stores import checksum
+from sdk.stores.store import RetryPolicy, Store, open_store
 from tests.faultproxy import FaultProxy
 
 if TYPE_CHECKING:

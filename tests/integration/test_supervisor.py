@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdk.checkpoint import Checkpointer
+from sdk.checkpoints.checkpointer import Checkpointer
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))
 PY = sys.executable
@@ -116,7 +116,7 @@ def test_an_unset_attempt_is_derived_once_and_given_to_the_child(tmp_path: Path)
     assert run.wait() == 0, run.stderr
     assert seen.read_text().strip() == "1"
     assert run.message()["attempt"] == 1
-    from sdk.checkpoint import Checkpointer
+    from sdk.checkpoints.checkpointer import Checkpointer
 
     Checkpointer(f"file://{tmp_path}/ckpt", run_id="sup", attempt=1).save(3, {"model": torch.nn.Linear(2, 2)})
     run = Run(tmp_path, ["sh", "-c", f'echo "$PODTRAIN_ATTEMPT" > {seen}'], env={"PODTRAIN_ATTEMPT": ""})

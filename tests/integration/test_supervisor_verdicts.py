@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sdk.storage import open_store
+from sdk.stores.store import open_store
 from tests.integration.test_supervisor import PY, Run, _script, _wait_for
 
 SDK_CHILD_SWALLOWS_THE_STOP = """

@@ -18,7 +18,8 @@ from tests.conftest import ManualClock
 def test_import_sdk_and_the_cli_do_not_import_torch() -> None:
     """`import sdk`, config, storage, log, checkpoint listing and the CLI load without torch."""
     code = (
-        "import sys, sdk, sdk.config, sdk.storage, sdk.log, sdk.errors, sdk.manifest, sdk.checkpoint, entrypoint.cli; "
+        "import sys, sdk, sdk.config, sdk.stores.store, sdk.log, sdk.errors, sdk.checkpoints.manifest, "
+        "sdk.checkpoints.checkpointer, entrypoint.cli; "
         "sdk.Config; sdk.open_store; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -85,7 +86,7 @@ def test_time_policy_saves_when_enough_seconds_passed(tmp_path: Path) -> None:
 
 def test_preempted_run_commits_the_newest_step_and_exits_75(tmp_path: Path) -> None:
     """After a stop request, leaving the block saves the step last given to checkpoint() and exits 75."""
-    from sdk.preemption import Preemption
+    from sdk.lifecycle.preemption import Preemption
 
     stop = Preemption(30)
     model = torch.nn.Linear(2, 2)
@@ -107,7 +108,7 @@ def test_preempted_run_commits_the_newest_step_and_exits_75(tmp_path: Path) -> N
 
 def test_preempted_run_skips_a_save_that_cannot_finish_in_time(tmp_path: Path) -> None:
     """When past saves were slower than the time left, the newest committed checkpoint stands; still exit 75."""
-    from sdk.preemption import Preemption
+    from sdk.lifecycle.preemption import Preemption
     from sdk.run import Run
 
     clock = ManualClock()

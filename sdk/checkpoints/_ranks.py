@@ -1,0 +1,92 @@
+"""Checkpoints of several ranks: each rank's files, its record, and the one commit after all of them are in.
+
+With ``world_size > 1`` every rank saves its own state (its RNG streams and data position differ, and so may its
+shard of the model) under ``step-N/<writer folder>/rank-<r>/``. When its uploads are done it writes
+``<writer folder>/rank-<r>.json`` — the names, sizes and CRC32Cs of its files. Rank 0 waits until the record of
+every rank is there, merges them, and creates ``MANIFEST.json`` once, conditionally, as for one rank.
+The writer folder (``attempt-<a>-<writer>``, :func:`sdk.checkpoints._fence.writer_dir`) is the job's own: its ranks
+agree on
+the writer id with their first collective (:mod:`sdk.lifecycle.agreement`), so another job given the same attempt number
+never mixes its ranks' records or files with theirs (ranks that agreed on none — ``Checkpointer`` objects used
+directly without ``writer=`` — share ``attempt-<a>/`` as before). The ranks talk only through
+the store: no collective runs in the background thread, so the save cannot deadlock against the training loop's
+own collectives, and a rank that dies leaves a step that is simply never committed.
+
+A checkpoint of N ranks is loaded by N ranks, each reading only its own files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+
+from sdk.checkpoints.manifest import FileEntry
+from sdk.errors import CheckpointError, StorageNotFoundError
+from sdk.stores import boundedjson
+from sdk.stores.store import Store
+
+__all__ = ["RANK_TIMEOUT", "files_of_rank", "gather", "rank_prefix", "write_record"]
+
+RANK_TIMEOUT = 600.0  # seconds rank 0 waits for the other ranks' records of a step before giving up on it
+
+
+def rank_prefix(writer_dir: str, rank: int, world_size: int) -> str:
+    """Where a rank's files go inside the step folder, under the writer's folder ``writer_dir``."""
+    return writer_dir if world_size == 1 else f"{writer_dir}/rank-{rank}"
+
+
+def files_of_rank(files: Mapping[str, FileEntry], rank: int, world_size: int) -> dict[str, FileEntry]:
+    """The files of a manifest that ``rank`` loads: all of them for one rank, else those under its folder."""
+    if world_size == 1:
+        return dict(files)
+    marker = f"/rank-{rank}/"
+    return {name: entry for name, entry in files.items() if marker in f"/{name}"}
+
+
+def write_record(store: Store, folder: str, writer_dir: str, rank: int, files: Mapping[str, FileEntry]) -> None:
+    """Record that ``rank`` finished uploading ``files`` for the step in ``folder``."""
+    body = {"rank": rank, "files": {n: {"size": e.size, "crc32c": e.crc32c} for n, e in files.items()}}
+    store.put(f"{folder}/{writer_dir}/rank-{rank}.json", json.dumps(body).encode())
+
+
+def gather(
+    store: Store,
+    folder: str,
+    writer_dir: str,
+    world_size: int,
+    *,
+    timeout: float = RANK_TIMEOUT,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, FileEntry]:
+    """Wait for every rank's record of this step; return all their files. Raises CheckpointError on timeout."""
+    wanted = {f"rank-{r}.json" for r in range(world_size)}
+    give_up = clock() + timeout
+    pause = 0.02
+    while True:
+        try:
+            present = wanted & set(store.list(f"{folder}/{writer_dir}"))
+        except StorageNotFoundError:
+            present = set()
+        if present == wanted:
+            break
+        if clock() >= give_up:
+            missing = sorted(int(n[5:-5]) for n in wanted - present)
+            raise CheckpointError(
+                f"{folder}: rank(s) {missing} did not finish writing within {timeout:.0f}s; the step is not committed"
+            )
+        sleep(pause)
+        pause = min(pause * 2, 0.5)
+    files: dict[str, FileEntry] = {}
+    for name in sorted(wanted):
+        rel = f"{folder}/{writer_dir}/{name}"
+        body = boundedjson.loads(store.get(rel), what=store.url_of(rel), max_bytes=16 * 2**20, max_depth=4)
+        try:
+            for file, entry in body["files"].items():
+                files[str(file)] = FileEntry(size=int(entry["size"]), crc32c=str(entry["crc32c"]))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{store.url_of(rel)} is not a rank record ({type(exc).__name__}: {exc}); the step is not committed"
+            ) from exc
+    return files

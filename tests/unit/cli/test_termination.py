@@ -1,0 +1,235 @@
+"""Exit codes, the termination message's shape and size, GPU counting and the checkpoint lookup."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from entrypoint import termination as term
+from entrypoint.termination import classify
+
+
+@pytest.mark.parametrize(
+    ("returncode", "preempted", "killed", "code", "words"),
+    [
+        (0, False, False, 0, "exited 0"),
+        (3, False, False, 1, "exited 3"),
+        (1, False, False, 1, "exited 1"),
+        (2, False, False, 2, "configuration"),
+        (69, False, False, 69, "storage"),
+        (75, False, False, 75, "75"),
+        (-signal.SIGKILL, False, False, 1, "SIGKILL"),
+        (-signal.SIGSEGV, False, False, 1, "SIGSEGV"),
+        (75, True, False, 75, "75"),
+        (-signal.SIGTERM, True, False, 75, "SIGTERM"),
+        (-signal.SIGKILL, True, True, 75, "deadline"),
+        (143, True, False, 75, "exited 143"),
+        (1, True, False, 75, "exited 1"),
+        (0, True, False, 0, "exited 0"),
+        (2, True, False, 2, "configuration"),
+        (69, True, False, 69, "storage"),
+    ],
+)
+def test_classify_maps_child_endings_to_the_contract(
+    returncode: int, preempted: bool, killed: bool, code: int, words: str
+) -> None:
+    """Every child ending maps to the contract's exit code, with a message that says how it ended."""
+    outcome = classify(returncode, preempted=preempted, killed_by_us=killed)
+    assert outcome.exit_code == code
+    assert words in outcome.message
+    assert outcome.outcome == term.OUTCOMES[code]
+
+
+def test_forwarded_signal_death_is_named_as_forwarded() -> None:
+    """A child that died of a signal we forwarded (SIGINT) fails (1) and the message says it was forwarded."""
+    outcome = classify(-signal.SIGINT, forwarded=frozenset({signal.SIGINT}))
+    assert outcome.exit_code == 1 and "SIGINT (forwarded)" in outcome.message
+
+
+def test_signal_name_handles_unknown_numbers() -> None:
+    """A number with no signal name is still described."""
+    assert term.signal_name(9) == "SIGKILL"
+    assert term.signal_name(250) == "signal 250"
+
+
+def test_record_has_exactly_the_contract_fields() -> None:
+    """The message has the nine contract fields in order; gpu_seconds is seconds times GPUs."""
+    fields = term.record(
+        term.Outcome(75, "preempted"),
+        run_id="r1",
+        attempt=2,
+        step=1200,
+        checkpoint="s3://b/r1/step-0000001200",
+        seconds=10.0,
+        gpus=8,
+        note="x",
+    )
+    assert tuple(fields) == term.FIELDS
+    assert fields["outcome"] == "preempted" and fields["gpu_seconds"] == 80.0
+    assert fields["message"] == "preempted; x"
+
+
+@pytest.mark.parametrize("filler", ["a", "é", '"', "\\", "\n", "\u2028", "💥"])
+def test_render_cuts_the_message_to_4096_bytes_and_stays_valid_json(filler: str) -> None:
+    """A huge message of any characters is cut so the line is valid JSON of at most 4,096 UTF-8 bytes."""
+    fields = term.record(
+        term.Outcome(1, filler * 20_000), run_id="r", attempt=1, step=None, checkpoint=None, seconds=1, gpus=0
+    )
+    line = term.render(fields)
+    assert "\n" not in line
+    assert len(line.encode("utf-8")) <= term.MAX_BYTES
+    parsed = json.loads(line)
+    assert parsed["message"].endswith("…") and len(parsed["message"]) > 500
+    assert {k: v for k, v in parsed.items() if k != "message"} == {k: v for k, v in fields.items() if k != "message"}
+
+
+def test_render_leaves_a_short_message_alone() -> None:
+    """A message that fits is not touched."""
+    fields = term.record(term.Outcome(0, "ok"), run_id="r", attempt=1, step=3, checkpoint="c", seconds=1, gpus=1)
+    assert json.loads(term.render(fields)) == fields
+
+
+@pytest.mark.parametrize(
+    ("env", "count"),
+    [
+        ({}, 0),
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, 3),
+        ({"CUDA_VISIBLE_DEVICES": ""}, 0),
+        ({"CUDA_VISIBLE_DEVICES": "0,-1,2"}, 1),
+        ({"CUDA_VISIBLE_DEVICES": "GPU-8c1f,GPU-77aa"}, 2),
+        ({"NVIDIA_VISIBLE_DEVICES": "all"}, 0),
+        ({"NVIDIA_VISIBLE_DEVICES": "void"}, 0),
+        ({"NVIDIA_VISIBLE_DEVICES": "0,1"}, 2),
+        ({"CUDA_VISIBLE_DEVICES": "3", "NVIDIA_VISIBLE_DEVICES": "0,1,2,3"}, 1),
+    ],
+)
+def test_gpu_count_reads_visible_devices_without_torch(env: dict[str, str], count: int) -> None:
+    """GPUs are counted from CUDA_VISIBLE_DEVICES then NVIDIA_VISIBLE_DEVICES; all/void/empty count 0."""
+    assert term.gpu_count(env) == count
+
+
+def test_termination_log_written_where_writable_and_never_raises(tmp_path: Path) -> None:
+    """The line is written to a writable path; an unwritable one is reported, not raised."""
+    target = tmp_path / "termination-log"
+    assert term.write_termination_log(str(target), '{"a": 1}')
+    assert target.read_text() == '{"a": 1}\n'
+    problems: list[str] = []
+    assert not term.write_termination_log(str(tmp_path / "no" / "such" / "dir" / "f"), "{}", warn=problems.append)
+    assert problems and "not written" in problems[0]
+
+
+def test_default_termination_log_is_skipped_where_it_does_not_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/dev/termination-log is written only where Kubernetes created it."""
+    monkeypatch.setattr(term.os.path, "exists", lambda path: False)
+    assert not term.write_termination_log(term.DEFAULT_TERMINATION_LOG, "{}")
+
+
+def test_newest_checkpoint_of_a_missing_local_store_is_none(tmp_path: Path) -> None:
+    """A local checkpoint location that does not exist means no checkpoint, and it is not created."""
+    step, url, note = term.newest_checkpoint(str(tmp_path / "nothing"), run_id="r", attempt=None, timeout=5)
+    assert (step, url) == (None, None) and "no checkpoint committed" in note
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_newest_checkpoint_reads_manifests(tmp_path: Path) -> None:
+    """The newest committed step is found from manifests; an uncommitted folder is skipped."""
+    import torch
+
+    from sdk.checkpoints.checkpointer import Checkpointer
+
+    ckpt = Checkpointer(str(tmp_path / "ck"), run_id="r", attempt=1)
+    ckpt.save(5, {"model": torch.nn.Linear(2, 2)})
+    ckpt.save(7, {"model": torch.nn.Linear(2, 2)})
+    ckpt.store.put("step-0000000009/attempt-1/model.pt", b"partial")  # never committed
+    step, url, note = term.newest_checkpoint(str(tmp_path / "ck"), run_id="r", attempt=None, timeout=10)
+    assert step == 7 and url is not None and url.endswith("step-0000000007") and note == ""
+
+
+def test_newest_checkpoint_reports_an_unreadable_store() -> None:
+    """A store that cannot be read gives no checkpoint and says why."""
+    step, url, note = term.newest_checkpoint("memory://podtrain-nope/x", run_id="r", attempt=1, timeout=5)
+    assert (step, url) == (None, None)
+    assert note
+
+
+def test_supervisor_modules_do_not_import_torch() -> None:
+    """Importing the supervisor, the termination module and the CLI leaves torch unimported."""
+    code = (
+        "import entrypoint.supervisor, entrypoint.termination, entrypoint.cli; "
+        "import sys; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_derive_attempt_is_one_more_than_the_newest_seen_and_reserved(tmp_path: Path) -> None:
+    """An empty store gives attempt 1; after attempt 3 saved, the next is 4; each number derived is reserved in the
+    store, so deriving again (another supervisor) gives the next one."""
+    import torch
+
+    from sdk.checkpoints.checkpointer import Checkpointer
+
+    assert term.derive_attempt(str(tmp_path / "none"), run_id="r", timeout=5) == (1, "")
+    assert (tmp_path / "none" / "attempts" / "attempt-1.reserved.json").is_file()
+    assert term.derive_attempt(str(tmp_path / "none"), run_id="r", timeout=5) == (2, "")
+    Checkpointer(str(tmp_path / "ck"), run_id="r", attempt=3).save(1, {"model": torch.nn.Linear(2, 2)})
+    assert term.derive_attempt(str(tmp_path / "ck"), run_id="r", timeout=10) == (4, "")
+
+
+def test_derive_attempt_says_why_when_the_store_cannot_be_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store nobody answers for (a closed port on 127.0.0.1) gives no attempt and the reason."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    attempt, note = term.derive_attempt("s3://podtrain-nope/x", run_id="r", timeout=5)
+    assert attempt is None
+    assert "s3://podtrain-nope/x" in note and "Could not connect" in note
+
+
+@pytest.mark.parametrize(
+    ("completed", "code", "words"),
+    [
+        (False, 75, "did not report completion"),
+        (True, 0, "reported completion"),
+        (None, 0, "no completion report"),
+    ],
+)
+def test_exit_0_after_sigterm_succeeds_only_with_a_completion_report(
+    completed: bool | None, code: int, words: str
+) -> None:
+    """The SDK's report decides; a child without the SDK (None) is trusted, and the message says so."""
+    outcome = classify(0, preempted=True, completed=completed)
+    assert outcome.exit_code == code and words in outcome.message
+    assert classify(0, preempted=False, completed=False).exit_code == 0  # no SIGTERM: the exit code is the verdict
+
+
+def test_render_and_write_spell_undecodable_bytes_instead_of_crashing(tmp_path: Path) -> None:
+    """A run id or message holding bytes that were not UTF-8 (lone surrogates, as os.environ and sys.argv keep
+    them) is written as ``\\xNN`` text: the termination message is still one line of valid UTF-8 JSON."""
+    undecodable = b"r\xff\xfe".decode("utf-8", "surrogateescape")
+    fields = term.record(
+        term.Outcome(2, f"bad {undecodable}"),
+        run_id=undecodable,
+        attempt=None,
+        step=None,
+        checkpoint="\ud800lone",
+        seconds=0.0,
+        gpus=0,
+    )
+    target = tmp_path / "termination-log"
+    assert term.write_termination_log(str(target), term.render(fields))
+    written = json.loads(target.read_bytes().decode("utf-8"))
+    assert written["run_id"] == "r\\xff\\xfe"
+    assert written["message"] == "bad r\\xff\\xfe"
+    assert written["checkpoint"] == "\\ud800lone"
+
+
+def test_write_termination_log_never_fails_on_a_line_that_is_not_utf8(tmp_path: Path) -> None:
+    target = tmp_path / "termination-log"
+    assert term.write_termination_log(str(target), '{"message": "\udcff"}')
+    assert target.read_bytes() == b'{"message": "\\udcff"}\n'
