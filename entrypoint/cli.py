@@ -266,15 +266,10 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
 
 
 def _before_pull(args: argparse.Namespace, config: Any, early: EarlySignals | None) -> int | None:
-    """Start the data's first listing (S3: it overlaps the attempt's look-up, :mod:`sdk.stores._listing`), then check
-    the
-    output folder and the checkpoint store (:mod:`entrypoint.preflight`) unless a SIGTERM came first: the exit
-    code when a check failed (its sentence written as the termination message), else None."""
+    """Check the output folder and the checkpoint store (:mod:`entrypoint.preflight`) unless a SIGTERM came first:
+    the exit code when a check failed (its sentence written as the termination message), else None."""
     from entrypoint import preflight
-    from sdk.stores import _listing as listing
 
-    for uri in config.data_uris:
-        listing.start(uri)
     if early is not None and early.sigterm_at() is not None:
         return None
     problem = preflight.check(config, timeout=min(10.0, config.grace_seconds / 2))

@@ -55,11 +55,6 @@ def main(argv: list[str] | None = None) -> Any:
     """``podtrain``: record stop signals first when the command is ``run``, then hand over to the CLI."""
     args = sys.argv[1:] if argv is None else argv
     early = EarlySignals().install() if args[:1] == ["run"] else None
-    if args[:1] == ["pull"]:  # an S3 dataset's first listing overlaps the rest of the start-up (sdk.stores._listing)
-        from sdk.stores import _listing as listing
-
-        for arg in args[1:]:
-            listing.start(arg)
     from entrypoint.cli import main as cli_main
 
     code = cli_main(argv, early=early)

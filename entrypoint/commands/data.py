@@ -200,12 +200,9 @@ def push_after_child(config: Any, exit_by: float | None, log: Any) -> tuple[Any,
 def run(args: argparse.Namespace) -> int:
     """``podtrain pull``: 0 when everything is in place; errors are raised for the CLI to map."""
     from sdk.config import Config
-    from sdk.stores import _listing as listing
 
     config = Config.from_env(data_dir=args.dest, stall_seconds=args.stall_seconds)  # flags checked like variables
     uris = list(args.uris) or config.data_uris
-    for uri in uris:
-        listing.start(uri)  # S3: the first listing overlaps the imports below (sdk.stores._listing)
 
     from sdk.data.pull import pull
     from sdk.errors import ConfigError

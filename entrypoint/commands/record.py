@@ -76,12 +76,11 @@ def _require_bucket(url: str) -> None:
     """Raise :class:`~sdk.errors.StorageNotFoundError` (exit 2) when ``url``'s bucket does not exist; a local
     folder is left alone (checking it would create it)."""
     from sdk.errors import StorageNotFoundError
-    from sdk.stores._fsspec import LocalBackend
-    from sdk.stores.store import open_store
+    from sdk.stores.store import open_store, split_url
 
-    store = open_store(url)
-    if isinstance(store.backend, LocalBackend):
+    if split_url(url)[0] == "file":
         return
+    store = open_store(url)
     try:
         store.ensure_root()
     except StorageNotFoundError as exc:

@@ -126,7 +126,6 @@ def pull(
         retry = replace(retry or RetryPolicy(), timeout=stall_seconds)
     folder = _locked(dest, lock_wait, cancel)
     target = folder.root
-    # The index is read first: it overlaps the listing's round trip (sdk.stores._listing).
     with folder, folder.landing_errors() as load, contextlib.closing(WarmCache(target / INDEX_NAME)) as index:
         wanted = _list(sources, list(include), list(exclude), retry, folder)
         base = str(target)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from sdk.errors import PermanentStorageError
-from sdk.stores import _listing as listing
 from sdk.stores import _s3botocore as botocore_side
 from sdk.stores import checksum
 from sdk.stores._fsspec import (
@@ -83,10 +82,6 @@ class S3Backend(Backend):
         return dict(self._client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED", **extra))
 
     def _list(self, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
-        early = listing.take(bucket, prefix)  # started by `podtrain pull` before the rest of it loaded
-        if early is not None:
-            yield from early
-            return
         if self._http is not None:
             yield from self._http.list(bucket, prefix)
             return

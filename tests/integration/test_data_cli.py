@@ -141,13 +141,13 @@ def https_s3(s3_url: str, s3_server: MotoS3Server, tmp_path: Path, monkeypatch: 
 
 
 def test_pull_over_https_trusts_the_ca_bundle_and_lists_once(https_s3: Any, s3_url: str, tmp_path: Path) -> None:
-    """An HTTPS endpoint with a private CA in AWS_CA_BUNDLE: the listing's head start and the GETs go over TLS."""
+    """An HTTPS endpoint with a private CA in AWS_CA_BUNDLE: the listing and the GETs go over TLS, listed once."""
     done = _podtrain("pull", f"{s3_url}/ds", "--dest", str(tmp_path / "d"), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["fetched"] == 2
     assert (tmp_path / "d" / "train" / "a.bin").read_bytes() == b"a" * 5000
     listings = [target for method, target in https_s3.requests if "list-type=2" in target]
-    assert len(listings) == 1, f"one listing, the head start's: {listings}"
+    assert len(listings) == 1, f"one listing: {listings}"
 
 
 def test_an_untrusted_certificate_fails_fast_naming_aws_ca_bundle(
@@ -161,9 +161,9 @@ def test_an_untrusted_certificate_fails_fast_naming_aws_ca_bundle(
     assert len(https_s3.requests) == 0, "nothing got past the handshake"
 
 
-def test_run_pulls_over_https_using_the_listing_sent_at_start(https_s3: Any, s3_url: str, tmp_path: Path) -> None:
-    """`podtrain run` sends the dataset's first listing as it starts (before the attempt look-up) and the pull
-    uses that answer: one listing of the dataset, over TLS, and the child finds the files."""
+def test_run_pulls_over_https_listing_the_dataset_once(https_s3: Any, s3_url: str, tmp_path: Path) -> None:
+    """`podtrain run` pulls the dataset over TLS before the child starts: one listing of the dataset, after the
+    checks of the checkpoint store, and the child finds the files."""
     seen = tmp_path / "seen.txt"
     env = {
         "PODTRAIN_DATA_URI": f"{s3_url}/ds",
@@ -179,4 +179,4 @@ def test_run_pulls_over_https_using_the_listing_sent_at_start(https_s3: Any, s3_
     data_listings = [i for i, t in enumerate(targets) if "list-type=2" in t and "prefix=root%2Fds%2F" in t]
     checkpoint_look_ups = [i for i, t in enumerate(targets) if "root%2Fckpt" in t or "/root/ckpt" in t]
     assert len(data_listings) == 1, targets
-    assert checkpoint_look_ups and data_listings[0] < checkpoint_look_ups[0], f"sent first: {targets}"
+    assert checkpoint_look_ups and checkpoint_look_ups[0] < data_listings[0], f"checked first: {targets}"
