@@ -1,8 +1,9 @@
 """The ``podtrain`` command.
 
 ``podtrain run [options] -- CMD ...`` — the supervisor: validate the config, run CMD as a child in its own process
-group, forward signals, own the grace-period deadline, exit with the contract's code and write the termination
-message (:mod:`entrypoint.supervisor`, :mod:`entrypoint.termination`).
+group, forward signals, own the grace-period deadline, exit with the contract's code (:mod:`sdk.outcomes`, the
+same codes for every command) and write the termination message (:mod:`entrypoint.supervisor`,
+:mod:`entrypoint.termination`).
 
 ``podtrain checkpoints list|verify`` — a run's checkpoints, one checked byte for byte
 (:mod:`entrypoint.commands.checkpoints`).
@@ -26,20 +27,15 @@ import time
 from typing import Any
 
 from entrypoint import termination
+from entrypoint._checkpointlookup import derive_attempt, newest_checkpoint
+from entrypoint._earlysignals import EarlySignals
+from entrypoint._gpus import gpu_count
 from entrypoint.commands import checkpoints, data, record, smoke
-from entrypoint.early import EarlySignals
 from sdk import redaction
 from sdk.errors import ConfigError, PodtrainError, TransientStorageError, exit_code
+from sdk.outcomes import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNAVAILABLE
 
 __all__ = ["main"]
-
-# One set of exit codes for every command: the supervisor's contract (entrypoint/termination.py).
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = (
-    termination.EXIT_OK,
-    termination.EXIT_FAILED,
-    termination.EXIT_CONFIG,
-    termination.EXIT_UNAVAILABLE,
-)
 
 EXAMPLES = """examples:
   podtrain pull s3://my-bucket/datasets/tiny --dest ./data
@@ -112,7 +108,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.command is None or (args.command == "checkpoints" and args.action is None):
         args.usage.print_help()
-        raise SystemExit(EXIT_USAGE)  # as argparse's own usage errors do
+        raise SystemExit(EXIT_CONFIG)  # as argparse's own usage errors do
     return args
 
 
@@ -135,7 +131,7 @@ def _main(argv: list[str] | None, early: EarlySignals | None) -> int:
             return checkpoints.verify(args)
     except ConfigError as exc:
         print(f"podtrain: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_CONFIG
     except TransientStorageError as exc:
         print(f"podtrain: storage unavailable: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
@@ -144,11 +140,11 @@ def _main(argv: list[str] | None, early: EarlySignals | None) -> int:
         return exit_code(exc) or EXIT_FAILED
     except data.Interrupted as exc:  # Ctrl-C: one line saying what was kept, no traceback
         print(f"podtrain: {exc}", file=sys.stderr)
-        return data.EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"podtrain: {args.command} interrupted (Ctrl-C)", file=sys.stderr)
-        return data.EXIT_INTERRUPTED
-    return EXIT_USAGE  # pragma: no cover - argparse requires a command
+        return EXIT_INTERRUPTED
+    return EXIT_CONFIG  # pragma: no cover - argparse requires a command
 
 
 # -- podtrain run ------------------------------------------------------------------------------------------
@@ -213,7 +209,7 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
     derived_note = ""
     stopping = early is not None and early.sigterm_at() is not None
     if config.attempt is None and not stopping:  # derived once here, so every rank of the child uses the same number
-        attempt, derived_note = termination.derive_attempt(
+        attempt, derived_note = derive_attempt(
             config.checkpoint_uri, run_id=config.run_id, timeout=min(10.0, config.grace_seconds / 2)
         )
         if attempt is not None:
@@ -246,7 +242,7 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
     # Otherwise at most half a grace period, in case the pod is told to stop while we look.
     limit = min(10.0, config.grace_seconds / 2)
     timeout = limit if result.exit_by is None else max(0.0, (result.exit_by - time.monotonic()) / 2)
-    step, checkpoint, note = termination.newest_checkpoint(
+    step, checkpoint, note = newest_checkpoint(
         config.checkpoint_uri, run_id=config.run_id, attempt=config.attempt, timeout=timeout
     )
     note = "; ".join(n for n in (note, push_note) if n and n not in outcome.message)
@@ -257,7 +253,7 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
         step=step,
         checkpoint=checkpoint,
         seconds=result.seconds,
-        gpus=termination.gpu_count(),
+        gpus=gpu_count(),
         note=note,
     )
     recorder.finish(outcome, checkpoint_step=step, pushed=pushed, message=fields["message"], exit_by=result.exit_by)
@@ -300,13 +296,13 @@ def _run_failed_before_child(
         step=None,
         checkpoint=None,
         seconds=0.0,
-        gpus=termination.gpu_count(),
+        gpus=gpu_count(),
     )
     _finish(fields, config.termination_log, log)
     return code
 
 
-def _run_config_error(args: argparse.Namespace, message: str, *, code: int = termination.EXIT_CONFIG) -> int:
+def _run_config_error(args: argparse.Namespace, message: str, *, code: int = EXIT_CONFIG) -> int:
     """Exit 2 (or ``code``) before any child starts: say what to fix on stderr, and in the termination message."""
     from sdk.log import get_logger
 

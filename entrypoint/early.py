@@ -3,8 +3,9 @@
 A SIGTERM can reach the pod while ``podtrain run`` is still importing and checking its config (~0.4 s). With
 Python's default action it would die at once (exit 143, no termination message). So the console script's
 entry point is :func:`main` here, which imports nothing heavy: it installs recording handlers for the
-forwarded signals, then imports the CLI. :class:`~entrypoint.supervisor.Supervisor` replays what was recorded
-(a SIGTERM keeps its real arrival time, so the deadline is not moved) once its own handlers are in place.
+forwarded signals (:mod:`entrypoint._earlysignals`), then imports the CLI.
+:class:`~entrypoint.supervisor.Supervisor` replays what was recorded (a SIGTERM keeps its real arrival time, so the
+deadline is not moved) once its own handlers are in place.
 
 What remains is the interpreter's own start-up before this module runs (tens of milliseconds); a SIGTERM there
 ends the container with 143, which the DAG treats as a preemption too.
@@ -19,36 +20,12 @@ could leave cycles to collect; the process's own files and sockets are closed by
 from __future__ import annotations
 
 import gc
-import signal
 import sys
-import time
-from types import FrameType
 from typing import Any
 
-__all__ = ["EarlySignals", "main"]
+from entrypoint._earlysignals import EarlySignals
 
-RECORDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-
-
-class EarlySignals:
-    """Signals received before the supervisor took over: ``(signum, monotonic time)``."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[int, float]] = []
-        self.installed = False
-
-    def install(self) -> EarlySignals:
-        for signum in RECORDED:
-            signal.signal(signum, self._record)
-        self.installed = True
-        return self
-
-    def _record(self, signum: int, frame: FrameType | None) -> None:
-        self.received.append((signum, time.monotonic()))
-
-    def sigterm_at(self) -> float | None:
-        """When the first SIGTERM arrived, or None."""
-        return next((at for signum, at in self.received if signum == signal.SIGTERM), None)
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -17,8 +17,9 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from entrypoint.termination import within
-from sdk.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, TransientStorageError
+from entrypoint._timebox import within
+from sdk.errors import TransientStorageError
+from sdk.outcomes import EXIT_CONFIG, EXIT_UNAVAILABLE
 
 __all__ = ["check", "check_checkpoint_store", "check_output_dir"]
 

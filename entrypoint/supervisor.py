@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from entrypoint._lifeline import Lifeline, parent_death_signal
-from entrypoint.termination import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, EXIT_UNAVAILABLE, Outcome, classify
+from entrypoint.termination import Outcome, classify
 from sdk.lifecycle.preemption import safety_margin
+from sdk.outcomes import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, EXIT_UNAVAILABLE
 
 __all__ = ["FORWARDED", "Supervisor", "SupervisorResult", "outcome_of", "safety_margin"]
 

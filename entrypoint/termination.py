@@ -1,8 +1,8 @@
-"""Exit codes and the termination message of ``podtrain run``.
+"""How ``podtrain run`` ended: the child's ending classified onto the exit-code contract, and the termination message.
 
-The exit code is the contract with the DAG (it retries on 75 and 69 only); the termination message is one line
-of JSON, at most 4,096 bytes (Kubernetes' limit), that says why, and where the run can go on from. Nothing here
-imports torch: the newest checkpoint is found by reading manifests (``Checkpointer.list(verify=False)``).
+The exit code is the contract with the orchestrator (:mod:`sdk.outcomes`: it retries on 75 and 69 only); the
+termination message is one line of JSON, at most 4,096 bytes (Kubernetes' limit), that says why, and where the run
+can go on from (:mod:`entrypoint._checkpointlookup` finds the newest checkpoint). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -10,44 +10,25 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from sdk.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_UNAVAILABLE
-from sdk.lifecycle.preemption import EXIT_PREEMPTED
+from sdk.outcomes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_UNAVAILABLE, outcome_name
 from sdk.redaction import redact, redact_value
 
 __all__ = [
     "DEFAULT_TERMINATION_LOG",
-    "EXIT_CONFIG",
-    "EXIT_FAILED",
-    "EXIT_OK",
-    "EXIT_PREEMPTED",
-    "EXIT_UNAVAILABLE",
+    "FIELDS",
     "MAX_BYTES",
-    "OUTCOMES",
     "Outcome",
     "classify",
-    "gpu_count",
-    "newest_checkpoint",
     "record",
     "render",
     "signal_name",
-    "within",
     "write_termination_log",
 ]
 
-EXIT_OK = 0
-OUTCOMES = {
-    EXIT_OK: "succeeded",
-    EXIT_FAILED: "failed",
-    EXIT_CONFIG: "config_error",
-    EXIT_UNAVAILABLE: "storage_unavailable",
-    EXIT_PREEMPTED: "preempted",
-}
 MAX_BYTES = 4096
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 FIELDS = ("outcome", "exit_code", "run_id", "attempt", "step", "checkpoint", "seconds", "gpu_seconds", "message")
@@ -62,7 +43,8 @@ class Outcome:
 
     @property
     def outcome(self) -> str:
-        return OUTCOMES[self.exit_code]
+        """The outcome word of :attr:`exit_code` (:data:`sdk.outcomes.CODES`)."""
+        return outcome_name(self.exit_code)
 
 
 def signal_name(signum: int) -> str:
@@ -120,103 +102,6 @@ def classify(
         why = " (forwarded)" if -returncode in forwarded else " (not sent by podtrain)"
         return Outcome(EXIT_FAILED, how + why)
     return Outcome(EXIT_FAILED, how)
-
-
-def gpu_count(env: Mapping[str, str] | None = None) -> int:
-    """GPUs visible to the child, from ``CUDA_VISIBLE_DEVICES`` then ``NVIDIA_VISIBLE_DEVICES``; no torch.
-
-    A variable that is unset, empty, ``all``, ``void`` or ``none`` does not count (0): ``all`` names no number
-    without asking the driver. Counting stops at the first negative id, as CUDA does.
-    """
-    env = os.environ if env is None else env
-    for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
-        raw = env.get(name)
-        if raw is None:
-            continue
-        value = raw.strip()
-        if value.lower() in ("", "all", "void", "none", "nodevfiles"):
-            return 0
-        count = 0
-        for item in (part.strip() for part in value.split(",")):
-            if not item or item.startswith("-"):
-                break
-            count += 1
-        return count
-    return 0
-
-
-def newest_checkpoint(
-    uri: str,
-    *,
-    run_id: str,
-    attempt: int | None,
-    timeout: float,
-) -> tuple[int | None, str | None, str]:
-    """``(step, url, note)`` of the newest committed checkpoint under ``uri``, within ``timeout`` seconds.
-
-    Reads manifests only (no torch, no file checks). ``note`` is empty when a checkpoint was found, otherwise
-    says why there is none (none committed, store missing, unreachable, too slow).
-    """
-    from sdk.stores.store import split_url
-
-    protocol, path = split_url(uri)
-    if protocol == "file" and not Path(path).exists():
-        return None, None, f"no checkpoint committed yet ({uri} does not exist)"
-
-    def look() -> Any:
-        from sdk.checkpoints.checkpointer import Checkpointer
-
-        return Checkpointer(uri, run_id=run_id, attempt=attempt or 1, retry=_quick_retry(timeout)).list(verify=False)
-
-    infos, problem = within(timeout, look, "podtrain-newest-checkpoint")
-    if problem:
-        return None, None, f"checkpoint store {uri} {problem}"
-    if not infos:
-        return None, None, f"no checkpoint committed yet under {uri}"
-    return infos[0].step, infos[0].url, ""
-
-
-def derive_attempt(uri: str, *, run_id: str, timeout: float) -> tuple[int | None, str]:
-    """``(attempt, note)``: the next attempt number after the newest the checkpoint store has seen, reserved there
-    (:func:`sdk.checkpoints._fence.reserve_attempt`: no other process can derive it too), within ``timeout``.
-
-    The supervisor derives it once and passes it to the child as ``PODTRAIN_ATTEMPT``, so that every rank of a
-    multi-process child uses the same number. ``None`` with the reason when the store did not answer.
-    """
-
-    def look() -> Any:
-        from sdk.checkpoints.checkpointer import Checkpointer
-
-        return Checkpointer(uri, run_id=run_id, retry=_quick_retry(timeout)).attempt
-
-    attempt, problem = within(timeout, look, "podtrain-derive-attempt")
-    return attempt, f"checkpoint store {uri} {problem}" if problem else ""
-
-
-def _quick_retry(timeout: float) -> Any:
-    from sdk.stores.store import RetryPolicy
-
-    return RetryPolicy(attempts=2, initial_wait=0.1, max_wait=0.5, jitter=0.1, timeout=max(timeout, 1.0))
-
-
-def within(timeout: float, fn: Callable[[], Any], name: str) -> tuple[Any, str]:
-    """``(fn(), "")``, or ``(None, why)`` when it raised or did not return within ``timeout`` (it is left behind)."""
-    result: dict[str, Any] = {}
-
-    def call() -> None:
-        try:
-            result["value"] = fn()
-        except Exception as exc:
-            result["error"] = exc
-
-    worker = threading.Thread(target=call, name=name, daemon=True)
-    worker.start()
-    worker.join(max(timeout, 0.0))
-    if worker.is_alive():
-        return None, f"did not answer within {timeout:.1f} s"
-    if "error" in result:
-        return None, f"unreadable: {result['error']}"
-    return result["value"], ""
 
 
 def record(

@@ -19,6 +19,7 @@ __all__ = [
     "errors",
     "init",
     "open_store",
+    "testing",
 ]
 
 _LAZY = {
@@ -31,10 +32,11 @@ _LAZY = {
     "errors": "sdk.errors",
     "init": "sdk.run",
     "open_store": "sdk.stores.store",
+    "testing": "sdk.testing",
 }
 
 if TYPE_CHECKING:
-    from sdk import errors
+    from sdk import errors, testing
     from sdk.checkpoints.checkpointer import Checkpointer, CheckpointInfo
     from sdk.config import Config
     from sdk.data.loader import ResumableLoader
@@ -47,7 +49,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'sdk' has no attribute {name!r}")
     value = importlib.import_module(module)
-    return value if name == "errors" else getattr(value, name)
+    return value if name in ("errors", "testing") else getattr(value, name)
 
 
 def __dir__() -> list[str]:

@@ -6,7 +6,7 @@ Every error says two things a caller needs to decide what to do next:
   permanent errors will fail the same way again, so they fail fast.
 * ``fault`` — ``"user"`` when the user must change something (a bad variable, a missing bucket, wrong
   credentials, a corrupt checkpoint they pointed at), ``"platform"`` when the environment failed them
-  (storage down, a node problem). The supervisor maps these onto exit codes.
+  (storage down, a node problem). :func:`exit_code` maps them onto the exit codes of :mod:`sdk.outcomes`.
 
 Messages name the thing that failed (a URL, a variable) and what to do about it.
 """
@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from sdk.outcomes import EXIT_CONFIG, EXIT_UNAVAILABLE
+
 __all__ = [
-    "EXIT_CONFIG",
-    "EXIT_FAILED",
-    "EXIT_UNAVAILABLE",
     "BackendMissingError",
     "CheckpointError",
     "CommitConflictError",
@@ -43,15 +42,10 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsafeKeyError",
     "UnverifiedObjectError",
+    "exit_code",
 ]
 
 Fault = Literal["user", "platform"]
-
-# Exit codes of the run's contract with the orchestrator (the supervisor reports them; 75 is in
-# sdk.lifecycle.preemption).
-EXIT_FAILED = 1  # the user's code failed: never retry
-EXIT_CONFIG = 2  # bad configuration or usage: never retry
-EXIT_UNAVAILABLE = 69  # storage unavailable after retries: retry later
 
 
 class PodtrainError(Exception):

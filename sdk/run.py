@@ -36,11 +36,12 @@ from sdk.data.push import PushResult
 from sdk.errors import ConfigError, PodtrainError, exit_code
 from sdk.lifecycle.agreement import Agreement
 from sdk.lifecycle.childreport import Report
-from sdk.lifecycle.preemption import EXIT_PREEMPTED, Preemption
+from sdk.lifecycle.preemption import Preemption
+from sdk.outcomes import EXIT_PREEMPTED
 from sdk.redaction import redact
 from sdk.stores.store import RetryPolicy
 
-__all__ = ["EXIT_PREEMPTED", "Run", "init"]
+__all__ = ["Run", "init"]
 
 SAVE_ESTIMATE_FACTOR = 1.5  # an emergency save is tried when 1.5x the typical recent save still fits
 TEARDOWN_RESERVE = 5.0  # seconds: with less left before the deadline, a preempted run exits without teardown

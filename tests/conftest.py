@@ -6,6 +6,8 @@ bucket, and points the client environment at it through ``monkeypatch`` so ``ope
 
 * ``s3_server`` / ``gcs_server`` — :class:`tests.servers.MotoS3Server` / :class:`tests.servers.FakeGCSServer`.
 * ``file_url``, ``memory_url``, ``s3_url``, ``gcs_url`` — a fresh, empty location (``str``).
+* ``s3_botocore`` — ``s3_url`` with an AWS config file that makes every request go through botocore's client
+  (the S3 contract suites run on both of the S3 store's request paths).
 * ``store_url`` — the same, parametrized over ``file``, ``s3``, ``gcs``.
 * ``fault_proxy`` — ``fault_proxy("s3" | "gcs") -> FaultProxy``: a proxy in front of that server with the
   environment pointed at it (and a fresh bucket, as the URL fixture gives). Open stores after calling it.
@@ -138,6 +140,17 @@ def s3_url(s3_server: MotoS3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     """An empty location in a fresh moto bucket; the AWS_* environment points at the server."""
     _fresh(s3_server, monkeypatch)
     return f"s3://{BUCKET}/root"
+
+
+@pytest.fixture
+def s3_botocore(s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``s3_url``, reached through botocore's client instead of podtrain's lean one: an AWS config file with an
+    ``s3`` section (path-style addressing, as MinIO set-ups write it) is a setting only botocore honours, so the lean
+    client steps aside, as it does for users with such a file."""
+    config = tmp_path / "aws-config"
+    config.write_text("[default]\ns3 =\n    addressing_style = path\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    return s3_url
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import argparse
 import json
 from typing import Any
 
-from entrypoint import termination
 from sdk.errors import ConfigError
+from sdk.outcomes import EXIT_FAILED, EXIT_OK
 
 __all__ = ["add_parser", "list_checkpoints", "verify"]
 
@@ -125,17 +125,17 @@ def list_checkpoints(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(json.dumps({"uri": ckpt.url, "checkpoints": rows}, indent=1))
-        return termination.EXIT_OK
+        return EXIT_OK
     if not rows:
         print(f"no valid checkpoints under {ckpt.url}")
-        return termination.EXIT_OK
+        return EXIT_OK
     print(f"{'STEP':>10}  {'ATTEMPT':>7}  {'CREATED':<20}  {'FILES':>5}  {'SIZE':>10}  URL")
     for r in rows:
         size = _human(r["bytes"]) if r["bytes"] is not None else "-"
         attempt, created, files = r["attempt"] or "-", r["created"] or "-", r["files"] or "-"
         line = f"{r['step']:>10}  {attempt:>7}  {created:<20}  {files:>5}  {size:>10}  {r['url']}"
         print(line + ("" if r["valid"] else f"  INVALID: {r['problem']}"))
-    return termination.EXIT_OK
+    return EXIT_OK
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -156,7 +156,7 @@ def verify(args: argparse.Namespace) -> int:
             print(json.dumps({"ok": False, "uri": ckpt.url, "step": step, "reason": str(exc)}))
         else:
             print(f"FAILED: {exc}")
-        return termination.EXIT_FAILED
+        return EXIT_FAILED
     if args.json:
         print(json.dumps({"ok": True, "uri": info.url, "step": info.step, "bytes": info.manifest.total_bytes}))
     else:
@@ -164,7 +164,7 @@ def verify(args: argparse.Namespace) -> int:
             f"OK: {info.url} (step {info.step}, {len(info.manifest.files)} files, "
             f"{_human(info.manifest.total_bytes)}) verified: sizes and CRC32C match the manifest"
         )
-    return termination.EXIT_OK
+    return EXIT_OK
 
 
 def _step_url(uri: str, step: int | None) -> tuple[str, int | None]:

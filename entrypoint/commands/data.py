@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from entrypoint import termination
+from entrypoint._timebox import within
+from sdk.outcomes import EXIT_INTERRUPTED, EXIT_OK
 
 __all__ = [
     "EXAMPLES",
-    "EXIT_INTERRUPTED",
     "Interrupted",
     "add_parser",
     "pull_before_child",
@@ -159,7 +159,7 @@ def run_push(args: argparse.Namespace) -> int:
     else:
         sent = f"{result.sent} sent ({result.bytes_sent} bytes)"
         print(f"{result.url}: {result.files} files, {sent}, {result.skipped} unchanged{result.links_note()}")
-    return 0
+    return EXIT_OK
 
 
 def push_after_child(config: Any, exit_by: float | None, log: Any) -> tuple[Any, str]:
@@ -185,7 +185,7 @@ def push_after_child(config: Any, exit_by: float | None, log: Any) -> tuple[Any,
         except Exception as exc:
             return None, exc
 
-    done, problem = termination.within(budget, work, "podtrain-push-outputs")
+    done, problem = within(budget, work, "podtrain-push-outputs")
     if problem:  # still running: left behind, as a daemon thread
         log.warning("supervisor.push_incomplete", seconds=round(budget, 3))
         return None, f"outputs not fully pushed within {budget:.1f} s"
@@ -241,14 +241,12 @@ def run(args: argparse.Namespace) -> int:
             f"in {result.seconds:.1f} s"
             + (f"; {result.unverified} unverified (the store keeps no checksum for them)" if result.unverified else "")
         )
-    return 0
+    return EXIT_OK
 
 
 class Interrupted(Exception):
-    """Ctrl-C (SIGINT) stopped a command; its one line says what was kept. Exit :data:`EXIT_INTERRUPTED`."""
-
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
+    """Ctrl-C (SIGINT) stopped a command; its one line says what was kept. Exit 130
+    (:data:`sdk.outcomes.EXIT_INTERRUPTED`)."""
 
 
 @contextlib.contextmanager

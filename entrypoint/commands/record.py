@@ -21,6 +21,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from entrypoint import termination
+from entrypoint._gpus import gpu_count
+from entrypoint._timebox import within
+from sdk.outcomes import EXIT_FAILED, EXIT_OK, RUNNING
 
 __all__ = ["Recorder", "add_parser", "run"]
 
@@ -67,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if not found.get("attempts"):
         _require_bucket(url)  # a listing of a missing bucket is empty too: say which it is
         print(f"podtrain: no run record under {url}", file=sys.stderr)
-        return termination.EXIT_FAILED
+        return EXIT_FAILED
     print(json.dumps(found, indent=1) if args.json else record.render(found))
-    return termination.EXIT_OK
+    return EXIT_OK
 
 
 def _require_bucket(url: str) -> None:
@@ -103,10 +106,10 @@ class Recorder:
             "run_id": config.run_id,
             "attempt": config.attempt,
             "started_at": _now(),
-            "outcome": "running",
+            "outcome": RUNNING,
             "node": config.node_name or None,
             "host": socket.gethostname(),
-            "gpu_count": termination.gpu_count(),
+            "gpu_count": gpu_count(),
         }
         folder = tempfile.mkdtemp(prefix="podtrain-report-")
         self.report_file = os.path.join(folder, "report.json")
@@ -149,7 +152,7 @@ class Recorder:
         if last is not None:
             entry["steps_done"] = max(0, last - (resumed or 0))
             kept = max(checkpoint_step or 0, resumed or 0)  # the next attempt resumes from here
-            entry["steps_lost"] = 0 if outcome.exit_code == termination.EXIT_OK else max(0, last - kept)
+            entry["steps_lost"] = 0 if outcome.exit_code == EXIT_OK else max(0, last - kept)
         if child.get("data_bytes") is not None:  # the child pulled too (run.pull_data): add it to the supervisor's
             for key in ("data_bytes", "data_files", "data_seconds"):
                 entry[key] = round((entry.get(key) or 0) + child.get(key, 0), 3)
@@ -158,7 +161,7 @@ class Recorder:
         budget = WRITE_CAP if exit_by is None else max(0.0, (exit_by - time.monotonic()) / 2)
         if self._first is not None:
             self._first.join(budget / 2)
-        _, problem = termination.within(budget, lambda: self._write(dict(entry)), "podtrain-record")
+        _, problem = within(budget, lambda: self._write(dict(entry)), "podtrain-record")
         if problem:
             self.log.warning("supervisor.record_not_written", url=self.url, problem=problem)
         self._cleanup()

@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from entrypoint import termination
+from entrypoint._gpus import gpu_count
+from sdk.outcomes import EXIT_FAILED, EXIT_OK, SMOKE_FAILED, SMOKE_PASSED
 
 __all__ = ["LIKELY_CAUSES", "add_parser", "check", "run"]
 
@@ -70,7 +72,7 @@ def add_parser(commands: Any) -> None:
 
 def expected_gpus(env: Mapping[str, str] | None = None) -> int | None:
     """The GPU count the environment names (CUDA_VISIBLE_DEVICES, else NVIDIA_VISIBLE_DEVICES), if it names one."""
-    count = termination.gpu_count(env)
+    count = gpu_count(env)
     return count or None
 
 
@@ -181,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         result = check(gpus=args.gpus, size=args.size, allow_cpu=args.allow_cpu)
     except ImportError as exc:
         result = _failed({"ok": False}, "torch_cpu", f"torch cannot be imported: {exc}")
-    code = termination.EXIT_OK if result["ok"] else termination.EXIT_FAILED
+    code = EXIT_OK if result["ok"] else EXIT_FAILED
     message = (
         f"smoke passed: {result.get('gpus', 0)} GPU(s)"
         + (f", {result['devices'][0]['name']}" if result.get("devices") else "")
@@ -191,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     )
     line = json.dumps(
         {
-            "outcome": "smoke_passed" if result["ok"] else "smoke_failed",
+            "outcome": SMOKE_PASSED if result["ok"] else SMOKE_FAILED,
             "exit_code": code,
             "seconds": round(time.monotonic() - started, 3),
             "gpus": result.get("gpus", 0),

@@ -16,9 +16,8 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-__all__ = ["DEFAULT_SIGNALS", "EXIT_PREEMPTED", "Preemption", "parse_signals", "safety_margin"]
+__all__ = ["DEFAULT_SIGNALS", "Preemption", "parse_signals", "safety_margin"]
 
-EXIT_PREEMPTED = 75  # the exit code that tells the orchestrator "retry: the run can go on in a new attempt"
 DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 MAX_MARGIN = 5.0
 MARGIN_FRACTION = 0.2

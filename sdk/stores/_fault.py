@@ -1,7 +1,9 @@
 """Sorting backend exceptions into podtrain's error tree: transient (retry) or permanent (fail fast).
 
-s3fs and gcsfs translate HTTP errors into Python ones (FileNotFoundError, PermissionError, OSError with an
-errno, gcsfs's HttpError with a code); botocore and aiohttp raise their own connection and timeout errors.
+fsspec file systems translate HTTP errors into Python ones (FileNotFoundError, PermissionError, OSError with an
+errno, gcsfs's HttpError with a code; s3fs's shapes are still known, for an fsspec store built on it); the lean
+S3 client raises :class:`sdk.stores._s3http.S3Error`, botocore ``ClientError``; botocore, http.client and aiohttp
+raise their own connection and timeout errors.
 Each is mapped once, here, to an error whose message names the URL and what to fix. Among the transient ones,
 throttling — the store asking for fewer requests — is a :class:`~sdk.errors.ThrottledStorageError`, which the
 retry loop answers with fewer requests in flight and a time budget (:mod:`sdk.stores._throttle`).

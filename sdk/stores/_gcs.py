@@ -1,4 +1,10 @@
-"""Google Cloud Storage (the emulator from ``STORAGE_EMULATOR_HOST``): CRC32C in the upload's metadata."""
+"""Google Cloud Storage (the emulator from ``STORAGE_EMULATOR_HOST``): CRC32C in the upload's metadata.
+
+gcsfs is an fsspec file system, and reads, listings (which carry each object's ``crc32c`` and generation),
+metadata and deletes go through its API as for any fsspec store: :class:`GCSBackend` extends
+:class:`sdk.stores._fsspec.FsspecBackend` and replaces only the writes (a JSON-API multipart upload whose metadata
+carries ``crc32c``, which GCS checks, and ``ifGenerationMatch=0`` for a conditional create) and the bucket check.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,20 @@ from urllib.parse import quote
 
 from fsspec.asyn import sync
 
-from sdk.stores import checksum
-from sdk.stores._fsspec import Backend, ObjectInfo, _fingerprint, _listed_checksums
+from sdk.stores import _answers, checksum
+from sdk.stores._fsspec import FsspecBackend
+from sdk.stores.protocol import Backend, ObjectInfo
 
-__all__ = ["GCSBackend"]
+__all__ = ["GCSBackend", "connect"]
 
 
-class GCSBackend(Backend):
+def connect(url: str, *, timeout: float) -> tuple[Backend, str]:
+    """A GCS store (``timeout`` bounds connecting and each read) and the root path of ``url`` in it."""
+    backend = GCSBackend.create(timeout)
+    return backend, backend.root_of(url)
+
+
+class GCSBackend(FsspecBackend):
     """Google Cloud Storage (emulator from ``STORAGE_EMULATOR_HOST``), through gcsfs's session."""
 
     @classmethod
@@ -42,7 +55,7 @@ class GCSBackend(Backend):
 
     def upload(self, path: str, data: bytes, *, crc32c: int) -> ObjectInfo | None:
         answer = self._post(path, data, crc32c, False)  # the new object's metadata: size, crc32c, generation
-        return ObjectInfo(int(answer.get("size") or 0), _fingerprint(answer), _listed_checksums(answer))
+        return ObjectInfo(int(answer.get("size") or 0), _answers.fingerprint(answer), _answers.listed_checksums(answer))
 
     def _post(self, path: str, data: bytes, crc: int, exclusive: bool) -> dict[str, Any]:
         bucket, key, _ = self.fs.split_path(path)

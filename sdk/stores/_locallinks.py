@@ -3,7 +3,7 @@
 podtrain never makes a link in a store, so a link found in one was put there by someone else — a step folder
 linked to another run's checkpoint, a writer folder linked out of the volume. Following it would let retention
 delete what the link points at (it did: the manifest of another run's checkpoint). So, on a local store
-(:class:`sdk.stores._fsspec.LocalBackend`):
+(:class:`sdk.stores._local.LocalBackend`):
 
 * :func:`names` — a folder's listing leaves links out (logged once each as ``store.link_ignored``): a step
   folder that is a link is no checkpoint of this store — never loaded, listed, pruned or deleted;

@@ -10,8 +10,8 @@ proxies, FIPS or dual-stack endpoints, transfer acceleration, a config file's S3
 region at all.
 
 This module is apart from :mod:`sdk.stores._s3http` because it imports only the standard library's light modules (no
-``http.client``, ``ssl`` or XML parser: ~60 ms together): :mod:`sdk.stores._listing` signs its request with it the
-moment ``podtrain pull`` starts, before the rest is imported.
+``http.client``, ``ssl`` or XML parser: ~60 ms together), and botocore only through ``session()``: whether botocore is
+needed at all is decided here, before anything heavy is imported.
 """
 
 from __future__ import annotations
@@ -67,9 +67,12 @@ class Address:
         return self._tls
 
 
-def list_query(prefix: str, token: str | None = None) -> dict[str, str]:
-    """The query of a ListObjectsV2 page (keys URL-encoded: S3's XML cannot carry every character a key can)."""
+def list_query(prefix: str, token: str | None = None, delimiter: str = "") -> dict[str, str]:
+    """The query of a ListObjectsV2 page (keys URL-encoded: S3's XML cannot carry every character a key can);
+    ``delimiter``: one level only, deeper keys folded into common prefixes."""
     query = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
+    if delimiter:
+        query["delimiter"] = delimiter
     if token:
         query["continuation-token"] = token
     return query

@@ -4,7 +4,8 @@ botocore spends ~3.6 ms of CPU on each request (measured here: building, emittin
 a pull of a thousand 1 MiB objects spends more client CPU on requests than on bytes: 1.7 CPU-s for 300 x 1 MiB
 from 16 threads, against 0.7 CPU-s for the same GETs built here. This module makes the requests a transfer
 repeats — GetObject (whole or a byte range), HeadObject (also of one part of a multipart upload),
-ListObjectsV2, PutObject, and the four of a multipart upload (create, part, complete, abort) — itself. Requests
+ListObjectsV2, PutObject, and the four of a multipart upload (create, part, complete, abort) — itself, and the few
+others a store needs (DeleteObject(s), HeadBucket), so that one client serves every request of a store. Requests
 are signed by :mod:`sdk.stores._sigv4` (the same headers as botocore's ``S3SigV4Auth``, tested; unsigned payloads: each
 body carries its CRC32C, which S3 checks). Keys in the environment need no botocore at all; any other credentials
 come from botocore's chain (every source it knows, refreshed as it refreshes them).
@@ -12,15 +13,16 @@ come from botocore's chain (every source it knows, refreshed as it refreshes the
 Where requests go and which keys sign them is :mod:`sdk.stores._s3address`'s answer (a custom endpoint or AWS's
 regional ones; a bucket in another region is followed once from S3's ``x-amz-bucket-region`` answer).
 :func:`create` returns None — and the caller uses botocore — where that module says podtrain's requests will not
-do. Answers come back as dicts named like botocore's (``ETag``, ``ChecksumCRC32C``,
-``ContentLength``…); errors as :class:`S3Error` with the HTTP status and S3's error code, which
-:func:`sdk.stores._fault.classify` sorts like botocore's.
+do; :class:`sdk.stores._s3botocore.BotocoreS3` has the same methods over botocore's client. Answers come back as
+dicts named like botocore's (``ETag``, ``ChecksumCRC32C``, ``ContentLength``…); errors as :class:`S3Error` with the
+HTTP status and S3's error code, which :func:`sdk.stores._fault.classify` sorts like botocore's.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
-import socket
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,9 +33,10 @@ from xml.sax.saxutils import escape
 
 from sdk.stores import _s3address as s3address
 
-__all__ = ["S3Error", "S3HTTP", "create", "read_answer"]
+__all__ = ["S3Error", "S3HTTP", "create"]
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+_DELETE_BATCH = 1000  # DeleteObjects' limit
 _HEADERS = {  # response header -> botocore's name for it
     "etag": "ETag",
     "content-length": "ContentLength",
@@ -61,16 +64,6 @@ def create(*, timeout: float, session: Callable[[], Any]) -> S3HTTP | None:
     ``session()`` for botocore's only when it must), or None where only botocore will do."""
     address = s3address.resolve(session=session)
     return None if address is None else S3HTTP(address, timeout=timeout)
-
-
-def read_answer(sock: socket.socket, method: str) -> tuple[int, dict[str, Any], bytes]:
-    """Status, headers and body of the answer to a request written on ``sock`` by hand (:mod:`sdk.stores._listing`)."""
-    response = http.client.HTTPResponse(sock, method=method)
-    try:
-        response.begin()
-        return response.status, _answer(response), response.read()
-    finally:
-        response.close()
 
 
 class S3HTTP:
@@ -147,18 +140,18 @@ class S3HTTP:
     def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None:
         self._request("DELETE", bucket, key, query={"uploadId": upload_id})
 
-    def list(self, bucket: str, prefix: str, *, first: bytes | None = None) -> Iterator[dict[str, Any]]:
-        """Every object under ``prefix``: dicts with ``Key``, ``Size``, ``ETag``, page after page. ``first``: the
-        first page's answer, already fetched (the request of :func:`sdk.stores._s3address.list_query`).
+    def list(self, bucket: str, prefix: str, *, delimiter: str = "") -> Iterator[dict[str, Any]]:
+        """Every object under ``prefix``: dicts with ``Key``, ``Size``, ``ETag``, page after page; with ``delimiter``
+        (one level), also ``{"Prefix": ...}`` for each common prefix, as botocore's pages list them.
 
         Each page's successor is asked for before the page is parsed (parsing 1,000 entries takes ~12 ms, about a
         round trip): its continuation token is found by a plain search of the answer, then checked against the
         parsed one, and a wrong guess is asked for again."""
-        body = first if first is not None else self._list_page(bucket, prefix, None)
+        body = self._list_page(bucket, prefix, None, delimiter)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="podtrain-list") as ahead:
             while True:
                 guess = _next_token(body)
-                following = ahead.submit(self._list_page, bucket, prefix, guess) if guess else None
+                following = ahead.submit(self._list_page, bucket, prefix, guess, delimiter) if guess else None
                 root = ET.fromstring(body)  # noqa: S314 - the answer of the store we asked, not user input
                 for item in root.iter(f"{_NS}Contents"):
                     yield {
@@ -166,17 +159,42 @@ class S3HTTP:
                         "Size": int(item.findtext(f"{_NS}Size") or 0),
                         "ETag": item.findtext(f"{_NS}ETag") or "",
                     }
+                for common in root.iter(f"{_NS}CommonPrefixes"):
+                    yield {"Prefix": unquote_plus(common.findtext(f"{_NS}Prefix") or "")}
                 token = root.findtext(f"{_NS}NextContinuationToken")
                 if root.findtext(f"{_NS}IsTruncated") != "true" or not token:
                     token = None
                 if token != guess:
-                    following = ahead.submit(self._list_page, bucket, prefix, token) if token else None
+                    following = ahead.submit(self._list_page, bucket, prefix, token, delimiter) if token else None
                 if following is None:
                     return
                 body = following.result()
 
-    def _list_page(self, bucket: str, prefix: str, token: str | None) -> bytes:
-        return self._request("GET", bucket, "", query=s3address.list_query(prefix, token))[0]
+    def _list_page(self, bucket: str, prefix: str, token: str | None, delimiter: str) -> bytes:
+        return self._request("GET", bucket, "", query=s3address.list_query(prefix, token, delimiter))[0]
+
+    # -- the rest of a store's requests -----------------------------------------------------------------------
+    def delete(self, bucket: str, key: str) -> None:
+        """DeleteObject (S3 answers 204 whether or not the key existed)."""
+        self._request("DELETE", bucket, key)
+
+    def delete_many(self, bucket: str, keys: Sequence[str]) -> None:
+        """DeleteObjects, 1,000 keys a request (S3's limit); a key S3 could not delete raises its error."""
+        for start in range(0, len(keys), _DELETE_BATCH):
+            objects = "".join(f"<Object><Key>{escape(k)}</Key></Object>" for k in keys[start : start + _DELETE_BATCH])
+            body = f'<Delete xmlns="{_NS[1:-1]}"><Quiet>true</Quiet>{objects}</Delete>'.encode()
+            # S3 requires a checksum of a DeleteObjects body; Content-MD5 is the one every S3-compatible server knows.
+            md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+            data, _ = self._request("POST", bucket, "", query={"delete": ""}, headers={"Content-MD5": md5}, body=body)
+            for error in ET.fromstring(data).iter():  # noqa: S314 - the store's own answer
+                if error.tag.rpartition("}")[2] == "Error":
+                    code, key = _find(error, "Code"), _find(error, "Key")
+                    status = 403 if code == "AccessDenied" else 500
+                    raise S3Error(status, code, f"{_find(error, 'Message')} (DeleteObjects {key})")
+
+    def head_bucket(self, bucket: str) -> None:
+        """HeadBucket: the bucket exists and these keys may use it (404 / 403 otherwise, with no body)."""
+        self._request("HEAD", bucket, "")
 
     # -- plumbing -----------------------------------------------------------------------------------------
     def _request(

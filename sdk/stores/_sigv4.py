@@ -30,8 +30,8 @@ class Keys:
     """One set of AWS credentials (``token``: the session token of temporary credentials); immutable, and its
     ``repr`` never shows the secret or the token.
 
-    Written out rather than a dataclass: importing :mod:`dataclasses` costs ~15 ms, and :mod:`sdk.stores._listing` signs
-    its request before anything else of podtrain's is imported.
+    Written out rather than a dataclass: importing :mod:`dataclasses` costs ~15 ms, and this module is imported by
+    :mod:`sdk.stores._s3address`, which is kept to the standard library's light modules.
     """
 
     __slots__ = ("access_key", "secret_key", "token")

@@ -9,7 +9,7 @@ computes it over the bytes as they arrive. CRCs of pieces fetched in parallel ar
 An S3 multipart upload has no checksum of the whole object unless its uploader asked for one: its COMPOSITE CRC
 (``crc32c_parts``/``crc32_parts``) is the CRC of the parts' CRCs (4 big-endian bytes each, concatenated), and
 its ETag (``md5_parts``, ``<hex>-N``) the MD5 of the parts' MD5s (16 bytes each) with the part count. Neither can
-be checked without the part boundaries; :class:`PartCheck` takes them (:class:`sdk.stores._fsspec.PartLayout`), splits
+be checked without the part boundaries; :class:`PartCheck` takes them (:class:`sdk.stores.protocol.PartLayout`), splits
 each piece at them, and combines as S3 does. A CRC is computed as the bytes arrive and a part's CRC combined
 from its pieces'; an MD5 needs a part's bytes in order, so a part that lies within one piece is hashed as it
 arrives and one split over several pieces (or a single-part object's MD5 fetched in ranges) is read back from

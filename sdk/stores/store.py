@@ -7,9 +7,13 @@ transient errors are retried, permanent ones fail at once with a message naming 
 (the store asking for fewer requests) is retried differently: the store's requests in flight are limited by an
 AIMD limit that halves on each throttled answer (:mod:`sdk.stores._throttle`), waits are longer (full jitter), and the
 retries go on for a time budget rather than a count of tries.
-The backends' own retry loops are turned off where they can be (s3fs, botocore) so there is one loop, whose
+The backends' own retry loops are turned off where they can be (botocore) so there is one loop, whose
 sleep is injected — unit tests never sleep. gcsfs keeps its internal retry (it cannot be configured per
 instance); ours wraps it.
+
+A backend is anything that meets :class:`sdk.stores.protocol.Backend`, found by the URL's scheme in
+:mod:`sdk.stores.registry`; what a store offers beyond that protocol (``exists``, ``size``, ``native_crc32c``,
+``walk``, ``get``, ``upload``) is made here from it, once for every store.
 """
 
 from __future__ import annotations
@@ -23,14 +27,22 @@ from typing import TypeVar
 
 import tenacity
 
-from sdk.errors import ConfigError, PodtrainError, ThrottledStorageError, TransientStorageError
+from sdk.errors import (
+    ConfigError,
+    PodtrainError,
+    StorageNotFoundError,
+    ThrottledStorageError,
+    TransientStorageError,
+)
 from sdk.log import get_logger
-from sdk.stores import _fsspec as _backend
+from sdk.stores import registry
 from sdk.stores._fault import classify
-from sdk.stores._fsspec import Checksums, ObjectInfo, PartLayout
 from sdk.stores._throttle import AdaptiveLimit
+from sdk.stores.protocol import Backend, Checksums, ObjectInfo, PartLayout
+from sdk.stores.registry import require_backend, split_url
 
 __all__ = [
+    "Backend",
     "Checksums",
     "ObjectInfo",
     "PartLayout",
@@ -43,8 +55,6 @@ __all__ = [
 
 T = TypeVar("T")
 log = get_logger("podtrain.storage")
-split_url = _backend.split_url
-require_backend = _backend.require_backend
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,8 +100,9 @@ class Store:
         """``sleep`` waits between tries; ``clock`` measures the throttling budget (inject both in tests)."""
         self.retry = retry or RetryPolicy()
         self._sleep, self._clock = sleep, clock
-        self.backend, self.root = _backend.connect(url, timeout=self.retry.timeout)
-        self.url = self.backend.unstrip(self.root)
+        self.backend: Backend
+        self.backend, self.root = registry.connect(url, timeout=self.retry.timeout)
+        self.url = self.backend.url(self.root)
         self.limiter = AdaptiveLimit(self.url, clock=clock)  # shared by every thread using this store
 
     def __repr__(self) -> str:
@@ -105,7 +116,7 @@ class Store:
 
     def url_of(self, rel: str = "") -> str:
         """The full URL of ``rel``, for messages and for the user."""
-        return self.backend.unstrip(self.path(rel))
+        return self.backend.url(self.path(rel))
 
     def child(self, rel: str) -> Store:
         """A store rooted at ``rel`` under this one, sharing the connection, policy and request limit."""
@@ -113,7 +124,7 @@ class Store:
         other.retry, other._sleep, other._clock, other.backend = self.retry, self._sleep, self._clock, self.backend
         other.limiter = self.limiter
         other.root = self.path(rel)
-        other.url = self.backend.unstrip(other.root)
+        other.url = self.backend.url(other.root)
         return other
 
     # -- operations --------------------------------------------------------------------------------------
@@ -130,17 +141,19 @@ class Store:
             created = self.backend.put(self.path(rel), data, crc32c=crc32c, exclusive=exclusive)
             if created:
                 return True
-            existing = self.backend.get(self.path(rel))
+            existing, _ = self.backend.read(self.path(rel))
             return existing == data
 
         return self._call("put", rel, attempt)
 
     def upload(self, rel: str, data: bytes, *, crc32c: int) -> ObjectInfo:
-        """Write ``data`` at ``rel`` (the store checks ``crc32c`` on arrival) and return what the store then holds:
-        from its answer where it says (S3 single-part, GCS), else from one metadata request."""
+        """Write ``data`` at ``rel`` (the store checks ``crc32c`` on arrival) and return what the store then holds,
+        from one metadata request after the write (pushes of files, which need no such request where the store's
+        answer says it, use :meth:`upload_file`)."""
 
         def attempt() -> ObjectInfo:
-            return self.backend.upload(self.path(rel), data, crc32c=crc32c) or self.backend.describe(self.path(rel))
+            self.backend.put(self.path(rel), data, crc32c=crc32c, exclusive=False)
+            return self.backend.describe(self.path(rel))
 
         return self._call("put", rel, attempt)
 
@@ -162,25 +175,36 @@ class Store:
 
     def get(self, rel: str) -> bytes:
         """The whole object at ``rel``."""
-        return self._call("get", rel, lambda: self.backend.get(self.path(rel)))
+        return self._call("get", rel, lambda: self.backend.read(self.path(rel))[0])
 
     def exists(self, rel: str) -> bool:
-        return self._call("exists", rel, lambda: self.backend.exists(self.path(rel)))
+        """Whether the object ``rel`` exists (one metadata request: a missing object is an answer, not an error)."""
+        try:
+            self._call("exists", rel, lambda: self.backend.describe(self.path(rel)))
+        except StorageNotFoundError:
+            return False
+        return True
 
     def size(self, rel: str) -> int:
-        return self._call("size", rel, lambda: self.backend.size(self.path(rel)))
+        return self._call("size", rel, lambda: self.backend.describe(self.path(rel)).size)
 
     def native_crc32c(self, rel: str) -> int | None:
         """The CRC32C the store itself recorded for the object, or None where it keeps none."""
-        return self._call("checksum", rel, lambda: self.backend.native_crc32c(self.path(rel)))
+
+        def crc32c() -> int | None:
+            crc = self.backend.describe(self.path(rel)).checksums.get("crc32c")
+            return None if crc is None else int(crc)
+
+        return self._call("checksum", rel, crc32c)
 
     def list(self, rel: str = "") -> list[str]:
         """Names (not paths) of the direct children of ``rel``; empty when it does not exist."""
         return self._call("list", rel, lambda: self.backend.list(self.path(rel)))
 
     def walk(self, rel: str = "") -> Iterator[str]:
-        """Every object under ``rel``, as paths relative to ``rel``."""
-        yield from self._call("find", rel, lambda: self.backend.find(self.path(rel)))
+        """Every object under ``rel``, as paths relative to ``rel`` (sorted; not ``rel`` itself when it is one)."""
+        found = self._call("find", rel, lambda: self.backend.objects(self.path(rel)))
+        yield from sorted(name for name in found if name)
 
     def read(self, rel: str, start: int | None = None, end: int | None = None) -> tuple[bytes, Checksums]:
         """Bytes ``[start, end)`` of ``rel`` (all of it when ``start`` is None), and the whole object's checksums

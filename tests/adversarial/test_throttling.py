@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from sdk.data.pull import INDEX_NAME, pull
-from sdk.errors import EXIT_UNAVAILABLE, ThrottledStorageError, exit_code
+from sdk.errors import ThrottledStorageError, exit_code
+from sdk.outcomes import EXIT_UNAVAILABLE
 from sdk.stores.store import RetryPolicy, open_store
 from tests.faultproxy import FaultProxy
 

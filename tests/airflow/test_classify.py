@@ -215,6 +215,16 @@ def test_retry_only_on_preemption_storage_and_vanishing() -> None:
     }
 
 
+def test_podtrain_exit_codes_are_classified_by_their_retry_meaning() -> None:
+    """Each of podtrain run's codes, with its termination message, becomes the kind its outcome names, retried exactly
+    when the contract says retry or retry later (:mod:`podtrain_airflow.exitcodes`)."""
+    from podtrain_airflow.exitcodes import PODTRAIN_EXIT_CODES, RETRIED
+
+    for code, (outcome, retry) in PODTRAIN_EXIT_CODES.items():
+        verdict = classify(pod("Failed", exit_code=code, term_message=message(outcome, code)))
+        assert (verdict.kind, verdict.retry) == (outcome, retry in RETRIED), code
+
+
 def test_messages_say_which() -> None:
     """The failure messages name the cause: exit code, OOMKilled, the scheduler's reason, the resume point."""
     by_case = {c[0]: classify(c[1], gpu_request="1 x nvidia.com/gpu") for c in CASES}

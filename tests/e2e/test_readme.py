@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint import termination
 from sdk.config import ENV_PREFIX, Config
+from sdk.outcomes import SUPERVISOR_OUTCOMES
 from tests.servers import MotoS3Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,4 +170,4 @@ def test_the_environment_table_lists_every_setting_with_its_default() -> None:
 def test_the_exit_code_table_is_the_supervisor_s() -> None:
     """Codes and outcome names in the README are the ones podtrain run writes."""
     table = re.findall(r"^\| (\d+) \| `(\w+)`", README, flags=re.MULTILINE)
-    assert {int(code): outcome for code, outcome in table} == termination.OUTCOMES
+    assert {int(code): outcome for code, outcome in table} == SUPERVISOR_OUTCOMES

@@ -19,10 +19,12 @@ FILE_PATH = r"attempt-\d"  # requests for state files (not the manifest), in S3 
 
 
 class TestOnS3(CheckpointContract):
-    """The contract on S3 through moto's server on 127.0.0.1."""
+    """The contract on S3 through moto's server on 127.0.0.1, on both request paths (lean client, botocore's)."""
 
-    @pytest.fixture
-    def url(self, s3_url: str) -> str:
+    @pytest.fixture(params=["lean", "botocore"])
+    def url(self, request: pytest.FixtureRequest, s3_url: str) -> str:
+        if request.param == "botocore":
+            request.getfixturevalue("s3_botocore")
         return s3_url
 
 
@@ -34,9 +36,12 @@ class TestOnGCS(CheckpointContract):
         return gcs_url
 
 
-@pytest.fixture(params=["s3", "gcs"])
+@pytest.fixture(params=["s3", "s3-botocore", "gcs"])
 def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+    """The store (for S3 on both request paths: the lean client, and botocore's through an AWS config file)."""
+    if request.param == "s3-botocore":
+        request.getfixturevalue("s3_botocore")
+    return str(request.param).partition("-")[0]
 
 
 def test_save_and_load_survive_throttling_resets_and_corrupt_reads(

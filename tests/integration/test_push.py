@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from sdk.data.push import PUSH_INDEX, push
-from sdk.stores._fsspec import Backend
+from sdk.stores._fsspec import FsspecBackend as Backend
 from sdk.stores.store import Store, open_store
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))

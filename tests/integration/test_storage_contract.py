@@ -8,6 +8,8 @@ since neither emulator enforces permissions by default.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -243,15 +245,32 @@ class TestFileStore(StoreContract):
 
 
 class TestS3Store(StoreContract):
-    """The contract on S3 (moto): If-None-Match creates, x-amz-checksum-crc32c, multipart for large bodies."""
+    """The contract on S3 (moto): If-None-Match creates, x-amz-checksum-crc32c, multipart for large bodies — on each
+    of the store's two request paths: the lean client, and botocore's client where the lean one steps aside (here
+    for an AWS config file's ``s3`` settings, as users' files have)."""
 
     backend = "s3"
     native_checksums = True
     has_buckets = True
 
-    @pytest.fixture
-    def url(self, s3_url: str) -> str:
+    @pytest.fixture(params=["lean", "botocore"])
+    def url(self, request: pytest.FixtureRequest, s3_url: str) -> str:
+        if request.param == "botocore":
+            request.getfixturevalue("s3_botocore")
         return s3_url
+
+    @pytest.fixture
+    def client_class(self, request: pytest.FixtureRequest, url: str) -> Any:
+        """The class of the client this run's requests must go through."""
+        from sdk.stores import _s3botocore, _s3http
+
+        return _s3botocore.BotocoreS3 if request.node.callspec.params["url"] == "botocore" else _s3http.S3HTTP
+
+    def test_requests_go_through_the_path_the_environment_asks_for(self, store: Store, client_class: Any) -> None:
+        """Keys in the environment: the lean client; an AWS config file's ``s3`` settings: botocore's client. Both
+        serve every operation (this suite runs on each)."""
+        store.put("obj", b"x")
+        assert type(store.backend.client) is client_class  # type: ignore[attr-defined]
 
     @pytest.fixture
     def small_parts(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -300,21 +319,21 @@ class TestS3Store(StoreContract):
 
     @pytest.mark.usefixtures("small_parts")
     def test_a_failed_part_aborts_the_multipart_upload(
-        self, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        self, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_class: Any
     ) -> None:
         """When a part is refused, the upload fails with S3's error and is aborted: no object, no parts left over
         for S3 to bill."""
         from sdk.stores import _s3http as s3http
 
         (tmp_path / "big.bin").write_bytes(os.urandom(11 * 2**20))
-        real = s3http.S3HTTP.upload_part
+        real = client_class.upload_part
 
-        def refuse_second(self: s3http.S3HTTP, *args: Any, **kwargs: Any) -> Any:
+        def refuse_second(self: Any, *args: Any, **kwargs: Any) -> Any:
             if args[3] == 2:  # part number
                 raise s3http.S3Error(403, "AccessDenied", "part 2 refused")
             return real(self, *args, **kwargs)
 
-        monkeypatch.setattr(s3http.S3HTTP, "upload_part", refuse_second)
+        monkeypatch.setattr(client_class, "upload_part", refuse_second)
         with pytest.raises(StoragePermissionError, match="part 2 refused"):
             store.upload_file("big.bin", tmp_path / "big.bin")
         import boto3
@@ -350,6 +369,27 @@ class TestS3Store(StoreContract):
         assert store.put("big.bin", data[::-1], exclusive=True) is False
         assert store.get("big.bin") == data
         assert store.put("big.bin", data, exclusive=True) is True
+
+
+def test_with_keys_in_the_environment_no_s3_operation_imports_botocore_s3fs_or_fsspec(s3_url: str) -> None:
+    """Every operation of the S3 store — the metadata reads a checkpoint's verify makes, one-level listing, deletes,
+    the bucket check — goes through the lean client when keys are in the environment: no botocore (~65 ms), s3fs and
+    aiobotocore (~0.5 s) or fsspec (~35-60 ms) imported in the process."""
+    code = (
+        "import sys\n"
+        "from sdk.stores.store import open_store\n"
+        f"store = open_store({s3_url!r})\n"
+        "store.ensure_root()\n"
+        "assert store.put('a/b', b'xy', exclusive=True) and store.get('a/b') == b'xy'\n"
+        "assert store.exists('a/b') and store.size('a/b') == 2 and store.native_crc32c('a/b') is not None\n"
+        "assert store.list('a') == ['b'] and list(store.walk()) == ['a/b']\n"
+        "store.delete('a', recursive=True)\n"
+        "assert not store.exists('a/b')\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'botocore', 's3fs', 'aiobotocore', 'fsspec'})\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
 
 
 class TestGCSStore(StoreContract):

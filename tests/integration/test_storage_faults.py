@@ -1,9 +1,10 @@
 """Storage under faults: the fault proxy between podtrain and real S3/GCS servers on 127.0.0.1.
 
 Throttling, a connection reset mid-answer, a lost answer to an upload and a stall past the timeout are all
-survived, with the data intact; a slow but flowing transfer is not a timeout; retries are logged; when every
-attempt fails, the error names the URL. gcsfs retries 5xx and broken connections itself, sleeping 1-2 s and
-more between tries, so GCS fault counts stay at one, and tests that must exhaust gcsfs make its sleeps instant.
+survived (on S3 through both request paths: the lean client and botocore's), with the data intact; a slow but
+flowing transfer is not a timeout; retries are logged; when every attempt fails, the error names the URL. gcsfs
+retries 5xx and broken connections itself, sleeping 1-2 s and more between tries, so GCS fault counts stay at one,
+and tests that must exhaust gcsfs make its sleeps instant.
 """
 
 from __future__ import annotations
@@ -30,14 +31,23 @@ DATA = os.urandom(512 * 1024)
 _TRIES = {"s3": 1, "gcs": GCSFileSystem.retries}  # requests per attempt of ours: gcsfs retries inside it
 
 
-@pytest.fixture(params=["s3", "gcs"])
-def backend(request: pytest.FixtureRequest) -> str:
+@pytest.fixture(params=["s3", "s3-botocore", "gcs"])
+def path(request: pytest.FixtureRequest) -> str:
+    """The store and, for S3, which of its two request paths (the lean client, or botocore's client)."""
     return str(request.param)
 
 
 @pytest.fixture
-def url(request: pytest.FixtureRequest, backend: str) -> str:
-    return str(request.getfixturevalue(f"{backend}_url"))
+def backend(path: str) -> str:
+    return path.partition("-")[0]
+
+
+@pytest.fixture
+def url(request: pytest.FixtureRequest, backend: str, path: str) -> str:
+    url = str(request.getfixturevalue(f"{backend}_url"))
+    if path == "s3-botocore":
+        request.getfixturevalue("s3_botocore")
+    return url
 
 
 @pytest.fixture

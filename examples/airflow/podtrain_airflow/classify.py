@@ -4,7 +4,7 @@ Reads only the pod object (``kubernetes.client.V1Pod``, or ``None`` when the pod
 tested without a cluster and without Airflow. The evidence, strongest first:
 
 1. the base container's exit code, when podtrain's JSON termination message confirms it is the supervisor's
-   (0, 1, 2, 69, 75: the contract of ``podtrain run``);
+   (0, 1, 2, 69, 75: the contract of ``podtrain run``, copied in :mod:`podtrain_airflow.exitcodes`);
 2. the container's termination reason (``OOMKilled``, ``ContainerStatusUnknown``);
 3. the pod: a ``DisruptionTarget`` condition, status reason ``Evicted`` / ``NodeLost`` / ``Terminated`` /
    ``NodeShutdown``, a deletion in progress, phase ``Unknown``, or no pod at all (deleted, node gone);
@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client import models as k8s
+
+from podtrain_airflow.exitcodes import PODTRAIN_OUTCOMES
 
 __all__ = ["RETRY_KINDS", "Verdict", "classify", "termination_message"]
 
@@ -38,7 +40,6 @@ RETRY_KINDS: dict[str, bool] = {
     "preflight_failed": False,  # the GPU preflight (nvidia-smi, podtrain smoke) found the pod unfit to train
 }
 
-PODTRAIN_OUTCOMES = {0: "succeeded", 1: "failed", 2: "config_error", 69: "storage_unavailable", 75: "preempted"}
 _SIGNAL_EXITS = {137: "SIGKILL", 143: "SIGTERM"}
 _GONE_REASONS = {"NodeLost", "NodeShutdown", "Terminated", "Shutdown", "NodeAffinity"}
 _IMAGE_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}

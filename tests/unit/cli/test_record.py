@@ -14,6 +14,7 @@ from entrypoint import termination
 from entrypoint.commands.record import Recorder
 from sdk.config import Config
 from sdk.lifecycle import runrecord as record
+from sdk.outcomes import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 from sdk.stores.store import open_store
 
 
@@ -128,7 +129,7 @@ def test_the_table_says_nothing_for_what_an_attempt_never_reached_and_counts_in_
 
 @pytest.mark.parametrize(
     ("exit_code", "lost"),
-    [(termination.EXIT_PREEMPTED, 7), (termination.EXIT_FAILED, 7), (termination.EXIT_OK, 0)],
+    [(EXIT_PREEMPTED, 7), (EXIT_FAILED, 7), (EXIT_OK, 0)],
 )
 def test_the_supervisor_entry_counts_steps_done_and_lost_and_gpu_seconds(
     tmp_path: Path, exit_code: int, lost: int

@@ -216,18 +216,6 @@ def test_a_sigterm_recorded_before_the_supervisor_ran_is_replayed_with_its_arriv
     assert sup._pending == [signal.SIGUSR1, signal.SIGTERM]
 
 
-def test_early_signals_record_and_report_the_first_sigterm() -> None:
-    """The console script's early handlers record signals with their arrival; sigterm_at is the first TERM."""
-    from entrypoint.early import EarlySignals
-
-    early = EarlySignals()
-    early._record(signal.SIGINT, None)
-    assert early.sigterm_at() is None
-    early._record(signal.SIGTERM, None)
-    early._record(signal.SIGTERM, None)
-    assert early.sigterm_at() == early.received[1][1]
-
-
 def test_unknown_signal_death_is_failure_named() -> None:
     """A child killed by a signal podtrain did not send (OOM's SIGKILL) is exit 1, named in the message."""
     w = World()

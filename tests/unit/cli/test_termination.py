@@ -1,4 +1,4 @@
-"""Exit codes, the termination message's shape and size, GPU counting and the checkpoint lookup."""
+"""entrypoint.termination: child endings onto the exit-code contract, the termination message's shape and size."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from entrypoint import termination as term
 from entrypoint.termination import classify
+from sdk.outcomes import SUPERVISOR_OUTCOMES
 
 
 @pytest.mark.parametrize(
@@ -42,7 +43,7 @@ def test_classify_maps_child_endings_to_the_contract(
     outcome = classify(returncode, preempted=preempted, killed_by_us=killed)
     assert outcome.exit_code == code
     assert words in outcome.message
-    assert outcome.outcome == term.OUTCOMES[code]
+    assert outcome.outcome == SUPERVISOR_OUTCOMES[code]
 
 
 def test_forwarded_signal_death_is_named_as_forwarded() -> None:
@@ -94,25 +95,6 @@ def test_render_leaves_a_short_message_alone() -> None:
     assert json.loads(term.render(fields)) == fields
 
 
-@pytest.mark.parametrize(
-    ("env", "count"),
-    [
-        ({}, 0),
-        ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, 3),
-        ({"CUDA_VISIBLE_DEVICES": ""}, 0),
-        ({"CUDA_VISIBLE_DEVICES": "0,-1,2"}, 1),
-        ({"CUDA_VISIBLE_DEVICES": "GPU-8c1f,GPU-77aa"}, 2),
-        ({"NVIDIA_VISIBLE_DEVICES": "all"}, 0),
-        ({"NVIDIA_VISIBLE_DEVICES": "void"}, 0),
-        ({"NVIDIA_VISIBLE_DEVICES": "0,1"}, 2),
-        ({"CUDA_VISIBLE_DEVICES": "3", "NVIDIA_VISIBLE_DEVICES": "0,1,2,3"}, 1),
-    ],
-)
-def test_gpu_count_reads_visible_devices_without_torch(env: dict[str, str], count: int) -> None:
-    """GPUs are counted from CUDA_VISIBLE_DEVICES then NVIDIA_VISIBLE_DEVICES; all/void/empty count 0."""
-    assert term.gpu_count(env) == count
-
-
 def test_termination_log_written_where_writable_and_never_raises(tmp_path: Path) -> None:
     """The line is written to a writable path; an unwritable one is reported, not raised."""
     target = tmp_path / "termination-log"
@@ -129,66 +111,14 @@ def test_default_termination_log_is_skipped_where_it_does_not_exist(monkeypatch:
     assert not term.write_termination_log(term.DEFAULT_TERMINATION_LOG, "{}")
 
 
-def test_newest_checkpoint_of_a_missing_local_store_is_none(tmp_path: Path) -> None:
-    """A local checkpoint location that does not exist means no checkpoint, and it is not created."""
-    step, url, note = term.newest_checkpoint(str(tmp_path / "nothing"), run_id="r", attempt=None, timeout=5)
-    assert (step, url) == (None, None) and "no checkpoint committed" in note
-    assert not (tmp_path / "nothing").exists()
-
-
-def test_newest_checkpoint_reads_manifests(tmp_path: Path) -> None:
-    """The newest committed step is found from manifests; an uncommitted folder is skipped."""
-    import torch
-
-    from sdk.checkpoints.checkpointer import Checkpointer
-
-    ckpt = Checkpointer(str(tmp_path / "ck"), run_id="r", attempt=1)
-    ckpt.save(5, {"model": torch.nn.Linear(2, 2)})
-    ckpt.save(7, {"model": torch.nn.Linear(2, 2)})
-    ckpt.store.put("step-0000000009/attempt-1/model.pt", b"partial")  # never committed
-    step, url, note = term.newest_checkpoint(str(tmp_path / "ck"), run_id="r", attempt=None, timeout=10)
-    assert step == 7 and url is not None and url.endswith("step-0000000007") and note == ""
-
-
-def test_newest_checkpoint_reports_an_unreadable_store() -> None:
-    """A store that cannot be read gives no checkpoint and says why."""
-    step, url, note = term.newest_checkpoint("memory://podtrain-nope/x", run_id="r", attempt=1, timeout=5)
-    assert (step, url) == (None, None)
-    assert note
-
-
 def test_supervisor_modules_do_not_import_torch() -> None:
-    """Importing the supervisor, the termination module and the CLI leaves torch unimported."""
+    """Importing the supervisor, the termination module, the checkpoint lookup and the CLI leaves torch unimported."""
     code = (
-        "import entrypoint.supervisor, entrypoint.termination, entrypoint.cli; "
+        "import entrypoint.supervisor, entrypoint.termination, entrypoint.cli, entrypoint._checkpointlookup; "
         "import sys; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
-
-
-def test_derive_attempt_is_one_more_than_the_newest_seen_and_reserved(tmp_path: Path) -> None:
-    """An empty store gives attempt 1; after attempt 3 saved, the next is 4; each number derived is reserved in the
-    store, so deriving again (another supervisor) gives the next one."""
-    import torch
-
-    from sdk.checkpoints.checkpointer import Checkpointer
-
-    assert term.derive_attempt(str(tmp_path / "none"), run_id="r", timeout=5) == (1, "")
-    assert (tmp_path / "none" / "attempts" / "attempt-1.reserved.json").is_file()
-    assert term.derive_attempt(str(tmp_path / "none"), run_id="r", timeout=5) == (2, "")
-    Checkpointer(str(tmp_path / "ck"), run_id="r", attempt=3).save(1, {"model": torch.nn.Linear(2, 2)})
-    assert term.derive_attempt(str(tmp_path / "ck"), run_id="r", timeout=10) == (4, "")
-
-
-def test_derive_attempt_says_why_when_the_store_cannot_be_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A store nobody answers for (a closed port on 127.0.0.1) gives no attempt and the reason."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    attempt, note = term.derive_attempt("s3://podtrain-nope/x", run_id="r", timeout=5)
-    assert attempt is None
-    assert "s3://podtrain-nope/x" in note and "Could not connect" in note
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,6 @@ import pytest
 from gcsfs.retry import ChecksumError, HttpError
 
 from sdk.errors import (
-    EXIT_UNAVAILABLE,
     PermanentStorageError,
     StorageError,
     StorageNotFoundError,
@@ -24,6 +23,7 @@ from sdk.errors import (
     TransientStorageError,
     exit_code,
 )
+from sdk.outcomes import EXIT_UNAVAILABLE
 from sdk.stores._fault import classify
 from sdk.stores._s3http import S3Error
 
@@ -164,7 +164,8 @@ def test_an_untrusted_certificate_is_a_setting_to_fix_naming_aws_ca_bundle() -> 
     """A failed TLS verification is never retried: exit 2, and the message says which variable takes a CA."""
     import ssl
 
-    from sdk.errors import EXIT_CONFIG, StorageTrustError, exit_code
+    from sdk.errors import StorageTrustError, exit_code
+    from sdk.outcomes import EXIT_CONFIG
 
     cause = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
     error = classify(cause, url=URL, op="list")

@@ -130,19 +130,19 @@ def test_s3_answers_name_whole_object_and_part_checksums_apart() -> None:
     """What an S3 HEAD/GET answer's checksum headers and ETag mean: a whole object's CRC and MD5; a multipart
     upload's COMPOSITE CRC (with or without its "-N"; FULL_OBJECT is the whole's) and its ETag of part MD5s;
     none of the ETags under KMS or a customer key."""
-    from sdk.stores._s3 import _s3_checksums
+    from sdk.stores._s3 import s3_checksums
 
     crc, b64 = 0x1234ABCD, checksum.to_b64(0x1234ABCD)
     md5 = "0123456789abcdef0123456789abcdef"
-    assert _s3_checksums({"ETag": f'"{md5}"', "ChecksumCRC32C": b64}) == {"crc32c": crc, "md5": md5}
+    assert s3_checksums({"ETag": f'"{md5}"', "ChecksumCRC32C": b64}) == {"crc32c": crc, "md5": md5}
     multipart = {"ETag": f'"{md5}-3"', "ChecksumCRC32": b64}
     expected = {"crc32_parts": crc, "md5_parts": f"{md5}-3", "parts": 3}
-    assert _s3_checksums(multipart) == expected  # moto: no "-N", no type
-    assert _s3_checksums(multipart | {"ChecksumCRC32": f"{b64}-3", "ChecksumType": "COMPOSITE"}) == expected
-    assert _s3_checksums(multipart | {"ChecksumType": "FULL_OBJECT"}) == {
+    assert s3_checksums(multipart) == expected  # moto: no "-N", no type
+    assert s3_checksums(multipart | {"ChecksumCRC32": f"{b64}-3", "ChecksumType": "COMPOSITE"}) == expected
+    assert s3_checksums(multipart | {"ChecksumType": "FULL_OBJECT"}) == {
         "crc32": crc,
         "md5_parts": f"{md5}-3",
         "parts": 3,
     }
-    assert _s3_checksums({"ETag": f'"{md5}"', "ServerSideEncryption": "aws:kms"}) == {}
-    assert _s3_checksums({"ETag": f'"{md5}-2"', "SSECustomerAlgorithm": "AES256"}) == {"parts": 2}
+    assert s3_checksums({"ETag": f'"{md5}"', "ServerSideEncryption": "aws:kms"}) == {}
+    assert s3_checksums({"ETag": f'"{md5}-2"', "SSECustomerAlgorithm": "AES256"}) == {"parts": 2}

@@ -190,3 +190,28 @@ def test_a_kept_alive_connection_the_server_closed_is_replaced_at_once(session: 
     assert client.get("bkt", "then-hang-up")[0] == b"hello"
     assert client.get("bkt", "obj")[0] == b"hello"
     assert len(_Store.seen) == 2
+
+
+def test_a_key_deleteobjects_could_not_delete_is_raised_as_its_error_on_both_clients(
+    session: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeleteObjects answers 200 and lists the keys it could not delete: a recursive delete that left a key behind
+    fails (access denied, here) on the lean client and on botocore's, never passes as done."""
+    from sdk.errors import StoragePermissionError
+    from sdk.stores import _s3botocore
+
+    body = (
+        b'<DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Error><Key>run/a</Key>'
+        b"<Code>AccessDenied</Code><Message>Access Denied</Message></Error></DeleteResult>"
+    )
+    lean = s3http.S3HTTP(
+        s3address.Address(_keys(session), endpoint="http://127.0.0.1:9", region="us-west-2"), timeout=5
+    )
+    monkeypatch.setattr(lean, "_request", lambda *args, **kwargs: (body, {}))
+    library = _s3botocore.BotocoreS3((), timeout=5)
+    answer = {"Errors": [{"Key": "run/a", "Code": "AccessDenied", "Message": "Access Denied"}]}
+    monkeypatch.setattr(library.client, "delete_objects", lambda **kwargs: answer)
+    for client in (lean, library):
+        with pytest.raises(s3http.S3Error, match="run/a") as caught:
+            client.delete_many("bkt", ["run/a", "run/b"])
+        assert isinstance(classify(caught.value, url="s3://bkt/run"), StoragePermissionError)

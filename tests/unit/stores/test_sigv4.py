@@ -27,6 +27,10 @@ REQUESTS = [
     ("POST", "http://127.0.0.1:9000/b/big.bin?uploadId=abc", {"User-Agent": "podtrain", "Expect": "100-continue"}),
     ("DELETE", "https://bkt.s3.us-west-2.amazonaws.com:443/k?uploadId=abc", {}),
     ("GET", "http://[::1]:9000/b/k", {"Host": "[::1]:9000"}),
+    ("GET", "http://127.0.0.1:9000/b/?list-type=2&prefix=ckpt%2F&encoding-type=url&delimiter=%2F", {}),
+    ("POST", "http://127.0.0.1:9000/b/?delete=", {"Content-MD5": "1B2M2Y8AsgTpgAmY7PhCfg=="}),
+    ("HEAD", "https://bkt.s3.eu-west-1.amazonaws.com/", {}),
+    ("DELETE", "http://127.0.0.1:9000/b/ckpt/step-1/MANIFEST.json", {}),
 ]
 
 

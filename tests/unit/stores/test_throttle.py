@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from sdk.errors import (
-    EXIT_UNAVAILABLE,
     ConfigError,
     StorageNotFoundError,
     ThrottledStorageError,
     TransientStorageError,
     exit_code,
 )
+from sdk.outcomes import EXIT_UNAVAILABLE
 from sdk.stores._s3http import S3Error
 from sdk.stores._throttle import CEILING, AdaptiveLimit
 from sdk.stores.store import RetryPolicy, Store, open_store
@@ -50,7 +50,7 @@ def _slowdown() -> S3Error:
 
 
 class Answers:
-    """Wraps a store's backend: each ``get`` first takes the next queued exception (or keeps raising ``forever``)."""
+    """Wraps a store's backend: each ``read`` first takes the next queued exception (or keeps raising ``forever``)."""
 
     def __init__(self, inner: Any, queued: list[BaseException], forever: Callable[[], BaseException] | None) -> None:
         self.inner, self.queued, self.forever = inner, list(queued), forever
@@ -59,18 +59,19 @@ class Answers:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def get(self, path: str) -> bytes:
+    def read(self, path: str, start: int | None = None, end: int | None = None) -> tuple[bytes, dict[str, Any]]:
         self.calls += 1
         if self.queued:
             raise self.queued.pop(0)
         if self.forever is not None:
             raise self.forever()
-        return bytes(self.inner.get(path))
+        data, sums = self.inner.read(path, start, end)
+        return bytes(data), dict(sums)
 
 
 def _answers(store: Store, *queued: BaseException, forever: Callable[[], BaseException] | None = None) -> Answers:
     answers = Answers(store.backend, list(queued), forever)
-    store.backend = answers  # type: ignore[assignment]
+    store.backend = answers
     return answers
 
 
@@ -273,17 +274,17 @@ def test_sixteen_threads_through_a_throttling_store_all_get_through_and_give_eve
     store = open_store(memory_url, retry=RetryPolicy(throttle_initial_wait=0.001, throttle_max_wait=0.002))
     store.put("obj", b"x")
     lock, throttles, results = threading.Lock(), [40], []
-    real_get = store.backend.get
+    real_read = store.backend.read
 
-    def get(path: str) -> bytes:
+    def read(path: str, start: int | None = None, end: int | None = None) -> tuple[bytes, dict[str, Any]]:
         time.sleep(0.001)
         with lock:
             throttles[0] -= 1
             if throttles[0] >= 0:
                 raise _slowdown()
-        return bytes(real_get(path))
+        return real_read(path, start, end)
 
-    store.backend.get = get  # type: ignore[method-assign]
+    store.backend.read = read  # type: ignore[method-assign]
 
     def reader() -> None:
         for _ in range(10):
