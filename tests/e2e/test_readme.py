@@ -127,12 +127,24 @@ def test_every_sh_block_is_one_of_the_checked_kinds() -> None:
     assert sorted(kinds) == ["docker", "make", "walkthrough"]
 
 
+def test_the_testing_sketch_uses_only_sdk_testing_public_names() -> None:
+    """The README's sketch of a user's preemption test parses and names only what ``sdk.testing`` exports."""
+    from sdk import testing
+
+    _sketch, block = _blocks("python")
+    tree = ast.parse(block)
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and getattr(n.value, "id", "") == "testing"}
+    assert {"init", "committed_steps", "EXIT_PREEMPTED"} <= used
+    missing = used - set(testing.__all__)
+    assert not missing, f"the README uses sdk.testing names it does not export: {sorted(missing)}"
+
+
 def test_the_train_py_sketch_calls_only_the_public_api() -> None:
     """The README's train.py sketch parses, and every ``sdk.X`` and ``run.X`` it uses exists in the SDK."""
     import sdk
     from sdk.run import Run
 
-    (sketch,) = _blocks("python")
+    sketch, _testing = _blocks("python")
     tree = ast.parse(sketch)
     used = {
         (n.value.id, n.attr) for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
