@@ -230,6 +230,8 @@ def test_a_url_with_user_info_is_masked_in_every_command(
     root = _workspace(tmp_path)
     args = [arg.replace(f"s3://{BUCKET}/", f"s3://{userinfo}@{BUCKET}/") for arg in COMMANDS[command](root)]
     out = _podtrain(*args, env=_env(), cwd=root)
+    secret = userinfo.rpartition(":")[2].encode()
+    assert secret not in out.stdout + out.stderr, "the URL's secret is echoed by the command"
     _check_command(root, out)
 
 
