@@ -5,7 +5,7 @@ with the same environment: ``AWS_ENDPOINT_URL``, fake credentials, ``AWS_DEFAULT
 AWS config file, so the CLI keeps its default transfer settings (10 concurrent requests, 8 MiB multipart
 threshold and chunk size), as users run it; ``podtrain`` keeps its defaults too (16 workers). The CLI is
 ``awscli`` from PyPI, in its own venv (``.venv-awscli/``, created on first use: its exact botocore pin clashes
-with podtrain's aiobotocore); when it cannot be installed the suite says so and measures nothing.
+with podtrain's pinned botocore); when it cannot be installed the suite says so and measures nothing.
 
 The dataset is random bytes from a seeded generator: 1,000 files of 1 MiB and 8 of 64 MiB at the default
 ``--size-mib 1024`` (1.5 GiB). Counts scale with ``size_mib / 1024`` (at least 16 small and 2 large files),
