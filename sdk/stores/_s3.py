@@ -15,7 +15,7 @@ import contextlib
 import functools
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -203,7 +203,7 @@ class S3Backend:
         bucket, key = self._split(path)
         prefix = key + "/" if key else ""
         out = {}
-        for item in self.client.list(bucket, prefix):
+        for item in self._listed(bucket, prefix):
             rel = item["Key"][len(prefix) :]
             if rel and not rel.endswith("/"):  # "folder/" markers are not files
                 out[rel] = ObjectInfo(int(item["Size"]), _answers.fingerprint(item), _answers.listed_checksums(item))
@@ -223,9 +223,21 @@ class S3Backend:
         bucket, key = self._split(path)
         prefix = key.rstrip("/") + "/" if key else ""
         names = set()
-        for item in self.client.list(bucket, prefix, delimiter="/"):
-            names.add(str(item.get("Key") or item.get("Prefix") or "")[len(prefix) :].split("/", 1)[0])
+        for item in self._listed(bucket, prefix, delimiter="/"):
+            names.add(str(item.get("Key") or item.get("Prefix"))[len(prefix) :].split("/", 1)[0])
         return sorted(names - {""})
+
+    def _listed(self, bucket: str, prefix: str, *, delimiter: str = "") -> Iterator[dict[str, Any]]:
+        """The listing's entries, each checked to lie under ``prefix``: a server (or a proxy) answering with keys
+        outside it would otherwise have a pull name files after them and a recursive delete remove them."""
+        for item in self.client.list(bucket, prefix, delimiter=delimiter):
+            name = item.get("Key") or item.get("Prefix")
+            if not isinstance(name, str) or not name.startswith(prefix):
+                raise PermanentStorageError(
+                    f"s3://{bucket}: the listing of {prefix!r} answered {name!r}, outside it — check the endpoint "
+                    "(AWS_ENDPOINT_URL) or the proxy in between"
+                )
+            yield item
 
     # -- deleting and the bucket ---------------------------------------------------------------------------------
     def delete(self, path: str, *, recursive: bool) -> None:
@@ -237,7 +249,7 @@ class S3Backend:
                 self.client.delete(bucket, key)
             return
         prefix = key.rstrip("/") + "/" if key else ""
-        keys = [str(item["Key"]) for item in self.client.list(bucket, prefix)]
+        keys = [str(item["Key"]) for item in self._listed(bucket, prefix)]
         if key:
             keys.append(key)
         self.client.delete_many(bucket, keys)
