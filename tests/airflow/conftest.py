@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ for name in [n for n in os.environ if n.startswith("PODTRAIN_DAG_")]:
 if str(DAGS) not in sys.path:
     sys.path.insert(0, str(DAGS))
 
+from kubeapi import KubeAPIServer  # noqa: E402
+from kubernetes import client as k8s  # noqa: E402
 from offline import render_and_build  # noqa: E402  (after the environment above)
 
 
@@ -63,3 +66,18 @@ def airflow_db() -> Path:
     airflow = Path(sys.executable).parent / "airflow"
     subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, timeout=300)
     return AIRFLOW_HOME / "airflow.db"
+
+
+@pytest.fixture
+def kube() -> Iterator[KubeAPIServer]:
+    """The test Kubernetes (tests/airflow/kubeapi.py), its `sh:test` image running `sh -c`."""
+    with KubeAPIServer(images={"sh:test": ["sh", "-c"]}) as server:
+        yield server
+
+
+@pytest.fixture
+def api(kube: KubeAPIServer) -> k8s.CoreV1Api:
+    """The official client's CoreV1Api on that server."""
+    cfg = k8s.Configuration()
+    cfg.host = kube.url
+    return k8s.CoreV1Api(k8s.ApiClient(cfg))

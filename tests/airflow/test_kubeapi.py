@@ -11,7 +11,6 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +23,6 @@ from kubernetes import config as k8s_config  # noqa: E402
 from kubernetes.client.rest import ApiException  # noqa: E402
 
 NS = "default"
-
-
-@pytest.fixture
-def kube() -> Iterator[KubeAPIServer]:
-    with KubeAPIServer(images={"sh:test": ["sh", "-c"]}) as server:
-        yield server
-
-
-@pytest.fixture
-def api(kube: KubeAPIServer) -> k8s.CoreV1Api:
-    cfg = k8s.Configuration()
-    cfg.host = kube.url
-    return k8s.CoreV1Api(k8s.ApiClient(cfg))
 
 
 def pod_body(

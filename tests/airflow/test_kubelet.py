@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,19 +19,6 @@ from kubernetes.client.rest import ApiException  # noqa: E402
 from test_kubeapi import NS, condition, pod_body, read_log, terminated, wait_phase  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def kube() -> Iterator[KubeAPIServer]:
-    with KubeAPIServer(images={"sh:test": ["sh", "-c"]}) as server:
-        yield server
-
-
-@pytest.fixture
-def api(kube: KubeAPIServer) -> k8s.CoreV1Api:
-    cfg = k8s.Configuration()
-    cfg.host = kube.url
-    return k8s.CoreV1Api(k8s.ApiClient(cfg))
 
 
 def test_failing_pod_reports_exit_code_and_log(kube: KubeAPIServer, api: k8s.CoreV1Api) -> None:
