@@ -115,12 +115,11 @@ def write_dataset(out: str, *, shards: int = DEFAULT_SHARDS, mib: float = DEFAUL
         data = generate_shard(seed, index, size)
         name = SHARD_NAME.format(index)
         if "://" in out:
-            import fsspec  # a podtrain dependency; only needed for URLs
+            from sdk.stores.store import open_store  # podtrain's store: retries and CRC32C, any scheme it knows
 
-            url = f"{out.rstrip('/')}/{name}"
-            with fsspec.open(url, "wb", auto_mkdir=True) as stream:
-                stream.write(data)
-            written.append(url)
+            store = open_store(out)
+            store.put(name, data)
+            written.append(store.url_of(name))
         else:
             folder = Path(out)
             folder.mkdir(parents=True, exist_ok=True)
