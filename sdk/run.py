@@ -88,6 +88,7 @@ class Run:
         self.agreement = Agreement(config.world_size) if config.world_size > 1 else None
         if self.agreement is not None:  # the ranks' one writer folder: agreed with their first collective
             checkpointer.shared_writer = self.agreement.writer_id
+            checkpointer.collective = self.agreement  # sharded saves and loads agree on the same group
         self._metrics: dict[str, Any] | None = None  # the last record log_metrics() wrote
         self.report = Report(config.report_file if config.rank == 0 else "", clock=clock)  # for the run record
 

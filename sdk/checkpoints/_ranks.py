@@ -12,23 +12,31 @@ directly without ``writer=`` — share ``attempt-<a>/`` as before). The ranks ta
 the store: no collective runs in the background thread, so the save cannot deadlock against the training loop's
 own collectives, and a rank that dies leaves a step that is simply never committed.
 
-A checkpoint of N ranks is loaded by N ranks, each reading only its own files.
+A checkpoint of N ranks is loaded by N ranks, each reading only its own files. On M ranks (:func:`sources`),
+an entry every rank saved alike (same files, sizes and CRC32Cs: a scheduler, a replicated model saved per rank)
+is loaded from rank 0's files; the RNG streams of ranks that existed are restored to them (new ranks keep their
+own); an entry that differs across ranks needs its object to merge the ranks' states
+(``reshard_state_dict``, as :class:`~sdk.data.loader.ResumableLoader` does for a ``DistributedSampler``) and is
+otherwise refused, naming it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 
-from sdk.checkpoints.manifest import FileEntry
+from sdk.checkpoints.manifest import FileEntry, stem_of
 from sdk.errors import CheckpointError, StorageNotFoundError
 from sdk.stores import boundedjson
 from sdk.stores.store import Store
 
-__all__ = ["RANK_TIMEOUT", "files_of_rank", "gather", "rank_prefix", "write_record"]
+__all__ = ["RANK_TIMEOUT", "Sources", "files_of_rank", "gather", "rank_of", "rank_prefix", "sources", "write_record"]
 
 RANK_TIMEOUT = 600.0  # seconds rank 0 waits for the other ranks' records of a step before giving up on it
+_RANK_DIR = re.compile(r"(?:^|/)rank-(\d+)/")
 
 
 def rank_prefix(writer_dir: str, rank: int, world_size: int) -> str:
@@ -42,6 +50,57 @@ def files_of_rank(files: Mapping[str, FileEntry], rank: int, world_size: int) ->
         return dict(files)
     marker = f"/rank-{rank}/"
     return {name: entry for name, entry in files.items() if marker in f"/{name}"}
+
+
+def rank_of(name: str) -> int | None:
+    """The rank whose folder holds the file ``name`` (None: a file of the whole checkpoint, or of one rank)."""
+    match = _RANK_DIR.search(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The files a rank restores: ``own`` as its own state, ``merged`` stem by stem with every saving rank's files."""
+
+    own: dict[str, FileEntry]
+    merged: dict[str, list[dict[str, FileEntry]]] = field(default_factory=dict)
+    rng_missing: bool = False  # a rank the saving job did not have: its RNG streams stay as they are
+
+
+def sources(
+    files: Mapping[str, FileEntry],
+    stems: Collection[str],
+    *,
+    rank: int,
+    world_size: int,
+    saved_world: int,
+    rng_stem: str,
+    skip: Collection[str] = (),
+) -> Sources:
+    """Which files ``rank`` of ``world_size`` restores the per-rank entries ``stems`` from (see the module's doc).
+
+    ``skip``: stems restored otherwise (the sharded payload).
+    """
+    if saved_world == world_size:
+        mine = files_of_rank(files, rank, world_size)
+        return Sources({n: e for n, e in mine.items() if stem_of(n) not in skip})
+    per_rank = [files_of_rank(files, r, saved_world) for r in range(saved_world)]
+    own: dict[str, FileEntry] = {}
+    merged: dict[str, list[dict[str, FileEntry]]] = {}
+    for stem in stems:
+        of_stem = [{n: e for n, e in mine.items() if stem_of(n) == stem} for mine in per_rank]
+        if len({_fingerprint(f) for f in of_stem}) == 1:
+            own.update(of_stem[0])
+        else:
+            merged[stem] = of_stem
+    if rank < saved_world:
+        own.update({n: e for n, e in per_rank[rank].items() if stem_of(n) == rng_stem})
+    return Sources(own, merged, rng_missing=rank >= saved_world)
+
+
+def _fingerprint(files: Mapping[str, FileEntry]) -> tuple[tuple[str, int, str], ...]:
+    """What a rank saved of one entry, without its folder: equal on two ranks when they saved the same bytes."""
+    return tuple(sorted((_RANK_DIR.split(n)[-1], e.size, e.crc32c) for n, e in files.items()))
 
 
 def write_record(store: Store, folder: str, writer_dir: str, rank: int, files: Mapping[str, FileEntry]) -> None:

@@ -9,23 +9,27 @@ letters, digits, ``_``, ``.`` and ``-``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from sdk.checkpoints.manifest import stem_of
 from sdk.errors import CheckpointError, InvalidCheckpointError
 
-__all__ = ["RNG_STEM", "check", "payloads", "restore"]
+__all__ = ["RESERVED", "RNG_STEM", "SHARDED_STEM", "check", "payloads", "restore", "restore_merged"]
 
-RNG_STEM = "rng"
+RNG_STEM = "rng"  # the RNG streams
+SHARDED_STEM = "sharded"  # a rank's part of the sharded state (sdk.checkpoints._sharded)
+RESERVED = (RNG_STEM, SHARDED_STEM)
 _STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 def check(state: Mapping[str, Any]) -> None:
     """Refuse, with the rule, names that are not file-safe and objects that are not state."""
     for key, obj in state.items():
-        if not isinstance(key, str) or not _STEM.match(key) or key == RNG_STEM:
+        if not isinstance(key, str) or not _STEM.match(key) or key in RESERVED:
             raise CheckpointError(
-                f"state name {key!r} is not allowed: use letters, digits, '_', '.', '-' (and not {RNG_STEM!r})"
+                f"state name {key!r} is not allowed: use letters, digits, '_', '.', '-' (and not "
+                f"{' or '.join(map(repr, RESERVED))})"
             )
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")) and not isinstance(obj, dict):
             raise CheckpointError(
@@ -51,52 +55,84 @@ def restore(
     to fix, not damage: an older checkpoint would not fit either), :class:`InvalidCheckpointError` when a file
     cannot be decoded safely.
     """
-    import torch
-
     from sdk.checkpoints import _rng as rng
-    from sdk.checkpoints import serialization
 
     by_stem: dict[str, list[str]] = {}
     for name in sorted(files):
-        by_stem.setdefault(serialization.stem_of(name), []).append(name)
+        by_stem.setdefault(stem_of(name), []).append(name)
     missing = [key for key in state if key not in by_stem]
     if missing:
         raise CheckpointError(
             f"checkpoint {location} has no state for {', '.join(missing)} (it holds "
             f"{', '.join(sorted(s for s in by_stem if s != RNG_STEM))}); pass the same state names that were saved"
         )
-    decoded: dict[str, Any] = {}
-    for stem, names in by_stem.items():
-        if stem not in state and stem != RNG_STEM:
-            continue
-        parts = {
-            name: serialization.decode(
-                name,
-                files[name],
-                location=location,
-                safe_globals=safe_globals,
-                # A module copies tensors into its parameters: read-only views over the download suffice.
-                zero_copy=isinstance(state.get(stem), torch.nn.Module),
-            )
-            for name in names
-        }
-        try:
-            decoded[stem] = serialization.assemble(parts)
-        except ValueError as exc:
-            raise InvalidCheckpointError(location, f"state {stem!r}: {exc}") from None
+    decoded = {
+        stem: _decoded(stem, {n: files[n] for n in names}, state.get(stem), location, safe_globals)
+        for stem, names in by_stem.items()
+        if stem in state or stem == RNG_STEM
+    }
     for key, obj in state.items():
-        try:
-            if hasattr(obj, "load_state_dict"):
-                obj.load_state_dict(decoded[key])
-            else:
-                obj.clear()
-                obj.update(decoded[key])
-        except (ValueError, TypeError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(
-                f"state {key!r} from checkpoint {location} does not fit {type(obj).__name__}: {exc}"
-            ) from exc
+        _put(key, obj, decoded[key], location)
     if RNG_STEM in decoded:
         try:
             rng.restore(decoded[RNG_STEM])
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidCheckpointError(location, f"RNG state does not restore: {exc}") from None
+
+
+def restore_merged(
+    key: str,
+    obj: Any,
+    per_rank: Sequence[Mapping[str, bytes]],
+    *,
+    rank: int,
+    world_size: int,
+    location: str,
+    safe_globals: Iterable[Any] = (),
+) -> None:
+    """Restore an entry that differs across the ranks that saved it, on a different number of ranks: its object's
+    ``reshard_state_dict(states, rank=, world_size=)`` makes this rank's state from every saving rank's."""
+    states = [_decoded(key, files, obj, location, safe_globals) for files in per_rank]
+    try:
+        merged = obj.reshard_state_dict(states, rank=rank, world_size=world_size)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"state {key!r} of checkpoint {location} (saved by {len(states)} ranks) cannot be resumed on "
+            f"{world_size}: {exc}"
+        ) from None
+    _put(key, obj, merged, location)
+
+
+def _decoded(stem: str, files: Mapping[str, bytes], obj: Any, location: str, safe_globals: Iterable[Any]) -> Any:
+    import torch
+
+    from sdk.checkpoints import serialization
+
+    parts = {
+        name: serialization.decode(
+            name,
+            data,
+            location=location,
+            safe_globals=safe_globals,
+            # A module copies tensors into its parameters: read-only views over the download suffice.
+            zero_copy=isinstance(obj, torch.nn.Module),
+        )
+        for name, data in files.items()
+    }
+    try:
+        return serialization.assemble(parts)
+    except ValueError as exc:
+        raise InvalidCheckpointError(location, f"state {stem!r}: {exc}") from None
+
+
+def _put(key: str, obj: Any, value: Any, location: str) -> None:
+    try:
+        if hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(value)
+        else:
+            obj.clear()
+            obj.update(value)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"state {key!r} from checkpoint {location} does not fit {type(obj).__name__}: {exc}"
+        ) from exc

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sdk.checkpoints import _dcpmeta as dcpmeta
 from sdk.errors import InvalidCheckpointError, MalformedDocumentError
 from sdk.stores import boundedjson
 
@@ -77,6 +78,8 @@ def check(name: str, data: bytes, *, location: str) -> None:
         safetensors_header(name, data, location=location)
     elif name.endswith(".pt"):
         check_archive(name, data, location=location)
+    elif name.rsplit("/", 1)[-1] == dcpmeta.INDEX_NAME:
+        dcpmeta.check(data, location=location, name=name)
 
 
 def safetensors_header(name: str, data: bytes, *, location: str) -> list[TensorEntry]:

@@ -29,8 +29,9 @@ from typing import Any
 from sdk.checkpoints import _fence as fence
 from sdk.checkpoints import _ranks as ranks
 from sdk.checkpoints import _state as trainstate
-from sdk.checkpoints import _statefile as statefile
+from sdk.checkpoints._dcpmeta import INDEX_NAME
 from sdk.checkpoints._retention import Committed, Uncommitted, plan_deletions
+from sdk.checkpoints._verify import check_files
 from sdk.checkpoints.invalidmark import MARK_NAME
 from sdk.checkpoints.manifest import MANIFEST_NAME, FileEntry, Manifest, parse, parse_step_dir, step_dir
 from sdk.config import Config
@@ -47,10 +48,9 @@ from sdk.log import get_logger
 from sdk.stores import checksum
 from sdk.stores.store import RetryPolicy, Store, open_store
 
-__all__ = ["CheckpointInfo", "Checkpointer", "ScanEntry"]
+__all__ = ["CheckpointInfo", "Checkpointer", "Prepared", "ScanEntry", "ShardedPart"]
 
 log = get_logger("podtrain.checkpoint")
-_READS = 3  # reads of a file whose bytes do not match the manifest before the checkpoint counts as corrupt
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,22 @@ class ScanEntry:
     problem: str | None
     attempts: frozenset[int]
     marked: bool = False  # an earlier full check left its finding here (sdk.checkpoints.invalidmark)
+
+
+@dataclass(frozen=True)
+class ShardedPart:
+    """The sharded state of a save: its names, and (rank 0) the index of the whole checkpoint to write."""
+
+    names: tuple[str, ...]
+    index: bytes | None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A save, ready to write: ``(name, payload)`` pairs and the sharded part (None: nothing is sharded)."""
+
+    payloads: builtins.list[tuple[str, Any]]
+    sharded: ShardedPart | None
 
 
 class Checkpointer:
@@ -112,6 +128,9 @@ class Checkpointer:
         # one, so there it is given, or agreed by them (``shared_writer``, set by sdk.run from sdk.lifecycle.agreement).
         self.writer = writer if writer is not None or world_size > 1 else fence.new_writer()
         self.shared_writer: Callable[[], str | None] | None = None
+        # The ranks' agreement (sdk.lifecycle.agreement.Agreement, set by sdk.run): the collectives of sharded
+        # saves and of loads with several ranks. Made on first use when the job has several ranks and none is set.
+        self.collective: Any = None
 
     @classmethod
     def from_config(cls, config: Config, **kwargs: Any) -> Checkpointer:
@@ -193,16 +212,46 @@ class Checkpointer:
         Returns when the checkpoint is committed. Raises :class:`CommitConflictError` when another writer
         already committed this step.
         """
+        prepared = self.prepare(state)
+        return self.write(step, prepared.payloads, meta=meta, sharded=prepared.sharded)
+
+    def prepare(self, state: Mapping[str, Any]) -> Prepared:
+        """What a save of ``state`` writes: ``(name, payload)`` pairs, and the sharded part's plan if any.
+
+        In a job of several ranks with ``torch.distributed`` initialized, its modules and optimizers are sharded
+        state (:mod:`sdk.checkpoints._sharded`): planned here with every rank (collectives, in the caller's
+        thread), each rank's items becoming its ``sharded`` payload. Call it on every rank at the same step.
+        """
         trainstate.check(state)
-        return self.write(step, trainstate.payloads(state), meta=meta)
+        names = [k for k, v in state.items() if self._distributed() and _shardable(v)]
+        if not names:
+            return Prepared(list(trainstate.payloads(state)), None)
+        from sdk.checkpoints import _sharded
+
+        planned = _sharded.plan(
+            _sharded.state_dicts({k: state[k] for k in names}),
+            rank=self.rank,
+            world_size=self.world_size,
+            collective=self._collective(),
+        )
+        payloads = list(trainstate.payloads({k: v for k, v in state.items() if k not in names}))
+        if planned.items:
+            payloads.append((trainstate.SHARDED_STEM, planned.items))
+        return Prepared(payloads, ShardedPart(tuple(names), planned.index))
 
     def write(
-        self, step: int, payloads: Iterable[tuple[str, Any]], *, meta: Mapping[str, Any] | None = None
+        self,
+        step: int,
+        payloads: Iterable[tuple[str, Any]],
+        *,
+        meta: Mapping[str, Any] | None = None,
+        sharded: ShardedPart | None = None,
     ) -> CheckpointInfo:
         """Serialize, upload and commit ``(name, payload)`` pairs as the checkpoint of ``step``; then prune.
 
         :meth:`save` passes the live state's payloads; an asynchronous save passes a snapshot of them
-        (:mod:`sdk.checkpoints._snapshot`) from a background thread.
+        (:mod:`sdk.checkpoints._snapshot`) from a background thread. ``sharded``: the plan :meth:`prepare` made;
+        rank 0 writes its index once every rank's files are in, before the manifest.
         """
         from sdk.checkpoints import serialization
 
@@ -231,9 +280,14 @@ class Checkpointer:
             ranks.write_record(self.store, folder, own, self.rank, entries)
             if self.rank != 0:  # rank 0 commits once every rank's record is in
                 log.info("checkpoint.rank_written", step=step, url=location, files=len(entries))
-                return CheckpointInfo(step, location, self._manifest(step, attempt, entries, meta))
+                manifest = self._manifest(step, attempt, entries, meta, sharded.names if sharded else ())
+                return CheckpointInfo(step, location, manifest)
             entries = ranks.gather(self.store, folder, own, self.world_size, timeout=self.rank_timeout)
-        manifest = self._manifest(step, attempt, entries, meta)
+        if sharded is not None and sharded.index is not None:
+            index = f"{own}/{INDEX_NAME}"
+            self.store.put(f"{folder}/{index}", sharded.index, crc32c=checksum.crc32c(sharded.index))
+            entries[index] = FileEntry(size=len(sharded.index), crc32c=checksum.to_hex(checksum.crc32c(sharded.index)))
+        manifest = self._manifest(step, attempt, entries, meta, sharded.names if sharded else ())
         try:
             return self._commit(folder, location, manifest, started)
         except CommitConflictError:
@@ -249,7 +303,12 @@ class Checkpointer:
             log.warning("checkpoint.loser_not_removed", url=location, folder=rel, error=str(exc))
 
     def _manifest(
-        self, step: int, attempt: int, entries: dict[str, FileEntry], meta: Mapping[str, Any] | None
+        self,
+        step: int,
+        attempt: int,
+        entries: dict[str, FileEntry],
+        meta: Mapping[str, Any] | None,
+        sharded: tuple[str, ...] = (),
     ) -> Manifest:
         import torch
 
@@ -261,6 +320,7 @@ class Checkpointer:
             files=entries,
             torch=torch.__version__.split("+")[0],
             meta=dict(meta or {}),
+            sharded=sharded,
         )
 
     def _commit(self, folder: str, location: str, manifest: Manifest, started: float) -> CheckpointInfo:
@@ -285,6 +345,21 @@ class Checkpointer:
         )
         self._prune()  # the claims were checked just before the commit: no second look
         return CheckpointInfo(step=step, url=location, manifest=manifest)
+
+    def _distributed(self) -> bool:
+        """Whether the ranks of this job can run collectives (several ranks, torch.distributed initialized)."""
+        if self.world_size < 2:
+            return False
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized()
+
+    def _collective(self) -> Any:
+        if self.collective is None:
+            from sdk.lifecycle.agreement import Agreement
+
+            self.collective = Agreement(self.world_size)
+        return self.collective
 
     # -- find ------------------------------------------------------------------------------------------
     def scan(self) -> list[ScanEntry]:
@@ -369,34 +444,93 @@ class Checkpointer:
 
         Invalid checkpoints are skipped with a warning saying why, falling back to the previous one. Returns
         None when there is no checkpoint at all. With ``step`` given, that checkpoint must be valid.
+
+        A checkpoint saved by another number of ranks loads when its state can be resharded
+        (:mod:`sdk.checkpoints._restore`). With several ranks and a :attr:`collective`, the ranks take the same
+        checkpoint: rank 0's list of candidates, and every decision to skip one or to fail, are agreed.
         """
         trainstate.check(state)
-        candidates = [e for e in self.scan() if step is None or e.step == step]
+        collective = self._collective() if self._distributed() else None
+        scanned = {e.step: e for e in self.scan()}
+        order = sorted(scanned, reverse=True)
+        if collective is not None:
+            order = collective.broadcast(order)
+        candidates = [s for s in order if step is None or s == step]
         if step is not None and not candidates:
             raise NoCheckpointError(f"no checkpoint for step {step} under {self.url}")
-        for entry in candidates:
-            try:
-                if entry.manifest is None:
-                    raise InvalidCheckpointError(entry.url, entry.problem or "no manifest")
-                info = CheckpointInfo(entry.step, entry.url, entry.manifest)
-                if entry.manifest.world_size != self.world_size:
-                    raise CheckpointError(
-                        f"checkpoint {entry.url} was saved by {entry.manifest.world_size} rank(s) and this run has "
-                        f"{self.world_size}: resume with the same number of ranks (WORLD_SIZE)"
-                    )
-                mine = ranks.files_of_rank(entry.manifest.files, self.rank, self.world_size)
-                payloads = self._check_files(info, download=True, metadata=False, files=mine)
-                trainstate.restore(state, payloads, location=info.url, safe_globals=self.safe_globals)
-            except InvalidCheckpointError as exc:
-                if step is not None:
-                    raise
-                log.warning("checkpoint.skipped", url=entry.url, reason=exc.reason)
-                continue
-            self.resumed_from, self.resumed_url = entry.step, entry.url
-            log.info("checkpoint.resumed", step=entry.step, url=entry.url, attempt=entry.manifest.attempt)
-            return entry.step
+        for candidate in candidates:
+            entry = scanned.get(candidate)
+            skipped = self._load_candidate(entry, candidate, state, collective)
+            if skipped is None:
+                assert entry is not None and entry.manifest is not None
+                self.resumed_from, self.resumed_url = entry.step, entry.url
+                log.info("checkpoint.resumed", step=entry.step, url=entry.url, attempt=entry.manifest.attempt)
+                return entry.step
+            if step is not None:
+                raise skipped
+            log.warning("checkpoint.skipped", url=skipped.location, reason=skipped.reason)
         if candidates:
             log.warning("checkpoint.none_valid", url=self.url, folders=len(candidates))
+        return None
+
+    def _load_candidate(
+        self, entry: ScanEntry | None, step: int, state: Mapping[str, Any], collective: Any
+    ) -> InvalidCheckpointError | None:
+        """Load one checkpoint; the reason it was skipped (agreed across ranks), or None when it was loaded."""
+        from sdk.checkpoints import _restore
+
+        location = entry.url if entry else self.store.url_of(step_dir(step))
+        prepared, error = None, None
+        try:
+            if entry is None or entry.manifest is None:
+                raise InvalidCheckpointError(location, (entry and entry.problem) or "no manifest on this rank")
+            prepared = _restore.prepare(
+                self.store,
+                entry.step,
+                entry.url,
+                entry.manifest,
+                state,
+                rank=self.rank,
+                world_size=self.world_size,
+                max_workers=self.max_workers,
+            )
+        except CheckpointError as exc:
+            error = exc
+        skip = self._agreed(collective, error, location)  # every rank enters the load below, or none does
+        if skip is not None:
+            return skip
+        assert prepared is not None
+        try:
+            _restore.apply(
+                self.store,
+                prepared,
+                state,
+                rank=self.rank,
+                world_size=self.world_size,
+                collective=collective,
+                safe_globals=self.safe_globals,
+                max_workers=self.max_workers,
+            )
+        except CheckpointError as exc:
+            return self._agreed(collective, exc, location)
+        return self._agreed(collective, None, location)
+
+    def _agreed(self, collective: Any, error: CheckpointError | None, location: str) -> InvalidCheckpointError | None:
+        """This rank's outcome, agreed: raise a mismatch any rank found, skip damage any rank found, else None."""
+        damaged, misfit = (
+            isinstance(error, InvalidCheckpointError),
+            error is not None and not isinstance(error, InvalidCheckpointError),
+        )
+        if collective is not None:
+            damaged, misfit = collective.any(damaged, misfit)
+        if misfit:
+            if error is not None and not isinstance(error, InvalidCheckpointError):
+                raise error
+            raise CheckpointError(f"checkpoint {location} does not fit the state on another rank (see its log)")
+        if damaged:
+            if isinstance(error, InvalidCheckpointError):
+                return error
+            return InvalidCheckpointError(location, "another rank found it damaged (see its log)")
         return None
 
     def _check_files(
@@ -407,53 +541,11 @@ class Checkpointer:
         metadata: bool = True,
         files: Mapping[str, FileEntry] | None = None,
     ) -> dict[str, bytes]:
-        """Check every listed file against the manifest.
-
-        ``metadata``: its size, and the store's own CRC32C where the store keeps one (S3, GCS) — no data read.
-        ``download``: read it and check the bytes' size and CRC32C; returns the bytes.
-        """
-        folder = step_dir(info.step)
-
-        def check(name: str, entry: FileEntry) -> tuple[str, bytes]:
-            rel = f"{folder}/{name}"
-            try:
-                if metadata:
-                    size = self.store.size(rel)
-                    if size != entry.size:
-                        raise InvalidCheckpointError(info.url, f"{name} is {size} bytes, manifest says {entry.size}")
-                    native = self.store.native_crc32c(rel)
-                    if native is not None and checksum.to_hex(native) != entry.crc32c:
-                        raise InvalidCheckpointError(
-                            info.url,
-                            f"{name}: the store's CRC32C {checksum.to_hex(native)} != manifest {entry.crc32c}",
-                        )
-                return name, self._read_verified(info, name, rel, entry) if download else b""
-            except StorageNotFoundError:
-                raise InvalidCheckpointError(info.url, f"{name} is listed in the manifest but missing") from None
-
-        with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-download") as pool:
-            listed = info.manifest.files if files is None else files
-            return dict(pool.map(lambda item: check(*item), listed.items()))
-
-    def _read_verified(self, info: CheckpointInfo, name: str, rel: str, entry: FileEntry) -> bytes:
-        """The file's bytes, checked against the manifest; a mismatch is read again before it counts.
-
-        A stored object that is intact can still arrive damaged (a proxy, a flaky NIC); reading it again costs
-        one transfer, while falling back to an older checkpoint costs training steps.
-        """
-        problem = ""
-        for read in range(1, _READS + 1):
-            data = self.store.get(rel)
-            if len(data) != entry.size:
-                problem = f"{name} is {len(data)} bytes, manifest says {entry.size}"
-            elif (actual := checksum.to_hex(checksum.crc32c(data))) != entry.crc32c:
-                problem = f"{name} has CRC32C {actual}, manifest says {entry.crc32c} (corrupt)"
-            else:
-                statefile.check(name, data, location=info.url)  # intact bytes can still be damaged or crafted
-                return data
-            if read < _READS:
-                log.warning("checkpoint.reread", url=info.url, file=name, read=read, reason=problem)
-        raise InvalidCheckpointError(info.url, problem)
+        """Check the files of ``info`` (all, or ``files``) against its manifest (:func:`sdk.checkpoints._verify`)."""
+        listed = info.manifest.files if files is None else files
+        return check_files(
+            self.store, info.step, info.url, listed, download=download, metadata=metadata, max_workers=self.max_workers
+        )
 
     # -- retention ---------------------------------------------------------------------------------------
     def prune(self) -> builtins.list[int]:
@@ -482,3 +574,9 @@ class Checkpointer:
             self.store.delete(folder, recursive=True)
             log.info("checkpoint.deleted", step=step, url=self.store.url_of(folder))
         return doomed
+
+
+def _shardable(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, torch.nn.Module | torch.optim.Optimizer)

@@ -28,13 +28,16 @@ __all__ = [
     "check_file_name",
     "parse",
     "parse_step_dir",
+    "stem_of",
     "step_dir",
 ]
 
 FORMAT = "podtrain.checkpoint/1"
+FORMAT_SHARDED = "podtrain.checkpoint/2"  # names sharded entries (sdk.checkpoints._sharded): older readers skip it
 MANIFEST_NAME = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step-(\d{10})$")
 _CRC = re.compile(r"^[0-9a-f]{8}$")
+_STATE_FILE = re.compile(r"^(?P<stem>.+?)(?:-\d{5}-of-\d{5})?\.(?:safetensors|pt)$")
 MAX_MANIFEST_BYTES = 16 * 2**20
 MAX_MANIFEST_DEPTH = 32  # the manifest itself is 3 levels; the rest is for ``meta``
 
@@ -50,6 +53,12 @@ def parse_step_dir(name: str) -> int | None:
     """The step a folder name stands for, or None when it is not a step folder."""
     match = _STEP_DIR.match(name.rstrip("/"))
     return int(match.group(1)) if match else None
+
+
+def stem_of(name: str) -> str:
+    """The state name a file belongs to: ``model-00002-of-00008.safetensors`` → ``model``."""
+    match = _STATE_FILE.match(name.rsplit("/", 1)[-1])
+    return match.group("stem") if match else name
 
 
 def check_file_name(name: str) -> str | None:
@@ -90,12 +99,13 @@ class Manifest:
     torch: str
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     meta: dict[str, Any] = field(default_factory=dict)
+    sharded: tuple[str, ...] = ()  # state names saved through DCP; their index is the one file named INDEX_NAME
     format: str = FORMAT
 
     def to_json(self) -> bytes:
         """The manifest as written to the store (UTF-8 JSON, keys in a fixed order)."""
-        document = {
-            "format": self.format,
+        document: dict[str, Any] = {
+            "format": FORMAT_SHARDED if self.sharded else FORMAT,
             "run_id": self.run_id,
             "attempt": self.attempt,
             "step": self.step,
@@ -105,6 +115,8 @@ class Manifest:
             "torch": self.torch,
             "meta": self.meta,
         }
+        if self.sharded:
+            document["sharded"] = list(self.sharded)
         raw = (json.dumps(document, indent=1, sort_keys=False) + "\n").encode()
         try:  # never commit a manifest that parse() would refuse
             boundedjson.check(raw, what="manifest", max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_MANIFEST_DEPTH)
@@ -132,8 +144,7 @@ def parse(data: bytes, *, location: str) -> Manifest:
     if not isinstance(doc, dict):
         raise bad(f"manifest is JSON but not an object (got {type(doc).__name__})")
     fmt = doc.get("format")
-    if fmt != FORMAT:
-        raise bad(f"unknown manifest format {fmt!r}; this podtrain reads {FORMAT!r}")
+    sharded = _sharded_names(doc, fmt, bad)
     run_id = _typed(doc, "run_id", str, bad)
     attempt = _typed(doc, "attempt", int, bad)
     step = _typed(doc, "step", int, bad)
@@ -170,8 +181,23 @@ def parse(data: bytes, *, location: str) -> Manifest:
         torch=torch_version,
         created=created,
         meta=meta,
-        format=fmt,
+        sharded=tuple(sharded),
+        format=str(fmt),
     )
+
+
+def _sharded_names(doc: dict[str, Any], fmt: Any, bad: Any) -> list[str]:
+    """The ``sharded`` list a format-2 manifest must have and a format-1 one must not."""
+    if fmt not in (FORMAT, FORMAT_SHARDED):
+        raise bad(f"unknown manifest format {fmt!r}; this podtrain reads {FORMAT!r} and {FORMAT_SHARDED!r}")
+    sharded = doc.get("sharded", [])
+    if fmt == FORMAT and "sharded" in doc:
+        raise bad(f"'sharded' in a {FORMAT!r} manifest")
+    if fmt == FORMAT_SHARDED and (
+        not isinstance(sharded, list) or not sharded or not all(isinstance(n, str) and n for n in sharded)
+    ):
+        raise bad("'sharded' must be a non-empty list of state names")
+    return list(sharded)
 
 
 def _typed(doc: dict[str, Any], key: str, kind: type, bad: Any) -> Any:

@@ -30,9 +30,8 @@ from typing import Any
 
 import torch
 
-from sdk.checkpoints import _state as trainstate
 from sdk.checkpoints._snapshot import Snapshot
-from sdk.checkpoints.checkpointer import Checkpointer, CheckpointInfo
+from sdk.checkpoints.checkpointer import Checkpointer, CheckpointInfo, ShardedPart
 from sdk.log import get_logger
 
 __all__ = ["MAX_TRANSIENT_FAILURES", "AsyncSaver"]
@@ -86,17 +85,17 @@ class AsyncSaver:
         Waits first for a save in flight, and raises a failure it left (see the module's doc).
         """
         self.wait()
-        trainstate.check(state)
         started = self._clock()
+        prepared = self.checkpointer.prepare(state)  # sharded state: planned with every rank, here
         defer = self._deferrable(state) if self.overlap else None
         self.last_hook_wait = 0.0
-        copied = self.snapshot.take(trainstate.payloads(state), defer=defer)
+        copied = self.snapshot.take(prepared.payloads, defer=defer)
         if self.snapshot.pending:
             self._hook_optimizers(state)
         self.last_stall = self._clock() - started
         with self._lock:
             self._inflight_step = step
-            self._inflight = self._pool.submit(self._write, step, copied, meta)
+            self._inflight = self._pool.submit(self._write, step, copied, meta, prepared.sharded)
         return self._inflight
 
     def check(self) -> None:
@@ -121,13 +120,15 @@ class AsyncSaver:
         return finished
 
     # -- background ----------------------------------------------------------------------------------------
-    def _write(self, step: int, copied: list[tuple[str, Any]], meta: Mapping[str, Any] | None) -> CheckpointInfo:
+    def _write(
+        self, step: int, copied: list[tuple[str, Any]], meta: Mapping[str, Any] | None, sharded: ShardedPart | None
+    ) -> CheckpointInfo:
         # The bookkeeping happens here, before the future completes: a waiter woken by the future must find it
         # done (done-callbacks run only after waiters are woken).
         started = self._clock()
         try:
             self.snapshot.wait()
-            info = self.checkpointer.write(step, copied, meta=meta)
+            info = self.checkpointer.write(step, copied, meta=meta, sharded=sharded)
         except BaseException as error:
             self._failed(step, error)
             raise
@@ -161,10 +162,10 @@ class AsyncSaver:
         for obj in state.values():
             if isinstance(obj, torch.optim.Optimizer):
                 for group in obj.param_groups:
-                    pointers.update(p.data_ptr() for p in group["params"])
+                    pointers.update(_pointer(p) for p in group["params"])
                 for per_param in obj.state.values():
-                    pointers.update(v.data_ptr() for v in per_param.values() if isinstance(v, torch.Tensor))
-        return lambda tensor: tensor.data_ptr() in pointers
+                    pointers.update(_pointer(v) for v in per_param.values() if isinstance(v, torch.Tensor))
+        return lambda tensor: _pointer(tensor) in pointers
 
     def _hook_optimizers(self, state: Mapping[str, Any]) -> None:
         """Make each optimizer's step first finish the deferred copies (a no-op once they are done).
@@ -182,3 +183,10 @@ class AsyncSaver:
             started = self._clock()
             self.snapshot.finish()
             self.last_hook_wait += self._clock() - started
+
+
+def _pointer(tensor: torch.Tensor) -> int:
+    """Where a tensor's data are: a DTensor's are its local shard's (a sharded save copies that shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local().data_ptr() if isinstance(tensor, DTensor) else tensor.data_ptr()

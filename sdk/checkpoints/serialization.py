@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -33,6 +32,7 @@ import torch
 
 from sdk.checkpoints import _statefile as statefile
 from sdk.checkpoints._tree import map_leaves
+from sdk.checkpoints.manifest import stem_of
 from sdk.errors import CheckpointError, InvalidCheckpointError, UnsafeCheckpointError
 from sdk.stores import checksum
 from sdk.stores.checksum import ChecksumWriter
@@ -69,7 +69,6 @@ class EncodedFile:
 SHARD_BYTES = 128 * 2**20
 SPLIT_BYTES = 64 * 2**10  # tensors this large or larger go out of a pickle into safetensors beside it
 _PLACEHOLDER = "__podtrain_tensor__"
-_NAME = re.compile(r"^(?P<stem>.+?)(?:-\d{5}-of-\d{5})?\.(?:safetensors|pt)$")
 
 
 def encode(stem: str, state: Any, *, shard_bytes: int | None = None) -> Iterator[EncodedFile]:
@@ -162,12 +161,6 @@ def _put_back(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
 
 def _is_placeholder(value: Any) -> bool:
     return isinstance(value, dict) and len(value) == 1 and _PLACEHOLDER in value
-
-
-def stem_of(name: str) -> str:
-    """The state name a file belongs to: ``model-00002-of-00008.safetensors`` → ``model``."""
-    match = _NAME.match(name.rsplit("/", 1)[-1])
-    return match.group("stem") if match else name
 
 
 def _encoded(name: str, write: Callable[[ChecksumWriter], None]) -> EncodedFile:

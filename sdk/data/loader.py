@@ -24,6 +24,16 @@ so derive per-sample randomness from the index (or seed it from the epoch) if it
 ``num_workers=0`` the dataset draws from the process's RNGs, which :mod:`sdk.checkpoints._rng` restores, and all is
 exact.
 
+On another number of ranks (a job saved by N ranks resumes on M), :meth:`~ResumableLoader.reshard_state_dict`
+makes each M-rank state out of the N saved ones. That needs a DistributedSampler (as the sampler, or inside the
+BatchSampler that ``batch_size=`` builds): N ranks in lockstep consumed one prefix of the epoch's shared
+permutation, whose length each state records (``sharding``; the arithmetic is in :mod:`sdk.data._distsampler`).
+The M ranks split the rest of the epoch by DistributedSampler's rules for M ranks (padding by repeating the rest's
+first samples, or cutting its tail with ``drop_last``), in batches of their own size: each sample of the
+interrupted epoch is handed out once, save that padding. Later epochs are exactly an uninterrupted M-rank run's,
+and a remainder can itself be saved and resharded. Not carried over: worker seeds (the new ranks draw them from
+their own generators or RNG). Other samplers give each rank its own order, not a share of one: refused.
+
 Not supported (rejected with a message): iterable-style datasets (a position in a stream cannot be skipped
 to without reading it) and ``persistent_workers=True`` (the base seed is then drawn once per worker life,
 not per epoch, and workers' RNG states live in other processes).
@@ -38,9 +48,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from sdk.data import _distsampler
+
 __all__ = ["ResumableLoader"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2 added ``sharding``; version-1 states still load (on the same number of ranks)
 _END = object()
 
 
@@ -85,8 +97,13 @@ class ResumableLoader:
         self._iterable = _rebuild(loader, self._sampler)
         self._generators = _generators_of(loader)
         self._epoch_setters = _epoch_setters_of(loader)
+        layout = _distsampler.describe(loader)  # or why the position cannot be resharded
+        self._layout = layout if isinstance(layout, _distsampler.Layout) else None
+        self._why_not_resharded = layout if isinstance(layout, str) else ""
         self._epoch = 0
         self._batches_done = 0
+        # Where the current epoch's remainder starts in its permutation (0 unless resumed on other ranks).
+        self._segment_start = 0
         # The generators' states when the current epoch began; None until its iterator is first created.
         self._start_states: list[torch.Tensor] | None = None
         self._start_global: torch.Tensor | None = None
@@ -104,7 +121,7 @@ class ResumableLoader:
 
     @property
     def batches_done(self) -> int:
-        """How many batches of :attr:`epoch` were already handed out."""
+        """How many batches of :attr:`epoch` were already handed out (of its remainder, after a resharding)."""
         return self._batches_done
 
     def __len__(self) -> int:
@@ -132,6 +149,7 @@ class ResumableLoader:
         its samplers hold) at the start of the current epoch, or, when the epoch has not started yet, the states
         it will start from. ``global_rng_state`` is the global torch RNG's state at the start of the current
         epoch (None when it has not started: it will start from whatever the restored process RNG says).
+        ``sharding`` (None without a DistributedSampler) records the sampler's layout and the global position.
         """
         started = self._start_states is not None
         if self._start_states is not None:
@@ -146,6 +164,7 @@ class ResumableLoader:
             "epoch_started": started,
             "generator_states": states,
             "global_rng_state": self._start_global.clone() if self._start_global is not None else None,
+            "sharding": self._layout.state(self._segment_start, self._batches_done) if self._layout else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -154,9 +173,9 @@ class ResumableLoader:
         An unfinished iteration is closed. Nothing is read here: the epoch's order is replayed, and the
         consumed batches skipped, when the next iteration starts (after the checkpoint has restored the RNGs).
         """
-        epoch, done, started, states, start_global = self._validated(state)
+        epoch, done, started, states, start_global, segment_start = self._validated(state)
         self._close_active()
-        self._epoch, self._batches_done = epoch, done
+        self._epoch, self._batches_done, self._segment_start = epoch, done, segment_start
         if started:
             self._start_states, self._start_global = states, start_global
         else:
@@ -164,12 +183,34 @@ class ResumableLoader:
                 generator.set_state(generator_state)
             self._start_states, self._start_global = None, None
 
+    def reshard_state_dict(self, states: list[dict[str, Any]], *, rank: int, world_size: int) -> dict[str, Any]:
+        """The state this loader (``rank`` of ``world_size``) loads to continue from the ranks' saved ``states``.
+
+        ``states`` holds each saving rank's :meth:`state_dict` (index = old rank). Their common position (the
+        epoch, and how many samples of its permutation all ranks consumed) carries over: this loader gets its
+        share of the epoch's rest (see the module docstring), then whole epochs. ValueError when it cannot: no
+        DistributedSampler, malformed or disagreeing states, or a sampler that orders epochs differently.
+        """
+        layout = self._layout or self._why_not_resharded
+        epoch, consumed = _distsampler.merged_position(states, layout, rank=rank, world_size=world_size)
+        if len(states) == world_size:
+            return dict(states[rank])  # the rank's own state: exact, generators included
+        assert self._layout is not None  # merged_position refuses a loader without one
+        return {
+            **self.state_dict(),  # this loader's generators: worker seeds are not carried over
+            "epoch": epoch,
+            "batches_done": 0,
+            "epoch_started": False,
+            "global_rng_state": None,
+            "sharding": self._layout.state(consumed, 0),
+        }
+
     # -- iteration ---------------------------------------------------------------------------------------
     def _epoch_batches(self) -> Iterator[Any]:
         for set_epoch in self._epoch_setters:
             set_epoch(self._epoch)
         restore_global = self._begin_epoch()
-        expected = len(self)
+        expected = self._epoch_length(self._segment_start)
         iterator: Iterator[Any] | None = None
         try:
             iterator = iter(self._iterable)
@@ -196,10 +237,13 @@ class ResumableLoader:
 
     def _begin_epoch(self) -> Callable[[], None]:
         """Arm the sampler for this epoch; return what puts the global RNG back (idempotent)."""
+        # A resharded remainder's (batches of) indices replace the sampler's for the rest of its epoch.
+        layout, start = self._layout, self._segment_start
+        entries = layout.entries(self._epoch, start) if layout is not None and start else None
         if self._start_states is None:
             self._start_states = [g.get_state() for g in self._generators]
             self._start_global = torch.get_rng_state()
-            self._sampler.arm(skip=0, on_ready=_nothing)
+            self._sampler.arm(skip=0, on_ready=_nothing, entries=entries)
             return _nothing
         # Replay: the epoch's draws happen again from the epoch's start states, the consumed batches are skipped.
         for generator, generator_state in zip(self._generators, self._start_states, strict=True):
@@ -215,12 +259,17 @@ class ResumableLoader:
                 restored = True
                 torch.set_rng_state(now)
 
-        self._sampler.arm(skip=self._batches_done, on_ready=restore_global)
+        self._sampler.arm(skip=self._batches_done, on_ready=restore_global, entries=entries)
         return restore_global
+
+    def _epoch_length(self, segment_start: int) -> int:
+        """Batches of an epoch (of its remainder from ``segment_start``, after a resharding)."""
+        return len(self) if segment_start == 0 or self._layout is None else self._layout.batches(segment_start)
 
     def _next_epoch(self) -> None:
         self._epoch += 1
         self._batches_done = 0
+        self._segment_start = 0
         self._start_states, self._start_global = None, None
 
     def _close_active(self) -> None:
@@ -229,12 +278,12 @@ class ResumableLoader:
         if active is not None and hasattr(active, "close"):
             active.close()
 
-    def _validated(self, state: Any) -> tuple[int, int, bool, list[torch.Tensor], torch.Tensor | None]:
+    def _validated(self, state: Any) -> tuple[int, int, bool, list[torch.Tensor], torch.Tensor | None, int]:
         if not isinstance(state, dict):
             raise ValueError(
                 f"loader state must be a dict from ResumableLoader.state_dict(), got {type(state).__name__}"
             )
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"loader state has version {state.get('version')!r}, expected {STATE_VERSION}")
         for key in ("epoch", "batches_done", "num_batches"):
             value = state.get(key)
@@ -249,7 +298,8 @@ class ResumableLoader:
         if not isinstance(started, bool):
             raise ValueError("loader state epoch_started must be a bool")
         done = state["batches_done"]
-        if (started and done >= len(self)) or (not started and done != 0):
+        segment_start = _distsampler.saved_segment_start(state, self._layout)
+        if (started and done >= self._epoch_length(segment_start)) or (not started and done != 0):
             raise ValueError(f"loader state batches_done {done} is impossible with epoch_started={started}")
         states = state.get("generator_states")
         if not isinstance(states, list) or len(states) != len(self._generators):
@@ -266,7 +316,7 @@ class ResumableLoader:
             raise ValueError("loader state global_rng_state must be the torch RNG state of the epoch's start")
         if not started and start_global is not None:
             raise ValueError("loader state global_rng_state must be None when the epoch has not started")
-        return state["epoch"], done, started, states, start_global
+        return state["epoch"], done, started, states, start_global, segment_start
 
 
 class _SkippingSampler(Sampler[Any]):
@@ -281,9 +331,11 @@ class _SkippingSampler(Sampler[Any]):
         self.inner = inner
         self._skip = 0
         self._on_ready: Callable[[], None] = _nothing
+        self._entries: list[Any] | None = None
 
-    def arm(self, *, skip: int, on_ready: Callable[[], None]) -> None:
-        self._skip, self._on_ready = skip, on_ready
+    def arm(self, *, skip: int, on_ready: Callable[[], None], entries: list[Any] | None) -> None:
+        """Set up the next epoch: skip ``skip`` entries of ``entries`` (the inner sampler's when None)."""
+        self._skip, self._on_ready, self._entries = skip, on_ready, entries
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -291,10 +343,10 @@ class _SkippingSampler(Sampler[Any]):
     def __iter__(self) -> Iterator[Any]:
         # A generator: nothing runs until the DataLoader asks for the first entry. A multi-worker DataLoader
         # creates a first iterator it never uses; that one must not consume the armed skip.
-        skip, on_ready = self._skip, self._on_ready
-        self._skip, self._on_ready = 0, _nothing
+        skip, on_ready, override = self._skip, self._on_ready, self._entries
+        self._skip, self._on_ready, self._entries = 0, _nothing, None
         try:
-            entries = iter(self.inner)
+            entries = iter(self.inner if override is None else override)
             for _ in range(skip):
                 next(entries)
             first = next(entries)

@@ -19,6 +19,10 @@ later was tried first: gloo's hand-off to its worker thread cost more than a blo
 The time-based save policy rides on the same agreement: a rank whose clock says a save is due raises a flag,
 and the next ``checkpoint()`` call on every rank saves.
 
+Sharded checkpoints (:mod:`sdk.checkpoints._sharded`) plan their saves and loads on the same group
+(:meth:`Agreement.group`), in the training thread, and a load takes rank 0's list of checkpoints
+(:meth:`Agreement.broadcast`).
+
 The first collective also agrees on the job's checkpoint writer id (:attr:`Agreement.writer`): each rank adds a
 random number and the largest wins, so every rank of this job writes into the same ``attempt-<n>-<writer>/``
 folder and no other job — even one given the same attempt number — ever does (:mod:`sdk.checkpoints._fence`). It costs
@@ -77,6 +81,17 @@ class Agreement:
             self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
             self._ready = True
         return self._group
+
+    def group(self) -> Any:
+        """The gloo group these collectives run on (``None``: the default group), for the checkpoint's own."""
+        return self._ensure_group()
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` (any picklable object), on every rank (blocking, now)."""
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0, group=self._ensure_group())
+        self.collectives += 1
+        return holder[0]
 
     def _reduce_max(self, values: list[int]) -> list[int]:
         group = self._ensure_group()

@@ -95,10 +95,13 @@ def test_two_ranks_stop_on_the_same_step_commit_it_once_and_resume_exactly(
     names = set(newest.manifest.files)
     (writer,) = {n.split("/", 1)[0] for n in names}  # both ranks' files in one writer folder, the job's own
     assert re.fullmatch(r"attempt-1-[0-9a-f]{12}", writer), writer
+    # The DDP model and its optimizer are sharded state, written once between the ranks and indexed by rank 0;
+    # the data position and the RNG streams stay per rank.
+    assert newest.manifest.sharded == ("model", "optimizer")
+    assert f"{writer}/sharded.json" in names
     for rank in (0, 1):
-        assert {
-            f"{writer}/rank-{rank}/{n}" for n in ("model.safetensors", "optimizer.pt", "loader.pt", "rng.pt")
-        } <= names
+        assert {f"{writer}/rank-{rank}/{n}" for n in ("loader.pt", "rng.pt")} <= names
+        assert any(n.startswith(f"{writer}/rank-{rank}/sharded.") for n in names), "each rank writes its share"
     folder = f"step-{stop_step:010d}"
     assert {"rank-0.json", "rank-1.json"} <= set(open_store(uri).list(f"{folder}/{writer}"))
     message = json.loads((tmp_path / "termination-1").read_text())
@@ -113,16 +116,28 @@ def test_two_ranks_stop_on_the_same_step_commit_it_once_and_resume_exactly(
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
-def test_a_checkpoint_of_two_ranks_is_refused_by_one_with_what_to_fix(tmp_path: Path) -> None:
-    """Resuming a 2-rank checkpoint with a different WORLD_SIZE is an error naming both counts, not a fallback."""
-    from sdk.errors import CheckpointError
-
+def test_an_entry_every_rank_saved_alike_loads_on_another_number_of_ranks(tmp_path: Path) -> None:
+    """Per-rank files that are the same on every saving rank (a replica) load on any number of ranks."""
     uri = (tmp_path / "ckpt").as_uri()
     model = torch.nn.Linear(2, 2)
     for rank in (1, 0):  # rank 1's record first, then rank 0 gathers both and commits
         Checkpointer(uri, attempt=1, world_size=2, rank=rank).save(5, {"model": model})
-    with pytest.raises(CheckpointError, match="saved by 2 rank"):
-        Checkpointer(uri, attempt=2).load({"model": torch.nn.Linear(2, 2)})
-    restored = torch.nn.Linear(2, 2)
-    assert Checkpointer(uri, attempt=2, world_size=2, rank=1).load({"model": restored}) == 5
-    assert torch.equal(restored.weight, model.weight)
+    for world_size, rank in ((1, 0), (3, 2)):
+        restored = torch.nn.Linear(2, 2)
+        assert Checkpointer(uri, attempt=2, world_size=world_size, rank=rank).load({"model": restored}) == 5
+        assert torch.equal(restored.weight, model.weight)
+
+
+def test_an_entry_that_differs_across_ranks_is_refused_on_another_number_with_what_to_fix(tmp_path: Path) -> None:
+    """An entry each rank saved differently, whose object cannot merge the ranks' states, is an error naming
+    the entry and the saving WORLD_SIZE — not a fallback, and not one rank's state silently taken for all."""
+    from sdk.errors import CheckpointError
+
+    uri = (tmp_path / "ckpt").as_uri()
+    for rank in (1, 0):
+        Checkpointer(uri, attempt=1, world_size=2, rank=rank).save(5, {"counter": {"rank": rank}})
+    with pytest.raises(CheckpointError, match=r"'counter' differs across the 2 ranks.*WORLD_SIZE=2"):
+        Checkpointer(uri, attempt=2).load({"counter": {}})
+    restored: dict[str, int] = {}
+    assert Checkpointer(uri, attempt=2, world_size=2, rank=1).load({"counter": restored}) == 5
+    assert restored == {"rank": 1}

@@ -1,0 +1,291 @@
+"""Sharded state: the models and optimizers of a job of several ranks, each piece saved once, loadable on any count.
+
+**What is sharded.** In a job of several ranks with ``torch.distributed`` initialized, every ``nn.Module`` (an
+FSDP2 ``fully_shard`` model, a DTensor/tensor-parallel one, a DDP model wrapped or not, a plain one) and every
+optimizer of the state goes through torch.distributed.checkpoint (DCP): their state dicts come from
+``get_model_state_dict`` / ``get_optimizer_state_dict`` (keys by parameter name, so they fit any sharding), and
+DCP's planner cuts them into write items: each rank's own shards, and the tensors replicated across ranks (DDP's
+whole model, a ``Replicate`` placement) given to one rank only, so they are written once. Everything else in the
+state (RNG streams, the data position, a scheduler, plain dicts) stays per rank (:mod:`sdk.checkpoints._ranks`).
+The one rule for users: build, shard or wrap the model and create the optimizer before ``resume``, and keep a
+model that is not sharded the same on every rank (as DDP does), since one rank's copy stands for all.
+
+**Save** (:func:`plan`): the planning is DCP's, run in the caller's thread with two small collectives on the
+checkpoint group (each rank's local plan gathered on rank 0, the deduplicated plans scattered back). The data are
+not written by DCP's storage layer: each rank's items become one ``sharded`` payload — a name per item — written
+with the rank's other files by :meth:`Checkpointer.write <sdk.checkpoints.checkpointer.Checkpointer.write>`, and
+rank 0 writes the index (:mod:`sdk.checkpoints._dcpmeta`) before the manifest. So the background write of an
+asynchronous save needs no collective (ranks meet through the store, as for any save of several ranks), the
+snapshot copies only what this rank writes, and every byte is checksummed in the manifest.
+
+**Load** (:func:`load`): DCP's ``load`` with :class:`_Reader`, a ``StorageReader`` over the files a checkpoint's
+manifest lists — downloaded and verified (size, CRC32C, structure) before any byte reaches the state — so a
+checkpoint of N ranks loads on M: DCP works out which pieces of which saved chunks each rank needs. Objects
+(optimizer hyperparameters) are decoded with ``weights_only``; DCP's own planner would unpickle them freely.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import StorageReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
+from torch.futures import Future
+
+from sdk.checkpoints import _dcpmeta as dcpmeta
+from sdk.checkpoints._state import SHARDED_STEM
+from sdk.errors import CheckpointError, InvalidCheckpointError, PodtrainError
+
+__all__ = ["STEM", "Collective", "Planned", "apply", "is_shardable", "item_key", "load", "plan", "state_dicts"]
+
+STEM = SHARDED_STEM  # the payload of a rank's items, and a state name users may not take
+
+
+class Collective(Protocol):
+    """The cross-rank operations a sharded save or load needs (:class:`sdk.lifecycle.agreement.Agreement`)."""
+
+    def group(self) -> Any:
+        """The gloo process group for checkpoint collectives (``None``: the default group)."""
+
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """For each flag: whether it is true on any rank."""
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value``, on every rank."""
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One rank's part of a sharded save: its items by name, and (rank 0) the index of the whole checkpoint."""
+
+    items: dict[str, Any]
+    index: bytes | None
+
+
+def is_shardable(obj: Any) -> bool:
+    """Whether ``obj`` is state DCP saves: a module or an optimizer."""
+    return isinstance(obj, torch.nn.Module | torch.optim.Optimizer)
+
+
+def state_dicts(objects: Mapping[str, Any]) -> dict[str, Any]:
+    """DCP state dicts of the modules and optimizers in ``objects`` (keys: parameter names, any sharding)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    out: dict[str, Any] = {}
+    for name, obj in objects.items():
+        if isinstance(obj, torch.nn.Module):
+            out[name] = get_model_state_dict(obj)
+        else:
+            out[name] = get_optimizer_state_dict(_owner(name, obj, objects), obj)
+    return out
+
+
+def apply(objects: Mapping[str, Any], loaded: Mapping[str, Any]) -> None:
+    """Put loaded state dicts back into their modules and optimizers."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    for name, obj in objects.items():
+        if isinstance(obj, torch.nn.Module):
+            set_model_state_dict(obj, loaded[name])
+        else:
+            set_optimizer_state_dict(_owner(name, obj, objects), obj, loaded[name])
+
+
+def _owner(name: str, optimizer: torch.optim.Optimizer, objects: Mapping[str, Any]) -> torch.nn.Module:
+    """The module of the state that holds every parameter ``optimizer`` steps (parameter names come from it)."""
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for obj in objects.values():
+        if isinstance(obj, torch.nn.Module) and stepped <= {id(p) for p in obj.parameters()}:
+            return obj
+    raise CheckpointError(
+        f"optimizer {name!r} steps parameters that no single model of the state holds: put the model whose "
+        "parameters it steps in the same state (its parameter names key the optimizer's state)"
+    )
+
+
+def item_key(index: Any) -> str:
+    """The name of a DCP item in its rank's payload: the fully qualified name, and the chunk's offsets if any."""
+    if index.offset is None:
+        return str(index.fqn)
+    return f"{index.fqn}@{'.'.join(str(o) for o in index.offset)}"
+
+
+def plan(state_dict: Mapping[str, Any], *, rank: int, world_size: int, collective: Collective) -> Planned:
+    """DCP's save plan, agreed by all ranks (two collectives); this rank's items, and rank 0's index."""
+    planner = DefaultSavePlanner()
+    planner.set_up_planner(dict(state_dict), is_coordinator=rank == 0)
+    local = planner.create_local_plan()
+    group = collective.group()
+    gathered: list[Any] | None = [None] * world_size if rank == 0 else None
+    dist.gather_object(local, gathered, dst=0, group=group)
+    plans: list[Any] | None = None
+    index = None
+    if rank == 0:
+        assert gathered is not None
+        plans, metadata = planner.create_global_plan(gathered)
+        places = {item.index: (r, item_key(item.index)) for r, p in enumerate(plans) for item in p.items}
+        index = dcpmeta.dumps(dcpmeta.from_metadata(metadata, places, world_size))
+    mine: list[Any] = [None]
+    dist.scatter_object_list(mine, plans, src=0, group=group)
+    final = planner.finish_plan(mine[0])
+    items: dict[str, Any] = {}
+    for item in final.items:
+        if item.type == WriteItemType.BYTE_IO:
+            items[item_key(item.index)] = planner.lookup_object(item.index)
+        else:
+            items[item_key(item.index)] = planner.resolve_data(item)
+    return Planned(items=items, index=index)
+
+
+def load(
+    objects: Mapping[str, Any],
+    index: dcpmeta.Index,
+    fetch: Callable[[Iterable[int]], Mapping[int, Mapping[str, Any]]],
+    *,
+    location: str,
+    collective: Collective | None,
+) -> None:
+    """Load the sharded entries ``objects`` from a checkpoint whose checked index is ``index``.
+
+    ``fetch(ranks)`` returns the verified, decoded payloads of the saving ranks asked for. With a ``collective``
+    the ranks load together (the same checkpoint, at the same time); without one, this process loads alone.
+    Raises :class:`InvalidCheckpointError` for damage (the caller falls back) and :class:`CheckpointError` when
+    the state does not fit (a mismatch to fix).
+    """
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    loaded = state_dicts(objects)
+    reader = _Reader(dcpmeta.to_metadata(index, location=location), fetch, location)
+    distributed = collective is not None
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp_load(
+                loaded,
+                storage_reader=reader,
+                planner=_SafeLoadPlanner(),
+                process_group=collective.group() if collective is not None else None,
+                no_dist=not distributed,
+            )
+    except CheckpointException as exc:
+        raise _cause(exc, location) from None
+    except PodtrainError:
+        raise
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"the sharded state of checkpoint {location} does not fit: {_line(exc)}") from None
+    try:
+        apply(objects, loaded)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"the sharded state of checkpoint {location} does not fit: {_line(exc)}") from None
+
+
+def _cause(exc: Any, location: str) -> PodtrainError:
+    """The first rank's failure inside DCP, as podtrain's error (damage stays damage, the rest is a misfit)."""
+    for rank in sorted(exc.failures):
+        failure = exc.failures[rank][0]
+        if isinstance(failure, PodtrainError):
+            return failure
+    rank = min(exc.failures)
+    failure = exc.failures[rank][0]
+    return CheckpointError(f"the sharded state of checkpoint {location} does not fit (rank {rank}): {_line(failure)}")
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, but objects are put in place as decoded (``weights_only``), never unpickled freely."""
+
+    def load_object(self, read_item: Any, value: Any) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], value)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = value
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        self.load_object(read_item, torch.load(value, weights_only=True))
+
+
+class _Reader(StorageReader):
+    """A DCP ``StorageReader`` over one checkpoint's verified payloads (one per saving rank)."""
+
+    def __init__(
+        self, metadata: Any, fetch: Callable[[Iterable[int]], Mapping[int, Mapping[str, Any]]], location: str
+    ) -> None:
+        super().__init__()
+        self.metadata = metadata
+        self._fetch = fetch
+        self._location = location
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        return None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        return self.metadata
+
+    def set_up_storage_reader(self, metadata: Any, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        return plan
+
+    def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
+        return plans
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False
+
+    def read_data(self, plan: Any, planner: Any) -> Future[None]:
+        places = self.metadata.storage_data
+        payloads = self._fetch(sorted({places[item.storage_index][0] for item in plan.items}))
+        for item in plan.items:
+            rank, key = places[item.storage_index]
+            if key not in payloads[rank]:
+                raise InvalidCheckpointError(self._location, f"the files of rank {rank} hold no {key!r}")
+            value = payloads[rank][key]
+            if item.type == LoadItemType.BYTE_IO:
+                if isinstance(planner, _SafeLoadPlanner):
+                    planner.load_object(item, value)
+                else:
+                    buffer = io.BytesIO()
+                    torch.save(value, buffer)
+                    buffer.seek(0)
+                    planner.load_bytes(item, buffer)
+                continue
+            source = self._chunk(item, key, value)
+            for dim, (offset, length) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
+                source = source.narrow(dim, offset, length)
+            target = planner.resolve_tensor(item).detach()
+            if target.size() != source.size():
+                raise InvalidCheckpointError(
+                    self._location, f"{key!r}: a piece of {list(source.size())} for a place of {list(target.size())}"
+                )
+            target.copy_(source)
+            planner.commit_tensor(item, target)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def _chunk(self, item: Any, key: str, value: Any) -> torch.Tensor:
+        """The saved chunk ``value`` for ``item``, checked against the index: a tensor of its dtype and sizes."""
+        meta = self.metadata.state_dict_metadata[item.storage_index.fqn]
+        offsets = tuple(item.storage_index.offset or ())
+        sizes = next((tuple(c.sizes) for c in meta.chunks if tuple(c.offsets) == offsets), None)
+        if not isinstance(value, torch.Tensor) or value.dtype != meta.properties.dtype or tuple(value.shape) != sizes:
+            found = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            expected = f"{meta.properties.dtype} {list(sizes or ())}"
+            raise InvalidCheckpointError(self._location, f"{key!r} is {found}, the index says {expected}")
+        return value
