@@ -26,7 +26,7 @@ from sdk.errors import CheckpointError, InvalidCheckpointError
 from sdk.log import get_logger
 from sdk.stores.store import Store
 
-__all__ = ["Prepared", "apply", "prepare"]
+__all__ = ["Prepared", "apply", "load_candidate", "prepare"]
 
 log = get_logger("podtrain.checkpoint")
 INDEX_NAME = dcpmeta.INDEX_NAME
@@ -68,7 +68,7 @@ def prepare(
                 f"checkpoint {url} holds sharded state {name!r} and the state passed has none: pass the same "
                 "state names that were saved"
             )
-        if not _is_shardable(obj):
+        if not _sharded().is_shardable(obj):
             raise CheckpointError(
                 f"state {name!r} of checkpoint {url} was saved sharded (a model or an optimizer); here it is a "
                 f"{type(obj).__name__}"
@@ -125,14 +125,12 @@ def apply(
     """Load the checkpoint :func:`prepare` checked into ``state`` (sharded entries first, then per-rank ones)."""
     sharded = prepared.manifest.sharded
     if sharded:
-        from sdk.checkpoints import _sharded
-
         assert prepared.index is not None
 
         def fetch(saving_ranks: Iterable[int]) -> dict[int, dict[str, Any]]:
             return _payloads(store, prepared, set(saving_ranks), safe_globals, max_workers)
 
-        _sharded.load(
+        _sharded().load(
             {name: state[name] for name in sharded},
             prepared.index,
             fetch,
@@ -160,6 +158,69 @@ def apply(
             saved_by=prepared.manifest.world_size,
             reason="this rank did not exist in the saving job: its RNG streams stay as seeded",
         )
+
+
+def load_candidate(
+    store: Store,
+    step: int,
+    state: Mapping[str, Any],
+    *,
+    url: str,
+    manifest: Manifest | None,
+    problem: str | None,
+    rank: int,
+    world_size: int,
+    collective: Any,
+    safe_globals: Iterable[Any] = (),
+    max_workers: int = 8,
+) -> InvalidCheckpointError | None:
+    """Load one checkpoint (``manifest`` None: not committed, for ``problem``) into ``state``.
+
+    Returns None when it was loaded, or why it is skipped; raises a mismatch to fix. With a ``collective``, both
+    are agreed: every rank enters the load or none does, and a checkpoint any rank found damaged is skipped by all.
+    """
+    prepared, error = None, None
+    try:
+        if manifest is None:
+            raise InvalidCheckpointError(url, problem or "no manifest")
+        prepared = prepare(store, step, url, manifest, state, rank=rank, world_size=world_size, max_workers=max_workers)
+    except CheckpointError as exc:
+        error = exc
+    skipped = _agreed(collective, error, url)
+    if skipped is not None:
+        return skipped
+    assert prepared is not None
+    try:
+        apply(
+            store,
+            prepared,
+            state,
+            rank=rank,
+            world_size=world_size,
+            collective=collective,
+            safe_globals=safe_globals,
+            max_workers=max_workers,
+        )
+    except CheckpointError as exc:
+        return _agreed(collective, exc, url)
+    return _agreed(collective, None, url)
+
+
+def _agreed(collective: Any, error: CheckpointError | None, url: str) -> InvalidCheckpointError | None:
+    """This rank's outcome, agreed: raise a mismatch any rank found, skip damage any rank found, else None."""
+    damaged = isinstance(error, InvalidCheckpointError)
+    misfit = error is not None and not damaged
+    if collective is not None:
+        damaged, misfit = collective.any(damaged, misfit)
+    if misfit:
+        if error is not None and not isinstance(error, InvalidCheckpointError):
+            raise error
+        raise CheckpointError(f"checkpoint {url} does not fit the state on another rank (see its log)")
+    if damaged:
+        if isinstance(error, InvalidCheckpointError):
+            return error
+        return InvalidCheckpointError(url, "another rank found it damaged (see its log)")
+    return None
 
 
 def _payloads(
@@ -193,7 +254,8 @@ def _payloads(
     return out
 
 
-def _is_shardable(obj: Any) -> bool:
-    import torch
+def _sharded() -> Any:
+    """:mod:`sdk.checkpoints._sharded`, imported when a checkpoint has sharded state (it needs torch)."""
+    from sdk.checkpoints import _sharded
 
-    return isinstance(obj, torch.nn.Module | torch.optim.Optimizer)
+    return _sharded

@@ -30,13 +30,13 @@ from sdk.checkpoints import _fence as fence
 from sdk.checkpoints import _ranks as ranks
 from sdk.checkpoints import _state as trainstate
 from sdk.checkpoints._dcpmeta import INDEX_NAME
+from sdk.checkpoints._prepare import Prepared, ShardedPart, distributed, prepare
 from sdk.checkpoints._retention import Committed, Uncommitted, plan_deletions
 from sdk.checkpoints._verify import check_files
 from sdk.checkpoints.invalidmark import MARK_NAME
 from sdk.checkpoints.manifest import MANIFEST_NAME, FileEntry, Manifest, parse, parse_step_dir, step_dir
 from sdk.config import Config
 from sdk.errors import (
-    CheckpointError,
     CommitConflictError,
     InvalidCheckpointError,
     NoCheckpointError,
@@ -72,22 +72,6 @@ class ScanEntry:
     problem: str | None
     attempts: frozenset[int]
     marked: bool = False  # an earlier full check left its finding here (sdk.checkpoints.invalidmark)
-
-
-@dataclass(frozen=True)
-class ShardedPart:
-    """The sharded state of a save: its names, and (rank 0) the index of the whole checkpoint to write."""
-
-    names: tuple[str, ...]
-    index: bytes | None
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A save, ready to write: ``(name, payload)`` pairs and the sharded part (None: nothing is sharded)."""
-
-    payloads: builtins.list[tuple[str, Any]]
-    sharded: ShardedPart | None
 
 
 class Checkpointer:
@@ -216,28 +200,8 @@ class Checkpointer:
         return self.write(step, prepared.payloads, meta=meta, sharded=prepared.sharded)
 
     def prepare(self, state: Mapping[str, Any]) -> Prepared:
-        """What a save of ``state`` writes: ``(name, payload)`` pairs, and the sharded part's plan if any.
-
-        In a job of several ranks with ``torch.distributed`` initialized, its modules and optimizers are sharded
-        state (:mod:`sdk.checkpoints._sharded`): planned here with every rank (collectives, in the caller's
-        thread), each rank's items becoming its ``sharded`` payload. Call it on every rank at the same step.
-        """
-        trainstate.check(state)
-        names = [k for k, v in state.items() if self._distributed() and _shardable(v)]
-        if not names:
-            return Prepared(list(trainstate.payloads(state)), None)
-        from sdk.checkpoints import _sharded
-
-        planned = _sharded.plan(
-            _sharded.state_dicts({k: state[k] for k in names}),
-            rank=self.rank,
-            world_size=self.world_size,
-            collective=self._collective(),
-        )
-        payloads = list(trainstate.payloads({k: v for k, v in state.items() if k not in names}))
-        if planned.items:
-            payloads.append((trainstate.SHARDED_STEM, planned.items))
-        return Prepared(payloads, ShardedPart(tuple(names), planned.index))
+        """What a save of ``state`` writes (:func:`sdk.checkpoints._prepare.prepare`); on every rank at once."""
+        return prepare(state, rank=self.rank, world_size=self.world_size, collective=self._collective)
 
     def write(
         self,
@@ -346,14 +310,6 @@ class Checkpointer:
         self._prune()  # the claims were checked just before the commit: no second look
         return CheckpointInfo(step=step, url=location, manifest=manifest)
 
-    def _distributed(self) -> bool:
-        """Whether the ranks of this job can run collectives (several ranks, torch.distributed initialized)."""
-        if self.world_size < 2:
-            return False
-        import torch.distributed as dist
-
-        return dist.is_available() and dist.is_initialized()
-
     def _collective(self) -> Any:
         if self.collective is None:
             from sdk.lifecycle.agreement import Agreement
@@ -450,7 +406,7 @@ class Checkpointer:
         checkpoint: rank 0's list of candidates, and every decision to skip one or to fail, are agreed.
         """
         trainstate.check(state)
-        collective = self._collective() if self._distributed() else None
+        collective = self._collective() if distributed(self.world_size) else None
         scanned = {e.step: e for e in self.scan()}
         order = sorted(scanned, reverse=True)
         if collective is not None:
@@ -458,9 +414,24 @@ class Checkpointer:
         candidates = [s for s in order if step is None or s == step]
         if step is not None and not candidates:
             raise NoCheckpointError(f"no checkpoint for step {step} under {self.url}")
+        from sdk.checkpoints import _restore
+
         for candidate in candidates:
             entry = scanned.get(candidate)
-            skipped = self._load_candidate(entry, candidate, state, collective)
+            location = entry.url if entry else self.store.url_of(step_dir(candidate))
+            skipped = _restore.load_candidate(
+                self.store,
+                candidate,
+                state,
+                url=location,
+                manifest=entry.manifest if entry else None,
+                problem=entry.problem if entry else "no step folder on this rank",
+                rank=self.rank,
+                world_size=self.world_size,
+                collective=collective,
+                safe_globals=self.safe_globals,
+                max_workers=self.max_workers,
+            )
             if skipped is None:
                 assert entry is not None and entry.manifest is not None
                 self.resumed_from, self.resumed_url = entry.step, entry.url
@@ -471,66 +442,6 @@ class Checkpointer:
             log.warning("checkpoint.skipped", url=skipped.location, reason=skipped.reason)
         if candidates:
             log.warning("checkpoint.none_valid", url=self.url, folders=len(candidates))
-        return None
-
-    def _load_candidate(
-        self, entry: ScanEntry | None, step: int, state: Mapping[str, Any], collective: Any
-    ) -> InvalidCheckpointError | None:
-        """Load one checkpoint; the reason it was skipped (agreed across ranks), or None when it was loaded."""
-        from sdk.checkpoints import _restore
-
-        location = entry.url if entry else self.store.url_of(step_dir(step))
-        prepared, error = None, None
-        try:
-            if entry is None or entry.manifest is None:
-                raise InvalidCheckpointError(location, (entry and entry.problem) or "no manifest on this rank")
-            prepared = _restore.prepare(
-                self.store,
-                entry.step,
-                entry.url,
-                entry.manifest,
-                state,
-                rank=self.rank,
-                world_size=self.world_size,
-                max_workers=self.max_workers,
-            )
-        except CheckpointError as exc:
-            error = exc
-        skip = self._agreed(collective, error, location)  # every rank enters the load below, or none does
-        if skip is not None:
-            return skip
-        assert prepared is not None
-        try:
-            _restore.apply(
-                self.store,
-                prepared,
-                state,
-                rank=self.rank,
-                world_size=self.world_size,
-                collective=collective,
-                safe_globals=self.safe_globals,
-                max_workers=self.max_workers,
-            )
-        except CheckpointError as exc:
-            return self._agreed(collective, exc, location)
-        return self._agreed(collective, None, location)
-
-    def _agreed(self, collective: Any, error: CheckpointError | None, location: str) -> InvalidCheckpointError | None:
-        """This rank's outcome, agreed: raise a mismatch any rank found, skip damage any rank found, else None."""
-        damaged, misfit = (
-            isinstance(error, InvalidCheckpointError),
-            error is not None and not isinstance(error, InvalidCheckpointError),
-        )
-        if collective is not None:
-            damaged, misfit = collective.any(damaged, misfit)
-        if misfit:
-            if error is not None and not isinstance(error, InvalidCheckpointError):
-                raise error
-            raise CheckpointError(f"checkpoint {location} does not fit the state on another rank (see its log)")
-        if damaged:
-            if isinstance(error, InvalidCheckpointError):
-                return error
-            return InvalidCheckpointError(location, "another rank found it damaged (see its log)")
         return None
 
     def _check_files(
@@ -574,9 +485,3 @@ class Checkpointer:
             self.store.delete(folder, recursive=True)
             log.info("checkpoint.deleted", step=step, url=self.store.url_of(folder))
         return doomed
-
-
-def _shardable(obj: Any) -> bool:
-    import torch
-
-    return isinstance(obj, torch.nn.Module | torch.optim.Optimizer)

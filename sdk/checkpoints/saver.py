@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
+from sdk.checkpoints._prepare import ShardedPart
 from sdk.checkpoints._snapshot import Snapshot
-from sdk.checkpoints.checkpointer import Checkpointer, CheckpointInfo, ShardedPart
+from sdk.checkpoints.checkpointer import Checkpointer, CheckpointInfo
 from sdk.log import get_logger
 
 __all__ = ["MAX_TRANSIENT_FAILURES", "AsyncSaver"]
