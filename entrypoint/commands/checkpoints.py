@@ -120,6 +120,8 @@ def list_checkpoints(args: argparse.Namespace) -> int:
                 "created": m.created if m else None,
                 "files": len(m.files) if m else None,
                 "bytes": m.total_bytes if m else None,
+                "ranks": m.world_size if m else None,
+                "sharded": list(m.sharded) if m else None,
                 "problem": problem,
             }
         )
@@ -129,11 +131,12 @@ def list_checkpoints(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no valid checkpoints under {ckpt.url}")
         return EXIT_OK
-    print(f"{'STEP':>10}  {'ATTEMPT':>7}  {'CREATED':<20}  {'FILES':>5}  {'SIZE':>10}  URL")
+    print(f"{'STEP':>10}  {'ATTEMPT':>7}  {'CREATED':<20}  {'RANKS':>9}  {'FILES':>5}  {'SIZE':>10}  URL")
     for r in rows:
         size = _human(r["bytes"]) if r["bytes"] is not None else "-"
         attempt, created, files = r["attempt"] or "-", r["created"] or "-", r["files"] or "-"
-        line = f"{r['step']:>10}  {attempt:>7}  {created:<20}  {files:>5}  {size:>10}  {r['url']}"
+        ranks = "-" if r["ranks"] is None else f"{r['ranks']}{' sharded' if r['sharded'] else ''}"
+        line = f"{r['step']:>10}  {attempt:>7}  {created:<20}  {ranks:>9}  {files:>5}  {size:>10}  {r['url']}"
         print(line + ("" if r["valid"] else f"  INVALID: {r['problem']}"))
     return EXIT_OK
 

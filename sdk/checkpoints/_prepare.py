@@ -49,7 +49,7 @@ def prepare(state: Mapping[str, Any], *, rank: int, world_size: int, collective:
         return Prepared(list(trainstate.payloads(state)), None)
     from sdk.checkpoints import _sharded
 
-    names = [k for k, v in state.items() if _sharded.is_shardable(v)]
+    names = [k for k, v in state.items() if _sharded.saves_sharded(v)]
     if not names:
         return Prepared(list(trainstate.payloads(state)), None)
     planned = _sharded.plan(

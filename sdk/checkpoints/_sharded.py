@@ -43,7 +43,18 @@ from sdk.checkpoints import _dcpmeta as dcpmeta
 from sdk.checkpoints._state import SHARDED_STEM
 from sdk.errors import CheckpointError, InvalidCheckpointError, PodtrainError
 
-__all__ = ["STEM", "Collective", "Planned", "apply", "is_shardable", "item_key", "load", "plan", "state_dicts"]
+__all__ = [
+    "STEM",
+    "Collective",
+    "Planned",
+    "apply",
+    "is_shardable",
+    "item_key",
+    "load",
+    "plan",
+    "saves_sharded",
+    "state_dicts",
+]
 
 STEM = SHARDED_STEM  # the payload of a rank's items, and a state name users may not take
 
@@ -72,6 +83,16 @@ class Planned:
 def is_shardable(obj: Any) -> bool:
     """Whether ``obj`` is state DCP saves: a module or an optimizer."""
     return isinstance(obj, torch.nn.Module | torch.optim.Optimizer)
+
+
+def saves_sharded(obj: Any) -> bool:
+    """Whether a save now puts ``obj`` through DCP: a module, or an optimizer that has stepped.
+
+    An optimizer without state holds only its hyperparameters, the same on every rank, so it is saved per rank;
+    DCP's ``get_optimizer_state_dict`` would first make its state by running ``step()`` with zero gradients,
+    which counts a step (Adam's bias correction) the loop never took.
+    """
+    return isinstance(obj, torch.nn.Module) or (isinstance(obj, torch.optim.Optimizer) and bool(obj.state))
 
 
 def state_dicts(objects: Mapping[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,19 @@ def test_list_shows_valid_checkpoints_newest_first(store: str) -> None:
     assert all(c["valid"] for c in doc["checkpoints"])
 
 
+def test_list_shows_how_many_ranks_saved_each_checkpoint(tmp_path: Path) -> None:
+    """RANKS says which WORLD_SIZE saved a checkpoint (a retry on another count reshards), in the table and --json."""
+    url = f"file://{tmp_path}/ckpt"
+    for rank in (1, 0):  # rank 1's record first; rank 0 commits once both are in
+        Checkpointer(url, run_id="cli", attempt=1, world_size=2, rank=rank).save(4, {"model": torch.nn.Linear(2, 2)})
+    out = _podtrain("checkpoints", "list", url)
+    assert out.returncode == 0, out.stderr
+    header, row = out.stdout.splitlines()[:2]
+    assert header.split()[3] == "RANKS" and row.split()[3] == "2"
+    (entry,) = json.loads(_podtrain("checkpoints", "list", url, "--json").stdout)["checkpoints"]
+    assert entry["ranks"] == 2 and entry["sharded"] == []
+
+
 def test_verify_exits_zero_for_a_good_checkpoint(store: str) -> None:
     """verify of the newest and of a named step exit 0 and say what was checked."""
     assert _podtrain("checkpoints", "verify", store).returncode == 0
