@@ -53,7 +53,7 @@ def prepare(state: Mapping[str, Any], *, rank: int, world_size: int, collective:
     if not names:
         return Prepared(list(trainstate.payloads(state)), None)
     planned = _sharded.plan(
-        _sharded.state_dicts({k: state[k] for k in names}),
+        {k: state[k] for k in names},
         rank=rank,
         world_size=world_size,
         collective=collective(),

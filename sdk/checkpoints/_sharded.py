@@ -138,24 +138,42 @@ def item_key(index: Any) -> str:
     return f"{index.fqn}@{'.'.join(str(o) for o in index.offset)}"
 
 
-def plan(state_dict: Mapping[str, Any], *, rank: int, world_size: int, collective: Collective) -> Planned:
-    """DCP's save plan, agreed by all ranks (two collectives); this rank's items, and rank 0's index."""
+def plan(objects: Mapping[str, Any], *, rank: int, world_size: int, collective: Collective) -> Planned:
+    """DCP's save plan of the sharded entries ``objects``, agreed by all ranks (two collectives, always both: a
+    rank that fails to plan still takes part, and then every rank raises); this rank's items, and rank 0's index."""
     planner = DefaultSavePlanner()
-    planner.set_up_planner(dict(state_dict), is_coordinator=rank == 0)
-    local = planner.create_local_plan()
+    local, why = None, None
+    try:
+        planner.set_up_planner(state_dicts(objects), is_coordinator=rank == 0)
+        local = planner.create_local_plan()
+    except PodtrainError as exc:
+        why = str(exc)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        why = _line(exc)
     group = collective.group()
     gathered: list[Any] | None = [None] * world_size if rank == 0 else None
-    dist.gather_object(local, gathered, dst=0, group=group)
-    plans: list[Any] | None = None
+    dist.gather_object((local, why), gathered, dst=0, group=group)
+    answers: list[Any] | None = None
     index = None
     if rank == 0:
         assert gathered is not None
-        plans, metadata = planner.create_global_plan(gathered)
-        places = {item.index: (r, item_key(item.index)) for r, p in enumerate(plans) for item in p.items}
-        index = dcpmeta.dumps(dcpmeta.from_metadata(metadata, places, world_size))
+        failed = [(r, w) for r, (_, w) in enumerate(gathered) if w is not None]
+        plans: list[Any] = []
+        if not failed:
+            try:
+                plans, metadata = planner.create_global_plan([p for p, _ in gathered])
+                places = {item.index: (r, item_key(item.index)) for r, p in enumerate(plans) for item in p.items}
+                index = dcpmeta.dumps(dcpmeta.from_metadata(metadata, places, world_size))
+            except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+                failed = [(0, _line(exc))]
+        answers = [(None, failed)] * world_size if failed else [(p, []) for p in plans]
     mine: list[Any] = [None]
-    dist.scatter_object_list(mine, plans, src=0, group=group)
-    final = planner.finish_plan(mine[0])
+    dist.scatter_object_list(mine, answers, src=0, group=group)
+    final, failed = mine[0]
+    if failed:
+        where, reason = failed[0]
+        raise CheckpointError(f"the sharded save could not be planned (rank {where}): {reason}")
+    final = planner.finish_plan(final)
     items: dict[str, Any] = {}
     for item in final.items:
         if item.type == WriteItemType.BYTE_IO:

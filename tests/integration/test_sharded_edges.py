@@ -1,0 +1,30 @@
+"""Edge cases of sharded saves with real ranks: torchrun, gloo, CPU (the worker says what each rank checks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = str(Path(__file__).with_name("sharded_edge_worker.py"))
+
+
+def test_a_rank_that_cannot_plan_makes_every_rank_fail_alike_and_an_unstepped_optimizer_is_not_stepped(
+    tmp_path: Path,
+) -> None:
+    """A planning failure on one rank is every rank's one-line CheckpointError, never a hang in a collective;
+    saving before the optimizer's first step leaves it without state and saves it per rank."""
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER, str(tmp_path)],
+        check=True,
+        timeout=240,
+        capture_output=True,
+    )
+    seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0]["owner"] == seen[1]["owner"]
+    assert seen[0]["owner"].startswith("the sharded save could not be planned (rank 1): optimizer 'optimizer'")
+    assert not (tmp_path / "owner").exists() or not list((tmp_path / "owner").rglob("MANIFEST.json"))
+    for rank_seen in seen:
+        assert rank_seen["unstepped_state"] == 0, "a save must not step the optimizer"
+        assert rank_seen["unstepped_sharded"] == ["model"]
