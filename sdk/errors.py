@@ -13,7 +13,7 @@ Messages name the thing that failed (a URL, a variable) and what to do about it.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from sdk.outcomes import EXIT_CONFIG, EXIT_UNAVAILABLE
 
@@ -49,10 +49,26 @@ Fault = Literal["user", "platform"]
 
 
 class PodtrainError(Exception):
-    """Base of every error podtrain raises on purpose."""
+    """Base of every error podtrain raises on purpose.
+
+    Every one survives pickling with its message and attributes (``reason``, ``url``…), whatever its constructor
+    takes: torch.distributed.checkpoint sends a rank's exception to the others that way, and the ranks must still
+    tell damage (skip to the previous checkpoint) from a mismatch (stop).
+    """
 
     transient: ClassVar[bool] = False
     fault: ClassVar[Fault] = "platform"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuilt, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuilt(cls: type[PodtrainError], args: tuple[Any, ...], attributes: dict[str, Any]) -> PodtrainError:
+    """An error as it was pickled, built without calling its constructor (whose arguments vary by class)."""
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(attributes)
+    return error
 
 
 class ConfigError(PodtrainError, ValueError):

@@ -11,8 +11,9 @@ too), which refuses, naming the rule:
   integers; a rank outside the saving world; a chunk with the wrong number of dimensions or reaching past the
   tensor;
 * chunks that overlap, or do not cover their tensor exactly — a load would otherwise leave part of a parameter
-  as it was before the load, silently (volumes are summed, overlaps found by a sweep along the first dimension,
-  so a tensor saved in thousands of slabs is checked in ``n log n``).
+  as it was before the load, silently (volumes are summed; overlaps are found on the grid of the chunks' own
+  boundaries, in time about proportional to the number of chunks along any dimension; an index cut into far
+  more grid cells than it has chunks is refused as crafted).
 
 Each chunk and object names its place as ``(rank, key)``: the rank whose files hold it, and its name in them
 (its ``sharded`` payload, :mod:`sdk.checkpoints._sharded`).
@@ -20,11 +21,14 @@ Each chunk and object names its place as ``(rank, key)``: the rank whose files h
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from array import array
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from sdk.checkpoints import manifest
 from sdk.errors import InvalidCheckpointError, MalformedDocumentError
 from sdk.stores import boundedjson
 
@@ -42,10 +46,38 @@ __all__ = [
 ]
 
 FORMAT = "podtrain.sharded/1"
-INDEX_NAME = "sharded.json"  # in the writer's folder of the step, beside the ranks' folders
+INDEX_NAME = manifest.INDEX_NAME
 MAX_BYTES = 256 * 2**20  # ~1 million chunks; a 70B model on 1,024 ranks needs ~1/10 of that
 MAX_DEPTH = 8  # {"tensors": {fqn: {"chunks": [{"offsets": [..]}]}}} is 5; planner paths add one
 MAX_KEY = 4096  # characters in an fqn or a payload key
+# torch dtype names a checkpoint may hold (to_metadata looks each up in torch itself)
+DTYPES = frozenset(
+    {
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "complex128",
+        "complex64",
+        "complex32",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint64",
+        "uint32",
+        "uint16",
+        "uint8",
+        "bool",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "float4_e2m1fn_x2",
+    }
+)
+_CELLS_PER_CHUNK = 8  # grid cells per chunk beyond which an index is refused unchecked (a grid has one per chunk)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,7 +173,7 @@ def _tensor(fqn: str, spec: Any, world: int, bad: Any) -> TensorEntry:
     if not isinstance(spec, dict):
         raise bad(f"tensor {fqn!r}: its entry is not an object")
     dtype, size, grad, chunks = spec.get("dtype"), spec.get("size"), spec.get("requires_grad"), spec.get("chunks")
-    if not isinstance(dtype, str) or not dtype.isidentifier():
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise bad(f"tensor {fqn!r}: dtype {dtype!r} is not a dtype name")
     shape = _dims(size, f"tensor {fqn!r}: size", bad)
     if not isinstance(grad, bool):
@@ -167,23 +199,34 @@ def _chunk(fqn: str, spec: Any, shape: tuple[int, ...], world: int, bad: Any) ->
 
 
 def _check_cover(fqn: str, shape: tuple[int, ...], chunks: tuple[Chunk, ...], bad: Any) -> None:
-    """The chunks tile the tensor: no two overlap, and their volumes add up to the tensor's."""
+    """The chunks tile the tensor: their volumes add up to the tensor's, and no two overlap.
+
+    Overlaps are found on the grid the chunks' own boundaries cut the tensor into: every chunk marks the grid
+    cells it covers, and a cell marked twice is an overlap. DCP's chunks are grids (FSDP rows, tensor-parallel
+    columns, both), so there are about as many cells as chunks, whatever dimension a tensor was cut along; an
+    index whose boundaries would make many more cells than chunks is crafted, and refused rather than checked.
+    """
     if sum(math.prod(c.sizes) for c in chunks) != math.prod(shape):
         raise bad(f"tensor {fqn!r}: its chunks do not cover its size {list(shape)} exactly")
-    if not shape:
-        if len(chunks) != 1:
-            raise bad(f"tensor {fqn!r}: a scalar saved in {len(chunks)} chunks")
+    boxes = [c for c in chunks if math.prod(c.sizes)]
+    if len(boxes) < 2:
         return
-    active: list[Chunk] = []
-    for chunk in sorted((c for c in chunks if math.prod(c.sizes)), key=lambda c: c.offsets):
-        active = [a for a in active if a.offsets[0] + a.sizes[0] > chunk.offsets[0]]
-        for other in active:
-            if all(
-                o1 < o2 + s2 and o2 < o1 + s1
-                for o1, s1, o2, s2 in zip(chunk.offsets, chunk.sizes, other.offsets, other.sizes, strict=True)
-            ):
-                raise bad(f"tensor {fqn!r}: chunks at {list(other.offsets)} and {list(chunk.offsets)} overlap")
-        active.append(chunk)
+    dims = range(len(shape))
+    cuts = [sorted({b.offsets[d] for b in boxes} | {b.offsets[d] + b.sizes[d] for b in boxes}) for d in dims]
+    cells = math.prod(len(cut) - 1 for cut in cuts)
+    if cells > _CELLS_PER_CHUNK * len(boxes) + 4096:
+        raise bad(f"tensor {fqn!r}: its {len(boxes)} chunks cut it into {cells:,} pieces; DCP's chunks form a grid")
+    positions = [{value: i for i, value in enumerate(cut)} for cut in cuts]
+    strides = [math.prod(len(cut) - 1 for cut in cuts[d + 1 :]) for d in dims]
+    owner = array("l", [0]) * cells  # per grid cell: 1 + the index of the box that covers it
+    for number, box in enumerate(boxes, 1):
+        spans = [range(positions[d][box.offsets[d]], positions[d][box.offsets[d] + box.sizes[d]]) for d in dims]
+        for cell in itertools.product(*spans):
+            at = sum(i * stride for i, stride in zip(cell, strides, strict=True))
+            if owner[at]:
+                other = boxes[owner[at] - 1]
+                raise bad(f"tensor {fqn!r}: chunks at {list(other.offsets)} and {list(box.offsets)} overlap")
+            owner[at] = number
 
 
 def _place(fqn: str, spec: Any, world: int, bad: Any) -> tuple[int, str]:
@@ -192,7 +235,7 @@ def _place(fqn: str, spec: Any, world: int, bad: Any) -> tuple[int, str]:
     rank, key = spec.get("rank"), spec.get("key")
     if not _natural(rank) or rank >= world:
         raise bad(f"{fqn!r}: rank {rank!r} is not one of the {world} ranks that saved")
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY:
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY or any(ord(c) < 32 for c in key):
         raise bad(f"{fqn!r}: key {key!r} is not a name")
     return rank, key
 

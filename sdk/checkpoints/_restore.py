@@ -43,6 +43,7 @@ class Prepared:
     sources: ranks.Sources
     data: dict[str, bytes]
     index: dcpmeta.Index | None
+    setup: Any = None  # sdk.checkpoints._sharded.LoadSetup of the sharded entries
 
 
 def prepare(
@@ -96,19 +97,19 @@ def prepare(
         for files in per:
             wanted.update(files)
     index = None
-    if sharded:
+    if sharded:  # the manifest lists exactly one (manifest.parse)
         named = [n for n in manifest.files if n.rsplit("/", 1)[-1] == INDEX_NAME and ranks.rank_of(n) is None]
-        if len(named) != 1:
-            raise InvalidCheckpointError(url, f"a sharded checkpoint must list one {INDEX_NAME}, it lists {len(named)}")
         wanted[named[0]] = manifest.files[named[0]]
     data = check_files(store, step, url, wanted, download=True, metadata=False, max_workers=max_workers)
+    setup = None
     if sharded:
         index = dcpmeta.check(data.pop(named[0]), location=url)
         if index.world_size != manifest.world_size:
             raise InvalidCheckpointError(
                 url, f"{INDEX_NAME} is for {index.world_size} ranks, the manifest for {manifest.world_size}"
             )
-    return Prepared(step=step, url=url, manifest=manifest, sources=sources, data=data, index=index)
+        setup = _sharded().setup_load({name: state[name] for name in sharded}, index, location=url)
+    return Prepared(step=step, url=url, manifest=manifest, sources=sources, data=data, index=index, setup=setup)
 
 
 def apply(
@@ -136,6 +137,7 @@ def apply(
             fetch,
             location=prepared.url,
             collective=collective,
+            setup=prepared.setup,
         )
     sources = prepared.sources
     rest = {k: v for k, v in state.items() if k not in sharded and k not in sources.merged}
@@ -179,6 +181,7 @@ def load_candidate(
     Returns None when it was loaded, or why it is skipped; raises a mismatch to fix. With a ``collective``, both
     are agreed: every rank enters the load or none does, and a checkpoint any rank found damaged is skipped by all.
     """
+    unstepped = _unstepped_optimizers(state) if manifest is not None and manifest.sharded else []
     prepared, error = None, None
     try:
         if manifest is None:
@@ -186,24 +189,45 @@ def load_candidate(
         prepared = prepare(store, step, url, manifest, state, rank=rank, world_size=world_size, max_workers=max_workers)
     except CheckpointError as exc:
         error = exc
-    skipped = _agreed(collective, error, url)
-    if skipped is not None:
-        return skipped
-    assert prepared is not None
     try:
-        apply(
-            store,
-            prepared,
-            state,
-            rank=rank,
-            world_size=world_size,
-            collective=collective,
-            safe_globals=safe_globals,
-            max_workers=max_workers,
-        )
-    except CheckpointError as exc:
-        return _agreed(collective, exc, url)
-    return _agreed(collective, None, url)
+        skipped = _agreed(collective, error, url)  # every rank enters the load below, or none does
+        if skipped is None:
+            assert prepared is not None
+            try:
+                apply(
+                    store,
+                    prepared,
+                    state,
+                    rank=rank,
+                    world_size=world_size,
+                    collective=collective,
+                    safe_globals=safe_globals,
+                    max_workers=max_workers,
+                )
+                error = None
+            except CheckpointError as exc:
+                error = exc
+            skipped = _agreed(collective, error, url)
+    except CheckpointError:
+        _forget(unstepped)
+        raise
+    if skipped is not None:
+        _forget(unstepped)
+    return skipped
+
+
+def _unstepped_optimizers(state: Mapping[str, Any]) -> list[Any]:
+    """The optimizers of ``state`` without state yet: DCP's state dict steps them (zero gradients, lr 0)."""
+    import torch
+
+    return [obj for obj in state.values() if isinstance(obj, torch.optim.Optimizer) and not obj.state]
+
+
+def _forget(unstepped: list[Any]) -> None:
+    """After a checkpoint that was not loaded: the optimizers that had no state have none again (a run that then
+    starts fresh must not count a step it never took)."""
+    for optimizer in unstepped:
+        optimizer.state.clear()
 
 
 def _agreed(collective: Any, error: CheckpointError | None, url: str) -> InvalidCheckpointError | None:

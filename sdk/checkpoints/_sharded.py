@@ -46,6 +46,7 @@ from sdk.errors import CheckpointError, InvalidCheckpointError, PodtrainError
 __all__ = [
     "STEM",
     "Collective",
+    "LoadSetup",
     "Planned",
     "apply",
     "is_shardable",
@@ -53,6 +54,7 @@ __all__ = [
     "load",
     "plan",
     "saves_sharded",
+    "setup_load",
     "state_dicts",
 ]
 
@@ -183,6 +185,24 @@ def plan(objects: Mapping[str, Any], *, rank: int, world_size: int, collective: 
     return Planned(items=items, index=index)
 
 
+@dataclass(frozen=True)
+class LoadSetup:
+    """What a load needs before its collectives: the state dicts to load into and DCP's metadata."""
+
+    state_dicts: dict[str, Any]
+    metadata: Any
+
+
+def setup_load(objects: Mapping[str, Any], index: dcpmeta.Index, *, location: str) -> LoadSetup:
+    """The state dicts of ``objects`` and the metadata of ``index``; run it before the ranks agree to load (a
+    failure here must stop every rank, not leave the others inside DCP's collectives)."""
+    try:
+        loaded = state_dicts(objects)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"the sharded state of checkpoint {location} cannot be loaded: {_line(exc)}") from None
+    return LoadSetup(loaded, dcpmeta.to_metadata(index, location=location))
+
+
 def load(
     objects: Mapping[str, Any],
     index: dcpmeta.Index,
@@ -190,6 +210,7 @@ def load(
     *,
     location: str,
     collective: Collective | None,
+    setup: LoadSetup | None = None,
 ) -> None:
     """Load the sharded entries ``objects`` from a checkpoint whose checked index is ``index``.
 
@@ -201,8 +222,9 @@ def load(
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.api import CheckpointException
 
-    loaded = state_dicts(objects)
-    reader = _Reader(dcpmeta.to_metadata(index, location=location), fetch, location)
+    setup = setup or setup_load(objects, index, location=location)
+    loaded = setup.state_dicts
+    reader = _Reader(setup.metadata, fetch, location)
     distributed = collective is not None
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is

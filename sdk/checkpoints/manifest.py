@@ -37,6 +37,8 @@ FORMAT_SHARDED = "podtrain.checkpoint/2"  # names sharded entries (sdk.checkpoin
 MANIFEST_NAME = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step-(\d{10})$")
 _CRC = re.compile(r"^[0-9a-f]{8}$")
+INDEX_NAME = "sharded.json"  # the index of a sharded checkpoint (sdk.checkpoints._dcpmeta), beside the ranks' folders
+_IN_RANK_DIR = re.compile(r"(?:^|/)rank-\d+/")
 _STATE_FILE = re.compile(r"^(?P<stem>.+?)(?:-\d{5}-of-\d{5})?\.(?:safetensors|pt)$")
 MAX_MANIFEST_BYTES = 16 * 2**20
 MAX_MANIFEST_DEPTH = 32  # the manifest itself is 3 levels; the rest is for ``meta``
@@ -100,7 +102,10 @@ class Manifest:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     meta: dict[str, Any] = field(default_factory=dict)
     sharded: tuple[str, ...] = ()  # state names saved through DCP; their index is the one file named INDEX_NAME
-    format: str = FORMAT
+    format: str = FORMAT  # follows ``sharded``: FORMAT_SHARDED when it names any (a parsed manifest equals its source)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "format", FORMAT_SHARDED if self.sharded else FORMAT)
 
     def to_json(self) -> bytes:
         """The manifest as written to the store (UTF-8 JSON, keys in a fixed order)."""
@@ -116,6 +121,8 @@ class Manifest:
             "meta": self.meta,
         }
         if self.sharded:
+            if not all(isinstance(n, str) and n for n in self.sharded):
+                raise CheckpointError(f"the manifest of step {self.step} cannot be written: a sharded name is empty")
             document["sharded"] = list(self.sharded)
         raw = (json.dumps(document, indent=1, sort_keys=False) + "\n").encode()
         try:  # never commit a manifest that parse() would refuse
@@ -172,6 +179,10 @@ def parse(data: bytes, *, location: str) -> Manifest:
         if not isinstance(crc, str) or not _CRC.match(crc):
             raise bad(f"entry for {name!r} has no valid 'crc32c' (8 lowercase hex digits)")
         files[name] = FileEntry(size=size, crc32c=crc)
+    if sharded:
+        indexes = [n for n in files if n.rsplit("/", 1)[-1] == INDEX_NAME and not _IN_RANK_DIR.search(n)]
+        if len(indexes) != 1:
+            raise bad(f"a manifest of sharded state must list one {INDEX_NAME}, this one lists {len(indexes)}")
     return Manifest(
         run_id=run_id,
         attempt=attempt,

@@ -133,3 +133,67 @@ def test_a_manifest_parse_would_refuse_is_never_written() -> None:
         manifest(nested(MAX_MANIFEST_DEPTH)).to_json()
     ok = manifest(nested(MAX_MANIFEST_DEPTH - 2))
     assert parse(ok.to_json(), location="here").meta == ok.meta
+
+
+def _sharded_manifest(**changes: object) -> dict:
+    files = {
+        "attempt-1/sharded.json": {"size": 10, "crc32c": "0000abcd"},
+        "attempt-1/rank-0/sharded.safetensors": {"size": 20, "crc32c": "0000abce"},
+        "attempt-1/rank-1/sharded.safetensors": {"size": 20, "crc32c": "0000abcf"},
+    }
+    return _manifest(format="podtrain.checkpoint/2", world_size=2, files=files, sharded=["model", "optim"], **changes)
+
+
+def test_a_manifest_with_sharded_entries_is_written_and_read_as_format_2() -> None:
+    """Naming sharded state makes the manifest podtrain.checkpoint/2 (older readers skip it), and it parses back."""
+    from sdk.checkpoints.manifest import FORMAT_SHARDED
+
+    m = Manifest(
+        run_id="r1",
+        attempt=1,
+        step=5,
+        world_size=2,
+        files={"attempt-1/sharded.json": FileEntry(size=3, crc32c="0000abcd")},
+        torch="2.13.0",
+        sharded=("model", "optim"),
+    )
+    doc = json.loads(m.to_json())
+    assert doc["format"] == FORMAT_SHARDED == "podtrain.checkpoint/2"
+    assert doc["sharded"] == ["model", "optim"]
+    back = parse(m.to_json(), location="x")
+    assert back.sharded == ("model", "optim")
+    assert back.format == FORMAT_SHARDED
+    assert (back.run_id, back.step, back.world_size, back.files) == (m.run_id, m.step, m.world_size, m.files)
+
+
+def test_a_manifest_without_sharded_entries_stays_format_1_without_the_field() -> None:
+    m = Manifest(
+        run_id="r", attempt=1, step=1, world_size=1, files={"a.pt": FileEntry(size=1, crc32c="00000000")}, torch="2"
+    )
+    doc = json.loads(m.to_json())
+    assert doc["format"] == FORMAT and "sharded" not in doc
+    assert parse(m.to_json(), location="x").sharded == ()
+
+
+def test_a_format_2_manifest_parses_its_sharded_names() -> None:
+    m = _parse(_sharded_manifest())
+    assert m.sharded == ("model", "optim") and m.world_size == 2
+
+
+@pytest.mark.parametrize("sharded", [None, [], "model", ["model", 3], ["model", ""], [None], {"model": 1}], ids=repr)
+def test_a_format_2_manifest_without_a_list_of_state_names_is_invalid(sharded: object) -> None:
+    """Missing (None here), empty, not a list, or holding a non-string or empty name: the reason names 'sharded'."""
+    doc = _sharded_manifest()
+    if sharded is None:
+        del doc["sharded"]
+    else:
+        doc["sharded"] = sharded
+    with pytest.raises(InvalidCheckpointError, match="'sharded' must be a non-empty list of state names"):
+        _parse(doc)
+
+
+@pytest.mark.parametrize("sharded", [["model"], []], ids=repr)
+def test_a_format_1_manifest_with_a_sharded_field_is_invalid(sharded: object) -> None:
+    """A reader of format 1 would ignore the field and load sharded files as per-rank ones: refused, even empty."""
+    with pytest.raises(InvalidCheckpointError, match=r"'sharded' in a 'podtrain\.checkpoint/1' manifest"):
+        _parse(_manifest(sharded=sharded))

@@ -95,3 +95,25 @@ def test_the_first_agreement_also_agrees_on_the_jobs_checkpoint_writer_id(gloo: 
     assert agreement.collectives == 1
     assert agreement.all(True) is True
     assert agreement.writer_id() == writer
+
+
+def test_group_is_the_default_group_when_it_is_gloo(gloo: None) -> None:
+    """The checkpoint's collectives run on the same gloo group as the agreements: the default one here."""
+    agreement = Agreement(1)
+    assert agreement.group() is None
+    assert agreement.collectives == 0
+
+
+def test_group_refuses_a_process_group_of_another_size(gloo: None) -> None:
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 but the process group has 1 ranks"):
+        Agreement(2).group()
+
+
+def test_broadcast_gives_rank_0s_value_on_every_rank(gloo: None) -> None:
+    """Any picklable value, as rank 0 has it; one collective, and no writer id (it rides on the first reduction)."""
+    agreement = Agreement(1)
+    value = {"steps": [30, 20, 10], "url": "s3://b/run"}
+    assert agreement.broadcast(value) == value
+    assert agreement.broadcast(None) is None
+    assert agreement.collectives == 2
+    assert agreement.writer_id() is None

@@ -1,0 +1,259 @@
+"""Sharded state in one process: DCP's save plan over a 1-rank gloo group, and the load through podtrain's reader."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.metadata import MetadataIndex
+
+from sdk.checkpoints import _dcpmeta as dcpmeta
+from sdk.checkpoints import _sharded
+from sdk.errors import CheckpointError, InvalidCheckpointError
+
+LOCATION = "mem://ckpt/step-0000000003"
+
+
+@pytest.fixture(scope="module")
+def one_rank() -> Iterator[None]:
+    """A process group of one gloo rank over an in-memory store (no port, no network)."""
+    if dist.is_initialized():
+        pytest.skip("a process group exists in this process")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield
+    dist.destroy_process_group()
+
+
+class OneRank:
+    """The collective of a job of one rank: the default group, every flag its own, rank 0's value its own."""
+
+    def group(self) -> Any:
+        return None
+
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        return tuple(flags)
+
+    def broadcast(self, value: Any) -> Any:
+        return value
+
+
+def _trained(seed: int, lr: float) -> tuple[torch.nn.Sequential, torch.optim.Optimizer]:
+    """A small model and an Adam that has stepped once (so it has moments and step counts)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _plan(state: Mapping[str, Any]) -> _sharded.Planned:
+    return _sharded.plan(state, rank=0, world_size=1, collective=OneRank())
+
+
+def _payload(planned: _sharded.Planned) -> dict[str, Any]:
+    """The items as a load would get them back: copies, not the saved objects' own tensors."""
+    return {
+        k: v.detach().clone() if isinstance(v, torch.Tensor) else pickle.loads(pickle.dumps(v))
+        for k, v in planned.items.items()
+    }
+
+
+def _fetcher(payload: dict[str, Any], asked: list[list[int]] | None = None) -> Any:
+    def fetch(ranks: Iterable[int]) -> dict[int, dict[str, Any]]:
+        wanted = list(ranks)
+        if asked is not None:
+            asked.append(wanted)
+        return {r: payload for r in wanted}
+
+    return fetch
+
+
+# How the ranks load: through DCP's collectives (a job of several ranks), or alone (no process group).
+WAYS = [pytest.param(True, id="with-collective"), pytest.param(False, id="alone")]
+
+
+def _index(planned: _sharded.Planned) -> dcpmeta.Index:
+    assert planned.index is not None
+    return dcpmeta.check(planned.index, location=LOCATION)
+
+
+def _same_optimizer_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa["param_groups"] != sb["param_groups"] or sa["state"].keys() != sb["state"].keys():
+        return False
+    return all(
+        sa["state"][p].keys() == sb["state"][p].keys()
+        and all(torch.equal(sa["state"][p][k], sb["state"][p][k]) for k in sa["state"][p])
+        for p in sa["state"]
+    )
+
+
+def test_plan_names_every_item_by_item_key_and_its_index_checks(one_rank: None) -> None:
+    """Rank 0 of 1 writes every item, each under item_key of its DCP index; the index names those places."""
+    model, optimizer = _trained(0, 0.01)
+    planned = _plan({"model": model, "optim": optimizer})
+    index = _index(planned)
+    assert index.world_size == 1
+    places = {(c.rank, c.key) for t in index.tensors.values() for c in t.chunks} | set(index.objects.values())
+    assert {key for _, key in places} == set(planned.items)
+    assert {rank for rank, _ in places} == {0}
+    for fqn, tensor in index.tensors.items():
+        for chunk in tensor.chunks:
+            assert chunk.key == _sharded.item_key(MetadataIndex(fqn, torch.Size(chunk.offsets)))
+    for fqn, (_, key) in index.objects.items():
+        assert key == _sharded.item_key(MetadataIndex(fqn))
+    assert torch.equal(planned.items["model.0.weight@0.0"], model.state_dict()["0.weight"])
+    assert planned.items["optim.param_groups.0.lr"] == 0.01
+
+
+def test_item_key_is_the_name_and_the_chunks_offsets() -> None:
+    assert _sharded.item_key(MetadataIndex("model.w", torch.Size([2, 0]))) == "model.w@2.0"
+    assert _sharded.item_key(MetadataIndex("optim.param_groups.0.lr")) == "optim.param_groups.0.lr"
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["with-collective", "alone"])
+def test_load_restores_a_fresh_model_and_optimizer_exactly(one_rank: None, together: bool) -> None:
+    """Planned on one model and Adam, loaded into others: parameters, moments, steps and lr are the saved ones."""
+    model, optimizer = _trained(0, 0.01)
+    planned = _plan({"model": model, "optim": optimizer})
+    fresh, fresh_optimizer = _trained(1, 0.5)
+    assert not torch.equal(fresh.state_dict()["0.weight"], model.state_dict()["0.weight"])
+    asked: list[list[int]] = []
+    _sharded.load(
+        {"model": fresh, "optim": fresh_optimizer},
+        _index(planned),
+        _fetcher(_payload(planned), asked),
+        location=LOCATION,
+        collective=OneRank() if together else None,
+    )
+    assert asked and all(ranks == [0] for ranks in asked)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))
+    assert _same_optimizer_state(optimizer, fresh_optimizer)
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("together", WAYS)
+def test_a_payload_without_a_key_of_the_index_is_invalid(one_rank: None, together: bool) -> None:
+    model, optimizer = _trained(0, 0.01)
+    planned = _plan({"model": model, "optim": optimizer})
+    payload = _payload(planned)
+    del payload["model.2.bias@0"]
+    fresh, fresh_optimizer = _trained(1, 0.5)
+    with pytest.raises(InvalidCheckpointError, match=r"the files of rank 0 hold no 'model\.2\.bias@0'"):
+        _sharded.load(
+            {"model": fresh, "optim": fresh_optimizer},
+            _index(planned),
+            _fetcher(payload),
+            location=LOCATION,
+            collective=OneRank() if together else None,
+        )
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [torch.zeros(3, 3), torch.zeros(3, 4, dtype=torch.float64), torch.zeros(12), "weights"],
+    ids=["shape", "dtype", "flat", "not-a-tensor"],
+)
+@pytest.mark.parametrize("together", WAYS)
+def test_a_chunk_that_is_not_what_the_index_says_is_invalid(one_rank: None, wrong: Any, together: bool) -> None:
+    """The saved [3, 4] float32 weight replaced by another shape, dtype or object: damage, named."""
+    model, optimizer = _trained(0, 0.01)
+    planned = _plan({"model": model, "optim": optimizer})
+    payload = _payload(planned)
+    payload["model.0.weight@0.0"] = wrong
+    fresh, fresh_optimizer = _trained(1, 0.5)
+    with pytest.raises(
+        InvalidCheckpointError, match=r"'model.0.weight@0.0' is .*, the index says torch.float32 \[3, 4\]"
+    ):
+        _sharded.load(
+            {"model": fresh, "optim": fresh_optimizer},
+            _index(planned),
+            _fetcher(payload),
+            location=LOCATION,
+            collective=OneRank() if together else None,
+        )
+
+
+def test_a_model_of_another_shape_does_not_fit_and_is_not_damage(one_rank: None) -> None:
+    """A [3, 4] weight saved, a [5, 4] one to load into: CheckpointError (a mismatch to fix), not invalid."""
+    model, _ = _trained(0, 0.01)
+    planned = _plan({"model": model})
+    other = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    with pytest.raises(CheckpointError, match="does not fit") as info:
+        _sharded.load(
+            {"model": other}, _index(planned), _fetcher(_payload(planned)), location=LOCATION, collective=None
+        )
+    assert not isinstance(info.value, InvalidCheckpointError)
+
+
+def test_an_optimizer_stepping_parameters_of_no_model_in_the_state_is_refused() -> None:
+    """Its state is keyed by parameter names, which only the model holding its parameters can give."""
+    _, optimizer = _trained(0, 0.01)
+    unrelated, _ = _trained(1, 0.01)
+    with pytest.raises(CheckpointError, match="optimizer 'optim' steps parameters that no single model"):
+        _sharded.state_dicts({"model": unrelated, "optim": optimizer})
+    with pytest.raises(CheckpointError, match="no single model"):
+        _sharded.state_dicts({"optim": optimizer})
+
+
+def test_a_save_plan_with_an_optimizer_of_no_model_is_refused_on_every_rank(one_rank: None) -> None:
+    """The rank that cannot plan still takes part in the collectives, then the plan raises, naming the rank."""
+    _, optimizer = _trained(0, 0.01)
+    unrelated, _ = _trained(1, 0.01)
+    with pytest.raises(CheckpointError, match=r"could not be planned \(rank 0\): optimizer 'optim' steps parameters"):
+        _plan({"model": unrelated, "optim": optimizer})
+
+
+def test_objects_are_put_in_place_as_fetched_without_unpickling(
+    one_rank: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The optimizer's lr (a BYTE_IO item) comes back as the payload holds it, with torch.load and pickle disabled."""
+    model, optimizer = _trained(0, 0.01)
+    planned = _plan({"model": model, "optim": optimizer})
+    payload = _payload(planned)
+    payload["optim.param_groups.0.lr"] = 0.125
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an object of the checkpoint was unpickled")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    fresh, fresh_optimizer = _trained(1, 0.5)
+    _sharded.load(
+        {"model": fresh, "optim": fresh_optimizer},
+        _index(planned),
+        _fetcher(payload),
+        location=LOCATION,
+        collective=OneRank(),
+    )
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.125
+
+
+calls: list[str] = []
+
+
+def _record(what: str) -> None:
+    calls.append(what)
+
+
+class _Crafted:
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (_record, ("code ran",))
+
+
+def test_the_safe_planner_decodes_bytes_with_weights_only() -> None:
+    """Bytes handed to the planner (DCP's own path) never run a pickle's globals: refused before any code runs."""
+    buffer = io.BytesIO()
+    torch.save(_Crafted(), buffer)
+    buffer.seek(0)
+    calls.clear()
+    with pytest.raises(pickle.UnpicklingError):
+        _sharded._SafeLoadPlanner().load_bytes(None, buffer)
+    assert calls == []

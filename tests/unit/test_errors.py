@@ -1,0 +1,55 @@
+"""sdk.errors: every error survives pickling (torch.distributed.checkpoint sends a rank's failure to the others)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from sdk import errors
+from sdk.errors import (
+    InvalidCheckpointError,
+    MalformedDocumentError,
+    PodtrainError,
+    StorageNotFoundError,
+    UnsafeCheckpointError,
+    UnsafeKeyError,
+)
+
+
+def _all_error_classes() -> list[type[PodtrainError]]:
+    found = [PodtrainError]
+    for cls in found:
+        found.extend(c for c in cls.__subclasses__() if c.__module__ == errors.__name__ and c not in found)
+    return found
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidCheckpointError("s3://b/step-1", "model.safetensors has CRC32C 1, manifest says 2"),
+        UnsafeCheckpointError("s3://b/step-1", "needs os.system"),
+        MalformedDocumentError("MANIFEST.json", "duplicate key 'step'"),
+        StorageNotFoundError("no such object", url="s3://b/k"),
+        UnsafeKeyError("a '..' component", key="../x"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_an_error_comes_back_from_pickle_with_its_type_message_and_fields(error: PodtrainError) -> None:
+    """The class, message and every attribute (reason, location, url, key…) survive a pickle round trip."""
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error)
+    assert str(back) == str(error)
+    assert back.__dict__ == error.__dict__
+
+
+def test_every_podtrain_error_class_pickles() -> None:
+    """No error class of sdk.errors can be sent between ranks only to turn into a TypeError on arrival."""
+    classes = _all_error_classes()
+    assert len(classes) > 15
+    for cls in classes:
+        error = cls.__new__(cls)
+        Exception.__init__(error, f"a {cls.__name__}")
+        error.reason = "why"  # type: ignore[attr-defined]
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is cls and str(back) == f"a {cls.__name__}" and back.reason == "why"  # type: ignore[attr-defined]
