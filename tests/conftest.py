@@ -30,8 +30,11 @@ from typing import Any
 
 import pytest
 
-from tests.faultproxy import FaultProxy
-from tests.servers import FakeGCSServer, MotoS3Server, Server
+# The contract suites are shared modules, not test modules: rewrite their asserts too, so a failure shows values.
+pytest.register_assert_rewrite("tests.checkpoint_contract", "tests.sharded_contract")
+
+from tests.faultproxy import FaultProxy  # noqa: E402
+from tests.servers import FakeGCSServer, MotoS3Server, Server  # noqa: E402
 
 BUCKET = "podtrain-test"
 BACKENDS = ["file", "s3", "gcs"]
