@@ -42,8 +42,18 @@ def distributed(world_size: int) -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def prepare(state: Mapping[str, Any], *, rank: int, world_size: int, collective: Callable[[], Any]) -> Prepared:
-    """The payloads of a save of ``state``; ``collective()`` gives the ranks' collective when it is needed."""
+def prepare(
+    state: Mapping[str, Any],
+    *,
+    rank: int,
+    world_size: int,
+    collective: Callable[[], Any],
+    plans: dict[str, Any] | None = None,
+) -> Prepared:
+    """The payloads of a save of ``state``; ``collective()`` gives the ranks' collective when it is needed.
+
+    ``plans``: where the job keeps its last agreed plan between saves (:class:`sdk.checkpoints._sharded.PlanCache`).
+    """
     trainstate.check(state)
     if not distributed(world_size):
         return Prepared(list(trainstate.payloads(state)), None)
@@ -52,11 +62,13 @@ def prepare(state: Mapping[str, Any], *, rank: int, world_size: int, collective:
     names = [k for k, v in state.items() if _sharded.saves_sharded(v)]
     if not names:
         return Prepared(list(trainstate.payloads(state)), None)
+    cache = None if plans is None else plans.setdefault("cache", _sharded.PlanCache())
     planned = _sharded.plan(
         {k: state[k] for k in names},
         rank=rank,
         world_size=world_size,
         collective=collective(),
+        cache=cache,
     )
     payloads = list(trainstate.payloads({k: v for k, v in state.items() if k not in names}))
     if planned.items:

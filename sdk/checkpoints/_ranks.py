@@ -33,9 +33,20 @@ from sdk.errors import CheckpointError, StorageNotFoundError
 from sdk.stores import boundedjson
 from sdk.stores.store import Store
 
-__all__ = ["RANK_TIMEOUT", "Sources", "files_of_rank", "gather", "rank_of", "rank_prefix", "sources", "write_record"]
+__all__ = [
+    "POLL_SHARE",
+    "RANK_TIMEOUT",
+    "Sources",
+    "files_of_rank",
+    "gather",
+    "rank_of",
+    "rank_prefix",
+    "sources",
+    "write_record",
+]
 
 RANK_TIMEOUT = 600.0  # seconds rank 0 waits for the other ranks' records of a step before giving up on it
+POLL_SHARE = 0.05  # rank 0 looks for the other ranks' records at least this often, as a share of its own write
 _RANK_DIR = re.compile(r"(?:^|/)rank-(\d+)/")
 
 
@@ -116,13 +127,21 @@ def gather(
     world_size: int,
     *,
     timeout: float = RANK_TIMEOUT,
+    own_seconds: float = 10.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, FileEntry]:
-    """Wait for every rank's record of this step; return all their files. Raises CheckpointError on timeout."""
+    """Wait for every rank's record of this step; return all their files. Raises CheckpointError on timeout.
+
+    The store is looked at again after pauses that double from 10 ms up to :data:`POLL_SHARE` of
+    ``own_seconds`` (how long this rank took to write its own files; the others have as much to write), within
+    [10 ms, 0.5 s]: the commit then follows the last rank's record by at most ~5 % of a save, where pauses
+    growing to half a second once added a second to every save of a few seconds.
+    """
     wanted = {f"rank-{r}.json" for r in range(world_size)}
     give_up = clock() + timeout
-    pause = 0.02
+    longest = min(max(own_seconds * POLL_SHARE, 0.01), 0.5)
+    pause = 0.01
     while True:
         try:
             present = wanted & set(store.list(f"{folder}/{writer_dir}"))
@@ -136,7 +155,7 @@ def gather(
                 f"{folder}: rank(s) {missing} did not finish writing within {timeout:.0f}s; the step is not committed"
             )
         sleep(pause)
-        pause = min(pause * 2, 0.5)
+        pause = min(pause * 2, longest)
     files: dict[str, FileEntry] = {}
     for name in sorted(wanted):
         rel = f"{folder}/{writer_dir}/{name}"

@@ -47,6 +47,7 @@ __all__ = [
     "STEM",
     "Collective",
     "LoadSetup",
+    "PlanCache",
     "Planned",
     "apply",
     "is_shardable",
@@ -140,9 +141,31 @@ def item_key(index: Any) -> str:
     return f"{index.fqn}@{'.'.join(str(o) for o in index.offset)}"
 
 
-def plan(objects: Mapping[str, Any], *, rank: int, world_size: int, collective: Collective) -> Planned:
-    """DCP's save plan of the sharded entries ``objects``, agreed by all ranks (two collectives, always both: a
-    rank that fails to plan still takes part, and then every rank raises); this rank's items, and rank 0's index."""
+@dataclass
+class PlanCache:
+    """The last agreed plan of one job's saves: reused while no rank's local plan changed (one all-reduce to
+    learn that, instead of gathering every rank's plan on rank 0 and scattering them back)."""
+
+    local: Any = None  # this rank's local plan
+    final: Any = None  # this rank's part of the agreed plan
+    index: bytes | None = None  # rank 0: the checkpoint's index
+
+
+def plan(
+    objects: Mapping[str, Any],
+    *,
+    rank: int,
+    world_size: int,
+    collective: Collective,
+    cache: PlanCache | None = None,
+) -> Planned:
+    """DCP's save plan of the sharded entries ``objects``, agreed by all ranks; this rank's items, and rank 0's index.
+
+    With a ``cache`` of the last plan, one all-reduce asks whether any rank's local plan changed (shapes,
+    shardings, names: rarely after the first save); if none did, the last agreed plan stands. Otherwise two
+    collectives, always both: the local plans gathered on rank 0, deduplicated, scattered back — a rank that
+    fails to plan still takes part, and then every rank raises.
+    """
     planner = DefaultSavePlanner()
     local, why = None, None
     try:
@@ -152,7 +175,18 @@ def plan(objects: Mapping[str, Any], *, rank: int, world_size: int, collective: 
         why = str(exc)
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
         why = _line(exc)
-    group = collective.group()
+    same = cache is not None and why is None and cache.final is not None and local == cache.local
+    if cache is not None and not collective.any(not same)[0]:
+        assert cache.final is not None
+        return Planned(items=_items(planner, planner.finish_plan(cache.final)), index=cache.index)
+    final, index = _agree(planner, local, why, rank=rank, world_size=world_size, group=collective.group())
+    if cache is not None:
+        cache.local, cache.final, cache.index = local, final, index
+    return Planned(items=_items(planner, planner.finish_plan(final)), index=index)
+
+
+def _agree(planner: Any, local: Any, why: str | None, *, rank: int, world_size: int, group: Any) -> tuple[Any, Any]:
+    """Gather the local plans (or why one failed) on rank 0, make the global plan and the index, scatter."""
     gathered: list[Any] | None = [None] * world_size if rank == 0 else None
     dist.gather_object((local, why), gathered, dst=0, group=group)
     answers: list[Any] | None = None
@@ -175,14 +209,18 @@ def plan(objects: Mapping[str, Any], *, rank: int, world_size: int, collective: 
     if failed:
         where, reason = failed[0]
         raise CheckpointError(f"the sharded save could not be planned (rank {where}): {reason}")
-    final = planner.finish_plan(final)
+    return final, index
+
+
+def _items(planner: Any, final: Any) -> dict[str, Any]:
+    """This rank's items of the plan, by name: the tensors (views of the live state) and the objects."""
     items: dict[str, Any] = {}
     for item in final.items:
         if item.type == WriteItemType.BYTE_IO:
             items[item_key(item.index)] = planner.lookup_object(item.index)
         else:
             items[item_key(item.index)] = planner.resolve_data(item)
-    return Planned(items=items, index=index)
+    return items
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,7 @@ class Checkpointer:
         # The ranks' agreement (sdk.lifecycle.agreement.Agreement, set by sdk.run): the collectives of sharded
         # saves and of loads with several ranks. Made on first use when the job has several ranks and none is set.
         self.collective: Any = None
+        self._plans: dict[str, Any] = {}  # the last agreed plan of sharded saves (sdk.checkpoints._sharded.PlanCache)
 
     @classmethod
     def from_config(cls, config: Config, **kwargs: Any) -> Checkpointer:
@@ -201,7 +202,9 @@ class Checkpointer:
 
     def prepare(self, state: Mapping[str, Any]) -> Prepared:
         """What a save of ``state`` writes (:func:`sdk.checkpoints._prepare.prepare`); on every rank at once."""
-        return prepare(state, rank=self.rank, world_size=self.world_size, collective=self._collective)
+        return prepare(
+            state, rank=self.rank, world_size=self.world_size, collective=self._collective, plans=self._plans
+        )
 
     def write(
         self,
@@ -246,7 +249,14 @@ class Checkpointer:
                 log.info("checkpoint.rank_written", step=step, url=location, files=len(entries))
                 manifest = self._manifest(step, attempt, entries, meta, sharded.names if sharded else ())
                 return CheckpointInfo(step, location, manifest)
-            entries = ranks.gather(self.store, folder, own, self.world_size, timeout=self.rank_timeout)
+            entries = ranks.gather(
+                self.store,
+                folder,
+                own,
+                self.world_size,
+                timeout=self.rank_timeout,
+                own_seconds=time.monotonic() - started,
+            )
         if sharded is not None and sharded.index is not None:
             index = f"{own}/{INDEX_NAME}"
             self.store.put(f"{folder}/{index}", sharded.index, crc32c=checksum.crc32c(sharded.index))

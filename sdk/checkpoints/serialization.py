@@ -11,10 +11,11 @@ Two formats:
   moments (twice the model for Adam) are then written like the model.
 
 **Written for a background thread.** An asynchronous save serializes while the training thread runs, so the
-GIL must be held as little as possible: tensor bytes are gathered into one preallocated buffer with torch's
-``copy_`` (which releases the GIL), turned into ``bytes`` with one memcpy, and checksummed in 1 MiB slices
-(:func:`sdk.stores.checksum.crc32c`), so the training thread gets the GIL back between slices. Streaming through
-``BytesIO`` held the GIL for every copy and stalled the training thread for up to a quarter second at a time.
+GIL must be held as little as possible: tensor bytes are gathered with torch's ``copy_`` (which releases the
+GIL) into the preallocated ``bytearray`` that is the file (no second copy into ``bytes``), and checksummed in
+1 MiB slices (:func:`sdk.stores.checksum.crc32c`), so the training thread gets the GIL back between slices.
+Streaming through ``BytesIO`` held the GIL for every copy and stalled the training thread for up to a quarter
+second at a time.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class EncodedFile:
     """A serialized state file: its name in the step folder, bytes, size and CRC32C."""
 
     name: str
-    data: bytes
+    data: bytes | bytearray  # a bytearray for safetensors files: the buffer the tensors were copied into
     size: int
     crc32c: int
 
@@ -112,7 +113,7 @@ def _check_readable(stem: str, skeleton: Any, encoded: EncodedFile) -> None:
         if problem:
             raise InvalidCheckpointError(encoded.name, f"it holds a state that {problem}")
         if encoded.size > statefile.MAX_PICKLE_BYTES:  # only then can its pickle be over the bound
-            statefile.check_archive(encoded.name, encoded.data, location=encoded.name)
+            statefile.check_archive(encoded.name, bytes(encoded.data), location=encoded.name)
     except InvalidCheckpointError as exc:
         why = exc.reason
         raise CheckpointError(f"state {stem!r} cannot be saved (podtrain could not load it back): {why}") from None
@@ -182,6 +183,8 @@ def decode(name: str, data: bytes, *, location: str, safe_globals: Iterable[Any]
     ``zero_copy`` (safetensors only): the tensors are read-only views over ``data`` instead of copies — for a
     consumer that copies them anyway (``nn.Module.load_state_dict``), this saves a full copy of the state.
     """
+    if isinstance(data, bytearray):  # a file as encode() made it, not as a store gives it back
+        data = bytes(data)
     if name.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
@@ -282,8 +285,8 @@ def _is_flat_tensor_dict(state: Any) -> bool:
 def _safetensors_file(name: str, tensors: Mapping[str, torch.Tensor]) -> EncodedFile:
     """The safetensors format: u64 header length, JSON header, then each tensor's raw bytes.
 
-    The bytes are gathered with torch copies (GIL released) into one buffer, copied once into ``bytes`` and
-    checksummed in slices: see the module's doc.
+    The bytes are gathered with torch copies (GIL released) straight into the ``bytearray`` that is the file
+    (no second copy into ``bytes``), and checksummed in slices: see the module's doc.
     """
     header: dict[str, Any] = {}
     offset = 0
@@ -300,8 +303,9 @@ def _safetensors_file(name: str, tensors: Mapping[str, torch.Tensor]) -> Encoded
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment with spaces
     prefix = len(raw).to_bytes(8, "little") + raw
-    buffer = torch.empty(len(prefix) + offset, dtype=torch.uint8)
-    buffer[: len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
+    data = bytearray(len(prefix) + offset)  # the file itself: tensors are copied straight into it
+    data[: len(prefix)] = prefix
+    buffer = torch.frombuffer(data, dtype=torch.uint8)
     position = len(prefix)
     for _, tensor in ordered:
         nbytes = tensor.numel() * tensor.element_size()
@@ -310,6 +314,5 @@ def _safetensors_file(name: str, tensors: Mapping[str, torch.Tensor]) -> Encoded
             view = flat.view(torch.uint8) if flat.is_contiguous() else flat.contiguous().view(torch.uint8)
             buffer[position : position + nbytes].copy_(view)
             position += nbytes
-    data = buffer.numpy().tobytes()
     del buffer
     return EncodedFile(name=name, data=data, size=len(data), crc32c=checksum.crc32c(data))

@@ -39,7 +39,7 @@ class FsspecBackend:
         """The backend path of ``url``."""
         return str(self.fs._strip_protocol(url)).rstrip("/")
 
-    def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
+    def put(self, path: str, data: bytes | bytearray, *, crc32c: int | None, exclusive: bool) -> bool:
         if exclusive and self.fs.exists(path):
             return False
         self.fs.pipe_file(path, data)

@@ -46,7 +46,7 @@ class GCSBackend(FsspecBackend):
             options["token"] = "anon"  # noqa: S105 - the emulator takes no credentials
         return cls(GCSFileSystem(**options))
 
-    def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
+    def put(self, path: str, data: bytes | bytearray, *, crc32c: int | None, exclusive: bool) -> bool:
         try:
             self._post(path, data, checksum.crc32c(data) if crc32c is None else crc32c, exclusive)
         except FileExistsError:
@@ -57,7 +57,7 @@ class GCSBackend(FsspecBackend):
         answer = self._post(path, data, crc32c, False)  # the new object's metadata: size, crc32c, generation
         return ObjectInfo(int(answer.get("size") or 0), _answers.fingerprint(answer), _answers.listed_checksums(answer))
 
-    def _post(self, path: str, data: bytes, crc: int, exclusive: bool) -> dict[str, Any]:
+    def _post(self, path: str, data: bytes | bytearray, crc: int, exclusive: bool) -> dict[str, Any]:
         bucket, key, _ = self.fs.split_path(path)
         metadata = json.dumps({"name": key, "crc32c": checksum.to_b64(crc)})
         body = (

@@ -40,7 +40,7 @@ class LocalBackend(FsspecBackend):
         super().__init__(fs)
         self.root = root
 
-    def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
+    def put(self, path: str, data: bytes | bytearray, *, crc32c: int | None, exclusive: bool) -> bool:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")

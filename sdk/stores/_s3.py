@@ -69,7 +69,7 @@ class S3Backend:
         return bucket, key
 
     # -- writing ------------------------------------------------------------------------------------------------
-    def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
+    def put(self, path: str, data: bytes | bytearray, *, crc32c: int | None, exclusive: bool) -> bool:
         try:
             self._put(path, data, checksum.crc32c(data) if crc32c is None else crc32c, if_none_match=exclusive)
         except Exception as exc:
@@ -109,15 +109,16 @@ class S3Backend:
     def upload_memory(self, size: int) -> int:
         return min(size, S3_CONCURRENCY * _part_size(size)) if size > S3_MULTIPART_THRESHOLD else size
 
-    def _put(self, path: str, data: bytes, crc: int, *, if_none_match: bool) -> dict[str, Any] | None:
+    def _put(self, path: str, data: bytes | bytearray, crc: int, *, if_none_match: bool) -> dict[str, Any] | None:
         """PutObject (its answer), or a multipart upload (None) above :data:`S3_MULTIPART_THRESHOLD`."""
         bucket, key = self._split(path)
         if len(data) <= S3_MULTIPART_THRESHOLD:
             return dict(
                 self.client.put(bucket, key, data, crc32c_b64=checksum.to_b64(crc), if_none_match=if_none_match)
             )
+        view = memoryview(data)  # each part copied once, from bytes or a bytearray alike
         whole = self._multipart(
-            bucket, key, len(data), lambda start, n: data[start : start + n], if_none_match=if_none_match
+            bucket, key, len(data), lambda start, n: bytes(view[start : start + n]), if_none_match=if_none_match
         )
         if whole != crc:  # the caller's CRC32C is of other bytes than those sent: never silently
             raise PermanentStorageError(f"s3://{path}: CRC32C of the parts sent differs from the caller's")

@@ -103,7 +103,7 @@ class BotocoreS3:
         return dict(self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED", **extra))
 
     def put(
-        self, bucket: str, key: str, body: bytes, *, crc32c_b64: str, if_none_match: bool = False
+        self, bucket: str, key: str, body: bytes | bytearray, *, crc32c_b64: str, if_none_match: bool = False
     ) -> dict[str, Any]:
         match = {"IfNoneMatch": "*"} if if_none_match else {}
         return dict(

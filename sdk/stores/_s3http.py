@@ -89,7 +89,7 @@ class S3HTTP:
         return self._request("HEAD", bucket, key, headers={"x-amz-checksum-mode": "ENABLED"}, query=query)[1]
 
     def put(
-        self, bucket: str, key: str, body: bytes, *, crc32c_b64: str, if_none_match: bool = False
+        self, bucket: str, key: str, body: bytes | bytearray, *, crc32c_b64: str, if_none_match: bool = False
     ) -> dict[str, Any]:
         """PutObject with the body's CRC32C (S3 refuses a body that does not match); ``if_none_match``: only if
         no object has the key (412 otherwise)."""
@@ -205,7 +205,7 @@ class S3HTTP:
         *,
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str] | None = None,
-        body: bytes | memoryview = b"",
+        body: bytes | bytearray | memoryview = b"",
     ) -> tuple[bytes, dict[str, Any]]:
         for _ in range(2):  # the second time only after S3 named the bucket's region
             url = self._url(bucket, key, query)
@@ -227,7 +227,7 @@ class S3HTTP:
         return self.address.url(bucket, key, query, self._region_of(bucket))
 
     def _send(
-        self, method: str, url: str, headers: dict[str, str], body: bytes | memoryview, region: str
+        self, method: str, url: str, headers: dict[str, str], body: bytes | bytearray | memoryview, region: str
     ) -> tuple[int, dict[str, Any], bytes]:
         signed = self.address.sign(method, url, headers, region)
         parts = urlsplit(url)

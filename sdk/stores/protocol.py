@@ -54,7 +54,7 @@ class Backend(Protocol):
         a run record or the checkpoint list gives users URLs they can paste."""
         ...
 
-    def put(self, path: str, data: bytes, *, crc32c: int | None, exclusive: bool) -> bool:
+    def put(self, path: str, data: bytes | bytearray, *, crc32c: int | None, exclusive: bool) -> bool:
         """Write ``data``, checked by the store against ``crc32c`` on arrival where it can. ``exclusive``: a
         conditional create, False (nothing written) when the object exists — a checkpoint commits by creating its
         manifest so, and a stale attempt's claim or commit loses rather than overwrites (see docs/design.md,

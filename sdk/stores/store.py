@@ -128,7 +128,7 @@ class Store:
         return other
 
     # -- operations --------------------------------------------------------------------------------------
-    def put(self, rel: str, data: bytes, *, crc32c: int | None = None, exclusive: bool = False) -> bool:
+    def put(self, rel: str, data: bytes | bytearray, *, crc32c: int | None = None, exclusive: bool = False) -> bool:
         """Write ``data`` at ``rel``; the store checks ``crc32c`` on arrival where it can.
 
         With ``exclusive``, the write is a conditional create (S3 ``If-None-Match: *``, GCS

@@ -43,7 +43,7 @@ def test_flat_tensor_state_is_written_as_safetensors_readable_by_the_library() -
     }
     encoded = _one("model", state)
     assert encoded.name == "model.safetensors"
-    loaded = st_load(encoded.data)
+    loaded = st_load(bytes(encoded.data))  # the library takes bytes; encode() gives the store a bytearray
     assert set(loaded) == set(state)
     for key, value in state.items():
         assert torch.equal(loaded[key], value), key

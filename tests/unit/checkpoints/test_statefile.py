@@ -37,7 +37,7 @@ def test_files_written_by_podtrain_and_by_the_library_pass() -> None:
         "empty": torch.empty(0, 4),
         "scalar": torch.tensor(3, dtype=torch.int64),
     }
-    for data in ((next(serialization.encode("m", state))).data, library_save(state)):
+    for data in (bytes(next(serialization.encode("m", state)).data), library_save(state)):
         entries = statefile.safetensors_header("m.safetensors", data, location="here")
         assert {e.name for e in entries} == set(state)
         views = serialization.decode("m.safetensors", data, location="here", zero_copy=True)
