@@ -1,13 +1,14 @@
 """``python -m bench``: checkpoint save/resume (:mod:`bench.checkpoint`), async stalls (:mod:`bench.stall`), the
-cross-rank stop agreement (:mod:`bench.agreement`), and dataset pull / artifact push against ``aws s3 sync``
-(:mod:`bench.transfer`)."""
+cross-rank stop agreement (:mod:`bench.agreement`), dataset pull / artifact push against ``aws s3 sync``
+(:mod:`bench.transfer`), and sharded checkpoints on several ranks against torch.distributed.checkpoint
+(:mod:`bench.sharded`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from bench import agreement, checkpoint, stall, transfer
+from bench import agreement, checkpoint, sharded, stall, transfer
 
 
 def _agreement(argv: list[str]) -> int:
@@ -16,12 +17,19 @@ def _agreement(argv: list[str]) -> int:
     return agreement.main(["--blocks", str(4 * repeat)])
 
 
-SUITES = {"checkpoint": checkpoint.main, "stall": stall.main, "agreement": _agreement, "transfer": transfer.main}
-DEFAULT_REPEAT = {  # stall: ~2 min/rep at 1 GiB; transfer: ~2.5 min/rep at 1.5 GiB
+SUITES = {
+    "checkpoint": checkpoint.main,
+    "stall": stall.main,
+    "agreement": _agreement,
+    "transfer": transfer.main,
+    "sharded": sharded.main,
+}
+DEFAULT_REPEAT = {  # stall: ~2 min/rep at 1 GiB; transfer: ~2.5 min/rep at 1.5 GiB; sharded: see bench/README.md
     "checkpoint": 3,
     "stall": stall.DEFAULT_REPEAT,
     "agreement": 3,
     "transfer": transfer.DEFAULT_REPEAT,
+    "sharded": sharded.DEFAULT_REPEAT,
 }
 
 
@@ -31,13 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         description="podtrain's benchmarks, as ratios against baselines measured in the same run: "
         "checkpoint save/resume against boto3 (bench.checkpoint), then the training stall of asynchronous "
         "checkpoints (bench.stall), then the cost of the cross-rank stop agreement (bench.agreement), then dataset "
-        "pull and artifact push against aws s3 sync (bench.transfer; --size-mib 1024 is a 1.5 GiB dataset).",
+        "pull and artifact push against aws s3 sync (bench.transfer; --size-mib 1024 is a 1.5 GiB dataset), then "
+        "sharded checkpoints on 4 and 2 ranks against torch.distributed.checkpoint (bench.sharded).",
     )
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the model state (default 1024)")
     parser.add_argument(
         "--repeat",
         type=int,
-        help="repetitions of each case; median (default: checkpoint 3, stall 2, agreement 3, transfer 2)",
+        help="repetitions of each case; median (default: checkpoint 3, stall 2, agreement 3, transfer 2, sharded 2)",
     )
     parser.add_argument("--only", choices=sorted(SUITES), help="run one suite (default: all, in turn)")
     args = parser.parse_args(argv)

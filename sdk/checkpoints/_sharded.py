@@ -146,6 +146,7 @@ class PlanCache:
     """The last agreed plan of one job's saves: reused while no rank's local plan changed (one all-reduce to
     learn that, instead of gathering every rank's plan on rank 0 and scattering them back)."""
 
+    signature: Any = None  # what this rank's local plan depends on (:func:`_signature`)
     local: Any = None  # this rank's local plan
     final: Any = None  # this rank's part of the agreed plan
     index: bytes | None = None  # rank 0: the checkpoint's index
@@ -161,28 +162,52 @@ def plan(
 ) -> Planned:
     """DCP's save plan of the sharded entries ``objects``, agreed by all ranks; this rank's items, and rank 0's index.
 
-    With a ``cache`` of the last plan, one all-reduce asks whether any rank's local plan changed (shapes,
-    shardings, names: rarely after the first save); if none did, the last agreed plan stands. Otherwise two
-    collectives, always both: the local plans gathered on rank 0, deduplicated, scattered back — a rank that
-    fails to plan still takes part, and then every rank raises.
+    With a ``cache`` of the last plan, one all-reduce asks whether any rank's state changed in what its local plan
+    depends on (:func:`_signature`: names, shapes, dtypes, shardings; rarely after the first save); if none did,
+    the last agreed plan stands, and no rank even makes its local plan again (~40 ms for a few hundred DTensors).
+    Otherwise two collectives, always both: the local plans gathered on rank 0, deduplicated, scattered back — a
+    rank that fails to plan still takes part, and then every rank raises.
     """
     planner = DefaultSavePlanner()
-    local, why = None, None
+    signature, why = None, None
     try:
         planner.set_up_planner(state_dicts(objects), is_coordinator=rank == 0)
-        local = planner.create_local_plan()
+        signature = _signature(planner)
     except PodtrainError as exc:
         why = str(exc)
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
         why = _line(exc)
-    same = cache is not None and why is None and cache.final is not None and local == cache.local
+    same = cache is not None and why is None and cache.final is not None and signature == cache.signature
     if cache is not None and not collective.any(not same)[0]:
         assert cache.final is not None
         return Planned(items=_items(planner, planner.finish_plan(cache.final)), index=cache.index)
+    local = None
+    if why is None:
+        try:
+            local = planner.create_local_plan()
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+            why = _line(exc)
     final, index = _agree(planner, local, why, rank=rank, world_size=world_size, group=collective.group())
     if cache is not None:
-        cache.local, cache.final, cache.index = local, final, index
+        cache.signature, cache.local, cache.final, cache.index = signature, local, final, index
     return Planned(items=_items(planner, planner.finish_plan(final)), index=index)
+
+
+def _signature(planner: Any) -> tuple[Any, ...]:
+    """What this rank's local plan is made of (DCP's write items and the index hold nothing else): every flattened
+    name with its shape, dtype and ``requires_grad``, a DTensor's placements and mesh, and where each name came from
+    in the nested state. Equal signatures make equal local plans; computing one costs ~1 ms."""
+    from torch.distributed.tensor import DTensor
+
+    parts: list[Any] = []
+    for key, value in planner.state_dict.items():
+        if isinstance(value, DTensor):
+            parts.append((key, value.shape, value.dtype, value.requires_grad, value.placements, id(value.device_mesh)))
+        elif isinstance(value, torch.Tensor):
+            parts.append((key, value.shape, value.dtype, value.requires_grad))
+        else:
+            parts.append((key, None))
+    return (tuple(parts), tuple(sorted((k, tuple(p)) for k, p in getattr(planner, "mappings", {}).items())))
 
 
 def _agree(planner: Any, local: Any, why: str | None, *, rank: int, world_size: int, group: Any) -> tuple[Any, Any]:

@@ -236,7 +236,8 @@ class Checkpointer:
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-upload") as pool:
             uploads: list[Future[bool]] = []
             for stem, payload in payloads:
-                for encoded in serialization.encode(stem, payload):
+                split = 0 if stem == trainstate.SHARDED_STEM else serialization.SPLIT_BYTES
+                for encoded in serialization.encode(stem, payload, split_bytes=split):
                     name = f"{prefix}/{encoded.name}"
                     entries[name] = FileEntry(size=encoded.size, crc32c=checksum.to_hex(encoded.crc32c))
                     uploads.append(pool.submit(self.store.put, f"{folder}/{name}", encoded.data, crc32c=encoded.crc32c))

@@ -72,19 +72,22 @@ SPLIT_BYTES = 64 * 2**10  # tensors this large or larger go out of a pickle into
 _PLACEHOLDER = "__podtrain_tensor__"
 
 
-def encode(stem: str, state: Any, *, shard_bytes: int | None = None) -> Iterator[EncodedFile]:
+def encode(
+    stem: str, state: Any, *, shard_bytes: int | None = None, split_bytes: int = SPLIT_BYTES
+) -> Iterator[EncodedFile]:
     """Serialize one state (a ``state_dict()`` result or a plain mapping) into files.
 
     A flat tensor dict becomes ``<stem>.safetensors``, or ``<stem>-00001-of-0000N.safetensors`` shards of about
     ``shard_bytes`` (default :data:`SHARD_BYTES`) when it is larger, so that a caller can upload one shard
     while the next is serialized. Anything else becomes ``<stem>.pt`` plus, when it holds tensors of
-    :data:`SPLIT_BYTES` or more, those tensors as safetensors files named like the above. Files are yielded as
-    they are finished.
+    ``split_bytes`` (default :data:`SPLIT_BYTES`) or more, those tensors as safetensors files named like the above.
+    Files are yielded as they are finished. A rank's sharded payload (many small tensors: biases, norms, Adam's
+    step counts) takes every tensor out (``split_bytes=0``): unpickling them one by one cost more than its file.
     """
     limit = SHARD_BYTES if shard_bytes is None else shard_bytes
     if not _is_flat_tensor_dict(state):
         tensors: dict[str, torch.Tensor] = {}
-        skeleton = _extract(state, tensors)
+        skeleton = _extract(state, tensors, split_bytes)
         encoded = _encoded(f"{stem}.pt", lambda writer: torch.save(skeleton, cast(IO[bytes], writer)))
         _check_readable(stem, skeleton, encoded)
         yield encoded
@@ -131,14 +134,15 @@ def assemble(parts: Mapping[str, Any]) -> Any:
     return _put_back(parts[skeletons[0]], tensors)
 
 
-def _extract(value: Any, out: dict[str, torch.Tensor]) -> Any:
-    """``value`` with every large safetensors-able tensor moved into ``out`` and replaced by a placeholder."""
+def _extract(value: Any, out: dict[str, torch.Tensor], split_bytes: int) -> Any:
+    """``value`` with every safetensors-able tensor of ``split_bytes`` or more moved into ``out`` and replaced by a
+    placeholder."""
 
     def leaf(path: Any, item: Any) -> Any:
         if (
             isinstance(item, torch.Tensor)
             and _safetensorable(item)
-            and item.numel() * item.element_size() >= SPLIT_BYTES
+            and item.numel() * item.element_size() >= split_bytes
         ):
             key = str(len(out))
             out[key] = item

@@ -12,6 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 NUMBER = r"-?\d+(?:\.\d+)?"
+# Five suites at 8 MiB: about a minute on an idle 2-core machine, three with other test runs beside it. The module
+# fixture's run counts against the first test's timeout.
+pytestmark = pytest.mark.timeout(480)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +24,7 @@ def bench_output() -> str:
         [sys.executable, "-m", "bench", "--size-mib", "8", "--repeat", "1"],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=420,
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stdout + out.stderr
@@ -127,3 +130,35 @@ def test_quick_benchmark_prints_transfer_ratios_against_the_aws_cli(bench_output
     )
     assert "moto answers each ranged GET by reading the whole object" in cpu
     assert re.search(r"^transfer benchmark: \d+ s of wall time$", cpu, re.M)
+
+
+def test_quick_benchmark_prints_sharded_checkpoints_against_dcp(bench_output: str) -> None:
+    """The sharded suite runs 4 then 2 gloo ranks and prints each case against DCP: a ratio, or why podtrain refused."""
+    import torch
+
+    _, table = bench_output.split("sharded checkpoints, 8 MiB state (model + Adam moments), median of 1", 1)
+    cases = {"save-file": "<= 1.10x", "stall": "<= 0.50x", "load-4to2": "<= 1.20x", "ddp-bytes": "<= 1.10x"}
+    if not re.search(r"^  save-s3: skipped: no s3fs", table, re.M):
+        cases["save-s3"] = "<= 1.10x"
+    for case, goal in cases.items():
+        found = re.search(
+            rf"^{re.escape(case)}\s+(s|ms|MiB)\s+({NUMBER}|refused)\s+({NUMBER})\s+({NUMBER}x|-)\s+{re.escape(goal)}"
+            r"\s+(yes|NO)$",
+            table,
+            re.M,
+        )
+        assert found, f"no row for {case} with goal {goal}:\n{table}"
+        podtrain, baseline, ratio, met = found.group(2), float(found.group(3)), found.group(4), found.group(5)
+        assert baseline > 0, case
+        if podtrain == "refused":  # before sharded checkpoints: said, with podtrain's error, never a crash
+            assert ratio == "-" and met == "NO", case
+            assert re.search(rf"^  {re.escape(case)}: .*\n    podtrain refused: \S", table, re.M), case
+        else:
+            assert float(podtrain) > 0, case
+            assert abs(float(ratio[:-1]) - float(podtrain) / baseline) < 0.002 + 0.01 * float(ratio[:-1]), case
+            assert (met == "yes") == (float(ratio[:-1]) <= float(goal[3:-1])), case
+    assert re.search(r"^    dcp\.async_save, DefaultStager reused .*: \d+\.\d ms$", table, re.M)
+    if not torch.cuda.is_available():
+        assert re.search(r"^  cuda-stall: skipped: no CUDA", table, re.M), table
+    assert re.search(r"^goals met: \d+ of \d+", table, re.M)
+    assert re.search(r"^sharded benchmark: \d+ s of wall time$", table, re.M)

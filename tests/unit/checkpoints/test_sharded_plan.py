@@ -257,3 +257,36 @@ def test_the_safe_planner_decodes_bytes_with_weights_only() -> None:
     with pytest.raises(pickle.UnpicklingError):
         _sharded._SafeLoadPlanner().load_bytes(None, buffer)
     assert calls == []
+
+
+def test_a_save_whose_state_kept_its_layout_reuses_the_agreed_plan_without_planning_again(
+    one_rank: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second save of an unchanged layout makes no local plan and gathers nothing: the cached plan and index
+    stand, while the items are the live state's (new values are saved); a changed layout plans again."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    made: list[int] = []
+    original = DefaultSavePlanner.create_local_plan
+
+    def counted(self: Any) -> Any:
+        made.append(1)
+        return original(self)
+
+    monkeypatch.setattr(DefaultSavePlanner, "create_local_plan", counted)
+    cache = _sharded.PlanCache()
+    model, optimizer = _trained(seed=1, lr=0.1)
+    state = {"model": model, "optimizer": optimizer}
+    first = _sharded.plan(state, rank=0, world_size=1, collective=OneRank(), cache=cache)
+    first_layer: Any = model[0]
+    with torch.no_grad():
+        first_layer.weight.add_(1.0)
+    optimizer.param_groups[0]["lr"] = 0.05
+    second = _sharded.plan(state, rank=0, world_size=1, collective=OneRank(), cache=cache)
+    assert len(made) == 1, "the unchanged layout was planned again"
+    assert second.index == first.index and second.items.keys() == first.items.keys()
+    assert torch.equal(second.items["model.0.weight@0.0"], first_layer.weight.detach())
+    assert second.items["optimizer.param_groups.0.lr"] == 0.05
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    _sharded.plan({"model": wider}, rank=0, world_size=1, collective=OneRank(), cache=cache)
+    assert len(made) == 2, "a changed layout must be planned again"
