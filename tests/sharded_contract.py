@@ -225,7 +225,7 @@ class ShardedCheckpointContract:
         self, url: str, saved: Source, captured_log: CapturedLog
     ) -> None:
         """One flipped byte (same size) in rank 1's sharded payload: CRC32C mismatch, step 20 loads whole."""
-        name = self._listed(url, 30, r"rank-1/sharded\.(safetensors|pt)")
+        name = self._listed(url, 30, r"rank-1/sharded\.safetensors")
         rel = f"{step_dir(30)}/{name}"
         data = bytearray(open_store(url).get(rel))
         data[len(data) // 2] ^= 0x01
@@ -243,7 +243,7 @@ class ShardedCheckpointContract:
         self, url: str, saved: Source, captured_log: CapturedLog
     ) -> None:
         """Rank 0's sharded payload gone from the store: step 30 is skipped as incomplete, step 20 loads whole."""
-        name = self._listed(url, 30, r"rank-0/sharded\.(safetensors|pt)")
+        name = self._listed(url, 30, r"rank-0/sharded\.safetensors")
         open_store(url).delete(f"{step_dir(30)}/{name}")
         step, state = self._load(url)
         assert step == 20
