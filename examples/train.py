@@ -195,18 +195,20 @@ def load_data(run: sdk.Run, args: argparse.Namespace, where: Where) -> torch.Ten
 
 
 def make_loader(dataset: Windows, args: argparse.Namespace, where: Where) -> sdk.ResumableLoader:
-    """Shuffled by seeded generators, so an epoch's order can be replayed; each rank reads its own part.
+    """Shuffled by a seeded DistributedSampler (one process is rank 0 of 1), so an epoch's order can be replayed and
+    each rank reads its own part.
 
     ResumableLoader keeps the position (epoch, batch, generator states) in the checkpoint, so a resume continues
-    mid-epoch with exactly the batches the interrupted run would have seen.
+    mid-epoch with exactly the batches the interrupted run would have seen — and, since the sampler is a
+    DistributedSampler even on one process, a retry on another number of GPUs finishes the epoch with every window
+    seen once.
     """
-    sampler: DistributedSampler[int] | None = None
-    if where.world > 1:
-        sampler = DistributedSampler(dataset, where.world, where.rank, seed=args.seed, drop_last=True)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        dataset, where.world, where.rank, seed=args.seed, drop_last=True
+    )
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size,
-        shuffle=sampler is None,
         sampler=sampler,
         drop_last=True,
         generator=torch.Generator().manual_seed(args.seed),

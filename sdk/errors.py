@@ -31,6 +31,7 @@ __all__ = [
     "NoCheckpointError",
     "PodtrainError",
     "StaleAttemptError",
+    "StateMismatchError",
     "StorageError",
     "StorageNotFoundError",
     "StoragePermissionError",
@@ -202,6 +203,12 @@ class UnsafeCheckpointError(InvalidCheckpointError):
     """A checkpoint file would need arbitrary code (a pickle global outside the allow-list) to load."""
 
 
+class StateMismatchError(CheckpointError):
+    """The state does not fit the checkpoint, or cannot be saved as given: a state name, an object's type or shape,
+    a model an optimizer's parameters are not in, an entry that cannot be resumed on this number of ranks. Not
+    damage (an older checkpoint would not fit either, so there is no fallback) and the user's to fix: exit 2."""
+
+
 class NoCheckpointError(CheckpointError):
     """No valid checkpoint exists where one is required."""
 
@@ -224,7 +231,8 @@ def exit_code(error: BaseException) -> int | None:
 
     Storage that stayed down through the retries, or kept throttling past the throttling budget → 69 (retry
     later); a setting to fix — a bad variable, a missing bucket, denied credentials, an untrusted TLS certificate,
-    an object with no checksum when checksums are required — → 2 (never retry: it would fail the same way).
+    an object with no checksum when checksums are required, a state that does not fit its checkpoint — → 2 (never
+    retry: it would fail the same way).
     """
     if isinstance(error, TransientStorageError):
         return EXIT_UNAVAILABLE
@@ -237,7 +245,8 @@ def exit_code(error: BaseException) -> int | None:
         | StorageEndpointError
         | InsufficientSpaceError
         | DataPathError
-        | UnverifiedObjectError,
+        | UnverifiedObjectError
+        | StateMismatchError,
     ):
         return EXIT_CONFIG
     return None

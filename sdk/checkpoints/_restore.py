@@ -22,7 +22,7 @@ from sdk.checkpoints import _ranks as ranks
 from sdk.checkpoints import _state as trainstate
 from sdk.checkpoints._verify import check_files
 from sdk.checkpoints.manifest import Manifest, stem_of
-from sdk.errors import CheckpointError, InvalidCheckpointError
+from sdk.errors import CheckpointError, InvalidCheckpointError, StateMismatchError
 from sdk.log import get_logger
 from sdk.stores.store import Store
 
@@ -65,12 +65,12 @@ def prepare(
     for name in sharded:
         obj = state.get(name)
         if obj is None:
-            raise CheckpointError(
+            raise StateMismatchError(
                 f"checkpoint {url} holds sharded state {name!r} and the state passed has none: pass the same "
                 "state names that were saved"
             )
         if not _sharded().is_shardable(obj):
-            raise CheckpointError(
+            raise StateMismatchError(
                 f"state {name!r} of checkpoint {url} was saved sharded (a model or an optimizer); here it is a "
                 f"{type(obj).__name__}"
             )
@@ -86,7 +86,7 @@ def prepare(
     )
     for key in sources.merged:
         if not callable(getattr(state[key], "reshard_state_dict", None)):
-            raise CheckpointError(
+            raise StateMismatchError(
                 f"state {key!r} differs across the {manifest.world_size} ranks that saved checkpoint {url}, and "
                 f"{type(state[key]).__name__} cannot merge them for {world_size} ranks: resume with "
                 f"WORLD_SIZE={manifest.world_size}, or give it reshard_state_dict() (ResumableLoader has one for a "
@@ -239,7 +239,7 @@ def _agreed(collective: Any, error: CheckpointError | None, url: str) -> Invalid
     if misfit:
         if error is not None and not isinstance(error, InvalidCheckpointError):
             raise error
-        raise CheckpointError(f"checkpoint {url} does not fit the state on another rank (see its log)")
+        raise StateMismatchError(f"checkpoint {url} does not fit the state on another rank (see its log)")
     if damaged:
         if isinstance(error, InvalidCheckpointError):
             return error

@@ -41,7 +41,7 @@ from torch.futures import Future
 
 from sdk.checkpoints import _dcpmeta as dcpmeta
 from sdk.checkpoints._state import SHARDED_STEM
-from sdk.errors import CheckpointError, InvalidCheckpointError, PodtrainError
+from sdk.errors import InvalidCheckpointError, PodtrainError, StateMismatchError
 
 __all__ = [
     "STEM",
@@ -128,7 +128,7 @@ def _owner(name: str, optimizer: torch.optim.Optimizer, objects: Mapping[str, An
     for obj in objects.values():
         if isinstance(obj, torch.nn.Module) and stepped <= {id(p) for p in obj.parameters()}:
             return obj
-    raise CheckpointError(
+    raise StateMismatchError(
         f"optimizer {name!r} steps parameters that no single model of the state holds: put the model whose "
         "parameters it steps in the same state (its parameter names key the optimizer's state)"
     )
@@ -233,7 +233,7 @@ def _agree(planner: Any, local: Any, why: str | None, *, rank: int, world_size: 
     final, failed = mine[0]
     if failed:
         where, reason = failed[0]
-        raise CheckpointError(f"the sharded save could not be planned (rank {where}): {reason}")
+        raise StateMismatchError(f"the sharded save could not be planned (rank {where}): {reason}")
     return final, index
 
 
@@ -262,7 +262,7 @@ def setup_load(objects: Mapping[str, Any], index: dcpmeta.Index, *, location: st
     try:
         loaded = state_dicts(objects)
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"the sharded state of checkpoint {location} cannot be loaded: {_line(exc)}") from None
+        raise StateMismatchError(f"the sharded state of checkpoint {location} cannot be loaded: {_line(exc)}") from None
     return LoadSetup(loaded, dcpmeta.to_metadata(index, location=location))
 
 
@@ -304,11 +304,11 @@ def load(
     except PodtrainError:
         raise
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"the sharded state of checkpoint {location} does not fit: {_line(exc)}") from None
+        raise StateMismatchError(f"the sharded state of checkpoint {location} does not fit: {_line(exc)}") from None
     try:
         apply(objects, loaded)
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"the sharded state of checkpoint {location} does not fit: {_line(exc)}") from None
+        raise StateMismatchError(f"the sharded state of checkpoint {location} does not fit: {_line(exc)}") from None
 
 
 def _cause(exc: Any, location: str) -> PodtrainError:
@@ -319,7 +319,9 @@ def _cause(exc: Any, location: str) -> PodtrainError:
             return failure
     rank = min(exc.failures)
     failure = exc.failures[rank][0]
-    return CheckpointError(f"the sharded state of checkpoint {location} does not fit (rank {rank}): {_line(failure)}")
+    return StateMismatchError(
+        f"the sharded state of checkpoint {location} does not fit (rank {rank}): {_line(failure)}"
+    )
 
 
 def _line(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sdk.checkpoints.manifest import stem_of
-from sdk.errors import CheckpointError, InvalidCheckpointError
+from sdk.errors import InvalidCheckpointError, StateMismatchError
 
 __all__ = ["RESERVED", "RNG_STEM", "SHARDED_STEM", "check", "payloads", "restore", "restore_merged"]
 
@@ -27,12 +27,12 @@ def check(state: Mapping[str, Any]) -> None:
     """Refuse, with the rule, names that are not file-safe and objects that are not state."""
     for key, obj in state.items():
         if not isinstance(key, str) or not _STEM.match(key) or key in RESERVED:
-            raise CheckpointError(
+            raise StateMismatchError(
                 f"state name {key!r} is not allowed: use letters, digits, '_', '.', '-' (and not "
                 f"{' or '.join(map(repr, RESERVED))})"
             )
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")) and not isinstance(obj, dict):
-            raise CheckpointError(
+            raise StateMismatchError(
                 f"state {key!r} ({type(obj).__name__}) has no state_dict()/load_state_dict() and is not a dict"
             )
 
@@ -62,7 +62,7 @@ def restore(
         by_stem.setdefault(stem_of(name), []).append(name)
     missing = [key for key in state if key not in by_stem]
     if missing:
-        raise CheckpointError(
+        raise StateMismatchError(
             f"checkpoint {location} has no state for {', '.join(missing)} (it holds "
             f"{', '.join(sorted(s for s in by_stem if s != RNG_STEM))}); pass the same state names that were saved"
         )
@@ -96,7 +96,7 @@ def restore_merged(
     try:
         merged = obj.reshard_state_dict(states, rank=rank, world_size=world_size)
     except ValueError as exc:
-        raise CheckpointError(
+        raise StateMismatchError(
             f"state {key!r} of checkpoint {location} (saved by {len(states)} ranks) cannot be resumed on "
             f"{world_size}: {exc}"
         ) from None
@@ -133,6 +133,6 @@ def _put(key: str, obj: Any, value: Any, location: str) -> None:
             obj.clear()
             obj.update(value)
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(
+        raise StateMismatchError(
             f"state {key!r} from checkpoint {location} does not fit {type(obj).__name__}: {exc}"
         ) from exc

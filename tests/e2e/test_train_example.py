@@ -172,6 +172,13 @@ def test_torchrun_trains_data_parallel_on_two_cpu_processes_and_exports_once(tmp
     assert manifest["world_size"] == 2
     assert (tmp_path / "bucket" / "artifacts" / "example" / "export" / "model.safetensors").exists()
     assert not (tmp_path / "output" / "metrics-rank1.jsonl").exists()
+    assert manifest["sharded"] == ["model", "optimizer"], "the DDP model and AdamW are saved once, not per rank"
+
+    # A retry that gets one GPU instead of two resumes from the 2-rank checkpoint (resharded) and goes on learning.
+    more = _run(tmp_path, data_uri, _train("--batch-size", "16", steps=40))
+    resumed = _summary(more.stdout)
+    assert resumed["world_size"] == 1 and resumed["start_step"] == 30 and resumed["end_step"] == 40
+    assert resumed["final_loss"] < summary["first_loss"]
 
 
 @pytest.mark.gpu

@@ -141,3 +141,25 @@ def test_an_entry_that_differs_across_ranks_is_refused_on_another_number_with_wh
     restored: dict[str, int] = {}
     assert Checkpointer(uri, attempt=2, world_size=2, rank=1).load({"counter": restored}) == 5
     assert restored == {"rank": 1}
+
+
+def test_a_resume_that_cannot_fit_the_state_exits_2_with_one_line(tmp_path: Path) -> None:
+    """Under `sdk.init()`, a checkpoint whose per-rank entry cannot be resumed on this number of ranks is a
+    setting to fix, not a crash: exit 2 (never retried) and one line naming the entry — no traceback."""
+    uri = (tmp_path / "ckpt").as_uri()
+    for rank in (1, 0):
+        Checkpointer(uri, attempt=1, world_size=2, rank=rank).save(5, {"counter": {"rank": rank}})
+    script = "import sdk\nwith sdk.init() as run:\n    run.resume({'counter': {}})\n"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PODTRAIN_")},
+        "PODTRAIN_CHECKPOINT_URI": uri,
+        "PODTRAIN_RUN_ID": "mismatch",
+        "PODTRAIN_ATTEMPT": "2",
+        "PODTRAIN_OUTPUT_DIR": str(tmp_path / "output"),
+        "PODTRAIN_LOG_LEVEL": "error",
+    }
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("podtrain: ")]
+    assert "state 'counter' differs across the 2 ranks" in line and "WORLD_SIZE=2" in line

@@ -53,3 +53,12 @@ def test_every_podtrain_error_class_pickles() -> None:
         error.reason = "why"  # type: ignore[attr-defined]
         back = pickle.loads(pickle.dumps(error))
         assert type(back) is cls and str(back) == f"a {cls.__name__}" and back.reason == "why"  # type: ignore[attr-defined]
+
+
+def test_a_state_that_does_not_fit_its_checkpoint_exits_2_and_damage_is_not_an_exit_code() -> None:
+    """A mismatch to fix is never retried (2); a damaged checkpoint is not a way to die (it is skipped)."""
+    from sdk.errors import CheckpointError, StateMismatchError, exit_code
+
+    assert exit_code(StateMismatchError("state 'loader' differs across the 2 ranks")) == 2
+    assert isinstance(StateMismatchError("x"), CheckpointError)
+    assert exit_code(InvalidCheckpointError("s3://b/step-1", "CRC32C")) is None
