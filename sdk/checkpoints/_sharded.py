@@ -2,16 +2,18 @@
 
 **What is sharded.** In a job of several ranks with ``torch.distributed`` initialized, every ``nn.Module`` (an
 FSDP2 ``fully_shard`` model, a DTensor/tensor-parallel one, a DDP model wrapped or not, a plain one) and every
-optimizer of the state goes through torch.distributed.checkpoint (DCP): their state dicts come from
-``get_model_state_dict`` / ``get_optimizer_state_dict`` (keys by parameter name, so they fit any sharding), and
+optimizer of the state that has stepped (:func:`saves_sharded`) goes through torch.distributed.checkpoint (DCP):
+their state dicts come from ``get_model_state_dict`` / ``get_optimizer_state_dict`` (keys by parameter name, so
+they fit any sharding), and
 DCP's planner cuts them into write items: each rank's own shards, and the tensors replicated across ranks (DDP's
 whole model, a ``Replicate`` placement) given to one rank only, so they are written once. Everything else in the
 state (RNG streams, the data position, a scheduler, plain dicts) stays per rank (:mod:`sdk.checkpoints._ranks`).
 The one rule for users: build, shard or wrap the model and create the optimizer before ``resume``, and keep a
 model that is not sharded the same on every rank (as DDP does), since one rank's copy stands for all.
 
-**Save** (:func:`plan`): the planning is DCP's, run in the caller's thread with two small collectives on the
-checkpoint group (each rank's local plan gathered on rank 0, the deduplicated plans scattered back). The data are
+**Save** (:func:`plan`): the planning is DCP's, run in the caller's thread on the checkpoint group: one
+all-reduce when no rank's state changed its layout since the last save (:class:`PlanCache`), else each rank's
+local plan gathered on rank 0 and the deduplicated plans scattered back. The data are
 not written by DCP's storage layer: each rank's items become one ``sharded`` payload — a name per item — written
 with the rank's other files by :meth:`Checkpointer.write <sdk.checkpoints.checkpointer.Checkpointer.write>`, and
 rank 0 writes the index (:mod:`sdk.checkpoints._dcpmeta`) before the manifest. So the background write of an
