@@ -28,3 +28,39 @@ def test_a_rank_that_cannot_plan_makes_every_rank_fail_alike_and_an_unstepped_op
     for rank_seen in seen:
         assert rank_seen["unstepped_state"] == 0, "a save must not step the optimizer"
         assert rank_seen["unstepped_sharded"] == ["model"]
+
+
+OVERLAP_WORKER = str(Path(__file__).with_name("sharded_overlap_worker.py"))
+
+
+def test_overlap_mode_saves_the_sharded_state_of_the_checkpointed_step_though_the_next_steps_follow_at_once(
+    tmp_path: Path,
+) -> None:
+    """Overlap mode defers the copies of FSDP2's sharded parameters and Adam's moments to the background and the
+    next step's pre-hook: stepping twice right after checkpoint(3) must not leak steps 4 and 5 into step 3."""
+    import torch
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            OVERLAP_WORKER,
+            str(tmp_path),
+        ],
+        check=True,
+        timeout=240,
+        capture_output=True,
+    )
+    saved = torch.load(tmp_path / "at-3.pt", weights_only=True)
+    loaded = torch.load(tmp_path / "loaded.pt", weights_only=True)
+    assert loaded["step"] == 3
+    assert saved["model"].keys() == loaded["model"].keys() and saved["optimizer"]
+    assert all(torch.equal(saved["model"][k], loaded["model"][k]) for k in saved["model"])
+    assert all(
+        torch.equal(moments[name], loaded["optimizer"][param][name])
+        for param, moments in saved["optimizer"].items()
+        for name in moments
+    )
