@@ -14,6 +14,7 @@ import copy
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,9 +37,9 @@ def _model(mesh: DeviceMesh) -> torch.nn.Module:
     return model
 
 
-def _full(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, object]:
+def _full(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The gathered state, cloned: a full state dict can share tensors with the live state (Adam's step counts)."""
-    gathered = {
+    gathered: dict[str, Any] = {
         "model": get_model_state_dict(model, options=FULL),
         "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL).get("state", {}),  # rank 0 only
     }
