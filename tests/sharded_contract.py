@@ -265,12 +265,8 @@ class ShardedCheckpointContract:
         assert step == 20
         assert _differences(_full(state), saved.full[20]) == []
 
-    @pytest.mark.parametrize("case", list(DAMAGED_INDEX))
-    def test_a_damaged_index_with_a_matching_crc_falls_back_naming_the_rule(
-        self, url: str, saved: Source, captured_log: CapturedLog, case: str
-    ) -> None:
-        """sharded.json damaged and its manifest entry recomputed to match: the index's own checks refuse it, the
-        warning says which rule, and step 20 loads whole."""
+    def _damage_index(self, url: str, case: str) -> str:
+        """Step 30's index damaged as ``case`` says, its manifest entry recomputed to match; the rule to expect."""
         damage, rule = DAMAGED_INDEX[case]
         if isinstance(damage, bytes):
             data = damage
@@ -279,6 +275,15 @@ class ShardedCheckpointContract:
             damage(doc)
             data = json.dumps(doc).encode()
         self._replace(url, 30, INDEX, data)
+        return rule
+
+    @pytest.mark.parametrize("case", list(DAMAGED_INDEX))
+    def test_a_damaged_index_with_a_matching_crc_falls_back_naming_the_rule(
+        self, url: str, saved: Source, captured_log: CapturedLog, case: str
+    ) -> None:
+        """sharded.json damaged and its manifest entry recomputed to match: the index's own checks refuse it, the
+        warning says which rule, and step 20 loads whole."""
+        rule = self._damage_index(url, case)
         step, state = self._load(url)
         assert step == 20, case
         assert _differences(_full(state), saved.full[20]) == []
@@ -289,14 +294,7 @@ class ShardedCheckpointContract:
     def test_verify_refuses_a_damaged_index_naming_the_rule(self, url: str, saved: Source, case: str) -> None:
         """``Checkpointer.verify`` (as ``podtrain checkpoints verify``) raises InvalidCheckpointError with the rule
         for every index a load refuses, though its CRC32C matches the manifest."""
-        damage, rule = DAMAGED_INDEX[case]
-        if isinstance(damage, bytes):
-            data = damage
-        else:
-            doc = json.loads(open_store(url).get(f"{step_dir(30)}/{INDEX}"))
-            damage(doc)
-            data = json.dumps(doc).encode()
-        self._replace(url, 30, INDEX, data)
+        rule = self._damage_index(url, case)
         with pytest.raises(InvalidCheckpointError, match=rule):
             Checkpointer(url, attempt=2).verify(30)
 

@@ -23,12 +23,11 @@ otherwise refused, naming it.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
-from sdk.checkpoints.manifest import FileEntry, stem_of
+from sdk.checkpoints.manifest import FileEntry, rank_of, stem_of, without_rank_dir
 from sdk.errors import CheckpointError, StorageNotFoundError
 from sdk.stores import boundedjson
 from sdk.stores.store import Store
@@ -47,7 +46,6 @@ __all__ = [
 
 RANK_TIMEOUT = 600.0  # seconds rank 0 waits for the other ranks' records of a step before giving up on it
 POLL_SHARE = 0.05  # rank 0 looks for the other ranks' records at least this often, as a share of its own write
-_RANK_DIR = re.compile(r"(?:^|/)rank-(\d+)/")
 
 
 def rank_prefix(writer_dir: str, rank: int, world_size: int) -> str:
@@ -61,12 +59,6 @@ def files_of_rank(files: Mapping[str, FileEntry], rank: int, world_size: int) ->
         return dict(files)
     marker = f"/rank-{rank}/"
     return {name: entry for name, entry in files.items() if marker in f"/{name}"}
-
-
-def rank_of(name: str) -> int | None:
-    """The rank whose folder holds the file ``name`` (None: a file of the whole checkpoint, or of one rank)."""
-    match = _RANK_DIR.search(name)
-    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -111,7 +103,7 @@ def sources(
 
 def _fingerprint(files: Mapping[str, FileEntry]) -> tuple[tuple[str, int, str], ...]:
     """What a rank saved of one entry, without its folder: equal on two ranks when they saved the same bytes."""
-    return tuple(sorted((_RANK_DIR.split(n)[-1], e.size, e.crc32c) for n, e in files.items()))
+    return tuple(sorted((without_rank_dir(n), e.size, e.crc32c) for n, e in files.items()))
 
 
 def write_record(store: Store, folder: str, writer_dir: str, rank: int, files: Mapping[str, FileEntry]) -> None:

@@ -97,13 +97,13 @@ def prepare(
         for files in per:
             wanted.update(files)
     index = None
-    if sharded:  # the manifest lists exactly one (manifest.parse)
-        named = [n for n in manifest.files if n.rsplit("/", 1)[-1] == INDEX_NAME and ranks.rank_of(n) is None]
-        wanted[named[0]] = manifest.files[named[0]]
+    index_name = manifest.index_name
+    if index_name is not None:
+        wanted[index_name] = manifest.files[index_name]
     data = check_files(store, step, url, wanted, download=True, metadata=False, max_workers=max_workers)
     setup = None
-    if sharded:
-        index = dcpmeta.check(data.pop(named[0]), location=url)
+    if index_name is not None:
+        index = dcpmeta.check(data.pop(index_name), location=url)
         if index.world_size != manifest.world_size:
             raise InvalidCheckpointError(
                 url, f"{INDEX_NAME} is for {index.world_size} ranks, the manifest for {manifest.world_size}"

@@ -42,11 +42,9 @@ from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.futures import Future
 
 from sdk.checkpoints import _dcpmeta as dcpmeta
-from sdk.checkpoints._state import SHARDED_STEM
 from sdk.errors import InvalidCheckpointError, PodtrainError, StateMismatchError
 
 __all__ = [
-    "STEM",
     "Collective",
     "LoadSetup",
     "PlanCache",
@@ -60,8 +58,6 @@ __all__ = [
     "setup_load",
     "state_dicts",
 ]
-
-STEM = SHARDED_STEM  # the payload of a rank's items, and a state name users may not take
 
 
 class Collective(Protocol):
@@ -356,6 +352,11 @@ class _Reader(StorageReader):
         self.metadata = metadata
         self._fetch = fetch
         self._location = location
+        self._sizes = {  # each saved chunk's sizes by (name, offsets): looked up once per piece read
+            (fqn, tuple(chunk.offsets)): tuple(chunk.sizes)
+            for fqn, meta in metadata.state_dict_metadata.items()
+            for chunk in getattr(meta, "chunks", ())
+        }
 
     def reset(self, checkpoint_id: Any = None) -> None:
         return None
@@ -410,8 +411,7 @@ class _Reader(StorageReader):
     def _chunk(self, item: Any, key: str, value: Any) -> torch.Tensor:
         """The saved chunk ``value`` for ``item``, checked against the index: a tensor of its dtype and sizes."""
         meta = self.metadata.state_dict_metadata[item.storage_index.fqn]
-        offsets = tuple(item.storage_index.offset or ())
-        sizes = next((tuple(c.sizes) for c in meta.chunks if tuple(c.offsets) == offsets), None)
+        sizes = self._sizes.get((item.storage_index.fqn, tuple(item.storage_index.offset or ())))
         if not isinstance(value, torch.Tensor) or value.dtype != meta.properties.dtype or tuple(value.shape) != sizes:
             found = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
             expected = f"{meta.properties.dtype} {list(sizes or ())}"

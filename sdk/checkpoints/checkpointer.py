@@ -259,9 +259,9 @@ class Checkpointer:
                 own_seconds=time.monotonic() - started,
             )
         if sharded is not None and sharded.index is not None:
-            index = f"{own}/{INDEX_NAME}"
-            self.store.put(f"{folder}/{index}", sharded.index, crc32c=checksum.crc32c(sharded.index))
-            entries[index] = FileEntry(size=len(sharded.index), crc32c=checksum.to_hex(checksum.crc32c(sharded.index)))
+            index, crc = f"{own}/{INDEX_NAME}", checksum.crc32c(sharded.index)
+            self.store.put(f"{folder}/{index}", sharded.index, crc32c=crc)
+            entries[index] = FileEntry(size=len(sharded.index), crc32c=checksum.to_hex(crc))
         manifest = self._manifest(step, attempt, entries, meta, sharded.names if sharded else ())
         try:
             return self._commit(folder, location, manifest, started)

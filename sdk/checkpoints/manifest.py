@@ -28,8 +28,10 @@ __all__ = [
     "check_file_name",
     "parse",
     "parse_step_dir",
+    "rank_of",
     "stem_of",
     "step_dir",
+    "without_rank_dir",
 ]
 
 FORMAT = "podtrain.checkpoint/1"
@@ -38,7 +40,7 @@ MANIFEST_NAME = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step-(\d{10})$")
 _CRC = re.compile(r"^[0-9a-f]{8}$")
 INDEX_NAME = "sharded.json"  # the index of a sharded checkpoint (sdk.checkpoints._dcpmeta), beside the ranks' folders
-_IN_RANK_DIR = re.compile(r"(?:^|/)rank-\d+/")
+_RANK_DIR = re.compile(r"(?:^|/)rank-(\d+)/")
 _STATE_FILE = re.compile(r"^(?P<stem>.+?)(?:-\d{5}-of-\d{5})?\.(?:safetensors|pt)$")
 MAX_MANIFEST_BYTES = 16 * 2**20
 MAX_MANIFEST_DEPTH = 32  # the manifest itself is 3 levels; the rest is for ``meta``
@@ -61,6 +63,22 @@ def stem_of(name: str) -> str:
     """The state name a file belongs to: ``model-00002-of-00008.safetensors`` → ``model``."""
     match = _STATE_FILE.match(name.rsplit("/", 1)[-1])
     return match.group("stem") if match else name
+
+
+def rank_of(name: str) -> int | None:
+    """The rank whose folder holds the file ``name`` (None: a file of the whole checkpoint, or of one rank)."""
+    match = _RANK_DIR.search(name)
+    return int(match.group(1)) if match else None
+
+
+def without_rank_dir(name: str) -> str:
+    """``name`` inside its rank's folder: the same for the same file of two ranks."""
+    return _RANK_DIR.split(name)[-1]
+
+
+def _indexes(files: Any) -> list[str]:
+    """The files named :data:`INDEX_NAME` outside every rank's folder."""
+    return [n for n in files if n.rsplit("/", 1)[-1] == INDEX_NAME and rank_of(n) is None]
 
 
 def check_file_name(name: str) -> str | None:
@@ -132,6 +150,11 @@ class Manifest:
         return raw
 
     @property
+    def index_name(self) -> str | None:
+        """The sharded checkpoint's index file (one, :func:`parse` checks), or None without sharded state."""
+        return _indexes(self.files)[0] if self.sharded else None
+
+    @property
     def total_bytes(self) -> int:
         return sum(e.size for e in self.files.values())
 
@@ -180,7 +203,7 @@ def parse(data: bytes, *, location: str) -> Manifest:
             raise bad(f"entry for {name!r} has no valid 'crc32c' (8 lowercase hex digits)")
         files[name] = FileEntry(size=size, crc32c=crc)
     if sharded:
-        indexes = [n for n in files if n.rsplit("/", 1)[-1] == INDEX_NAME and not _IN_RANK_DIR.search(n)]
+        indexes = _indexes(files)
         if len(indexes) != 1:
             raise bad(f"a manifest of sharded state must list one {INDEX_NAME}, this one lists {len(indexes)}")
     return Manifest(

@@ -187,7 +187,7 @@ class AsyncSaver:
 
 
 def _pointer(tensor: torch.Tensor) -> int:
-    """Where a tensor's data are: a DTensor's are its local shard's (a sharded save copies that shard)."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local().data_ptr() if isinstance(tensor, DTensor) else tensor.data_ptr()
+    """Where a tensor's data are: a DTensor's are its local shard's (a sharded save copies that shard). Called for
+    every tensor of a save in overlap mode: no import here, a DTensor is what has ``to_local``."""
+    local = getattr(tensor, "to_local", None)
+    return int((local() if local is not None else tensor).data_ptr())

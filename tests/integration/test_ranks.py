@@ -39,10 +39,11 @@ def _torchrun(out: Path, *extra: str) -> list[str]:
     ]
 
 
-def _env(tmp: Path, attempt: int, uri: str) -> dict[str, str]:
+def _env(tmp: Path, attempt: int, uri: str, run_id: str = "ddp") -> dict[str, str]:
+    """The environment of one attempt of a job of several ranks (test_sharded's jobs use it too)."""
     return {
         **os.environ,
-        "PODTRAIN_RUN_ID": "ddp",
+        "PODTRAIN_RUN_ID": run_id,
         "PODTRAIN_ATTEMPT": str(attempt),
         "PODTRAIN_CHECKPOINT_URI": uri,
         "PODTRAIN_OUTPUT_DIR": str(tmp / "output"),

@@ -35,6 +35,7 @@ from torch.utils.data import DistributedSampler, TensorDataset
 from sdk.checkpoints.checkpointer import Checkpointer
 from sdk.outcomes import EXIT_PREEMPTED
 from tests.integration.sharded_worker import BATCH_SIZE, CLASSES, DATASET_SIZE, FEATURES, SAMPLER_SEED
+from tests.integration.test_ranks import _env as ranks_env
 
 WORKER = str(Path(__file__).with_name("sharded_worker.py"))
 LAUNCH_TIMEOUT = 240  # seconds for one torchrun, start to end, on a loaded 2-core machine
@@ -101,17 +102,7 @@ def _torchrun(world: int, out: Path, *args: str) -> list[str]:
 
 
 def _env(tmp: Path, attempt: int, uri: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PODTRAIN_RUN_ID": "sharded",
-        "PODTRAIN_ATTEMPT": str(attempt),
-        "PODTRAIN_CHECKPOINT_URI": uri,
-        "PODTRAIN_OUTPUT_DIR": str(tmp / "output"),
-        "PODTRAIN_ARTIFACT_URI": str(tmp / "artifacts"),
-        "PODTRAIN_GRACE_SECONDS": "20",
-        "PODTRAIN_TERMINATION_LOG": str(tmp / f"termination-{attempt}"),
-        "PODTRAIN_LOG_LEVEL": "warning",
-    }
+    return ranks_env(tmp, attempt, uri, run_id="sharded")
 
 
 def _launch(tmp: Path, uri: str, attempt: int, world: int, *args: str) -> Launch:

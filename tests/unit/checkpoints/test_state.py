@@ -22,7 +22,10 @@ def test_the_reserved_names_are_refused_as_state_names(name: str) -> None:
 
 
 def test_names_that_only_start_like_a_reserved_one_are_state_names() -> None:
-    trainstate.check({"sharded_model": {"x": 1}, "rng2": {}})
+    """Only the exact reserved names are refused: these pass the check and are saved under their own names."""
+    state = {"sharded_model": {"x": 1}, "rng2": {}}
+    trainstate.check(state)
+    assert [name for name, _ in trainstate.payloads(state)] == ["sharded_model", "rng2", trainstate.RNG_STEM]
 
 
 class Position:
