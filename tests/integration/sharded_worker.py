@@ -121,58 +121,57 @@ def main() -> None:
         )
     )
     state = {"model": model.module if args.model == "ddp-module" else model, "optimizer": optimizer, "loader": loader}
-    _ALIVE.append(state)  # never destroyed: see the end of this file
+    _ALIVE.extend([state, model])  # never destroyed (model: the DDP wrapper, when the state holds its module)
 
-    try:
-        with sdk.init(checkpoint_every_steps=args.every) as run:
-            start = done = run.resume(state)
-            if start:
-                full = gathered(model, optimizer)  # before any step: exactly what was loaded
-                if rank == 0:
-                    torch.save(full, args.out / "resumed.pt")
-            attempt = run.config.attempt or int(os.environ["PODTRAIN_ATTEMPT"])
-            samples = args.out / f"samples-rank{rank}-attempt{attempt}.jsonl"
-            losses: list[float] = []
-            dataset_losses: list[float] = []
-            stopped = False
-            batches = loader.batches()
-            for step in range(start, args.steps):
-                epoch = loader.epoch  # the epoch the next batch comes from
-                index, x, y = next(batches)
-                loss = nn.functional.cross_entropy(model(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                done = step + 1
-                with samples.open("a") as records:
-                    records.write(json.dumps({"step": done, "epoch": epoch, "indices": index.tolist()}) + "\n")
-                mean = loss.detach().clone()
-                dist.all_reduce(mean)
-                losses.append(mean.item() / world)
-                with torch.no_grad():  # the same on every rank, and without a batch's noise
-                    dataset_losses.append(nn.functional.cross_entropy(model(all_features), all_labels).item())
-                run.checkpoint(done, state)
-                if args.sleep:
-                    time.sleep(args.sleep)
-                if run.should_stop():
-                    stopped = True
-                    break
-            # Still inside the block: leaving it after a stop signal commits `done` and exits 75.
-            full = gathered(model, optimizer)
+    with sdk.init(checkpoint_every_steps=args.every) as run:
+        start = done = run.resume(state)
+        if start:
+            full = gathered(model, optimizer)  # before any step: exactly what was loaded
             if rank == 0:
-                torch.save(full, args.out / f"final-{done}.pt")
-            report = {
-                "rank": rank,
-                "world": world,
-                "start": start,
-                "last": done,
-                "stopped": stopped,
-                "losses": losses,
-                "dataset_losses": dataset_losses,
-            }
-            (args.out / f"rank-{rank}.json").write_text(json.dumps(report))
-    finally:
-        dist.destroy_process_group()
+                torch.save(full, args.out / "resumed.pt")
+        attempt = run.config.attempt or int(os.environ["PODTRAIN_ATTEMPT"])
+        samples = args.out / f"samples-rank{rank}-attempt{attempt}.jsonl"
+        losses: list[float] = []
+        dataset_losses: list[float] = []
+        stopped = False
+        batches = loader.batches()
+        for step in range(start, args.steps):
+            epoch = loader.epoch  # the epoch the next batch comes from
+            index, x, y = next(batches)
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            done = step + 1
+            with samples.open("a") as records:
+                records.write(json.dumps({"step": done, "epoch": epoch, "indices": index.tolist()}) + "\n")
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(mean.item() / world)
+            with torch.no_grad():  # the same on every rank, and without a batch's noise
+                dataset_losses.append(nn.functional.cross_entropy(model(all_features), all_labels).item())
+            run.checkpoint(done, state)
+            if args.sleep:
+                time.sleep(args.sleep)
+            if run.should_stop():
+                stopped = True
+                break
+        # Still inside the block: leaving it after a stop signal commits `done` and exits 75.
+        full = gathered(model, optimizer)
+        if rank == 0:
+            torch.save(full, args.out / f"final-{done}.pt")
+        report = {
+            "rank": rank,
+            "world": world,
+            "start": start,
+            "last": done,
+            "stopped": stopped,
+            "losses": losses,
+            "dataset_losses": dataset_losses,
+        }
+        (args.out / f"rank-{rank}.json").write_text(json.dumps(report))
+    # No destroy_process_group(): the process group, like the state, lives until os._exit below (destroying it
+    # aborted a rank now and then: "terminate called without an active exception", a gloo thread left joinable).
 
 
 if __name__ == "__main__":
