@@ -29,6 +29,7 @@ __all__ = [
     "LocalDiskError",
     "MalformedDocumentError",
     "NoCheckpointError",
+    "PartlyLoadedError",
     "PodtrainError",
     "StaleAttemptError",
     "StateMismatchError",
@@ -209,6 +210,15 @@ class StateMismatchError(CheckpointError):
     damage (an older checkpoint would not fit either, so there is no fallback) and the user's to fix: exit 2."""
 
 
+class PartlyLoadedError(CheckpointError):
+    """A checkpoint was found damaged after part of it had been loaded into the state (a file changed since it was
+    checked, or its bytes kept arriving damaged), and no older checkpoint loaded over it: the state is neither the
+    checkpoint nor the one the run built, so the run must start again — exit 69, whose retry checks every file
+    before it loads anything."""
+
+    fault: ClassVar[Fault] = "platform"
+
+
 class NoCheckpointError(CheckpointError):
     """No valid checkpoint exists where one is required."""
 
@@ -229,12 +239,13 @@ class StaleAttemptError(CheckpointError):
 def exit_code(error: BaseException) -> int | None:
     """The exit code a run that died of ``error`` reports, or None for an ordinary failure (1).
 
-    Storage that stayed down through the retries, or kept throttling past the throttling budget → 69 (retry
-    later); a setting to fix — a bad variable, a missing bucket, denied credentials, an untrusted TLS certificate,
-    an object with no checksum when checksums are required, a state that does not fit its checkpoint — → 2 (never
-    retry: it would fail the same way).
+    Storage that stayed down through the retries, or kept throttling past the throttling budget, or a checkpoint
+    that changed while it was loaded (:class:`PartlyLoadedError`) → 69 (retry later); a setting to fix — a bad
+    variable, a missing bucket, denied credentials, an untrusted TLS certificate, an object with no checksum when
+    checksums are required, a state that does not fit its checkpoint — → 2 (never retry: it would fail the same
+    way).
     """
-    if isinstance(error, TransientStorageError):
+    if isinstance(error, TransientStorageError | PartlyLoadedError):
         return EXIT_UNAVAILABLE
     if isinstance(
         error,

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from sdk.checkpoints.checkpointer import Checkpointer
 from sdk.checkpoints.manifest import step_dir
-from sdk.errors import CheckpointError, InvalidCheckpointError
+from sdk.errors import CheckpointError, InvalidCheckpointError, PartlyLoadedError
 from sdk.stores import checksum
 from sdk.stores.store import open_store
 from tests.checkpoint_contract import _Exploit
@@ -221,15 +221,28 @@ class ShardedCheckpointContract:
         assert [c.step for c in Checkpointer(url, attempt=2).list()] == [30, 20, 10]
 
     # -- damage: each falls back to the previous valid checkpoint ---------------------------------------------
-    def test_a_shard_payload_with_wrong_bytes_fails_its_crc32c_and_falls_back(
-        self, url: str, saved: Source, captured_log: CapturedLog
-    ) -> None:
-        """One flipped byte (same size) in rank 1's sharded payload: CRC32C mismatch, step 20 loads whole."""
-        name = self._listed(url, 30, r"rank-1/sharded\.safetensors")
+    def _flip(self, url: str, name: str, where: Callable[[int], int]) -> None:
+        """Flip one bit of the listed file ``name`` of step 30 at ``where(size)`` (same size, manifest unchanged)."""
         rel = f"{step_dir(30)}/{name}"
         data = bytearray(open_store(url).get(rel))
-        data[len(data) // 2] ^= 0x01
+        data[where(len(data))] ^= 0x01
         open_store(url).put(rel, bytes(data))
+
+    @pytest.mark.parametrize(
+        ("where", "reason"),
+        [
+            pytest.param(lambda size: size - 1, "CRC32C", id="in-a-tensor"),
+            pytest.param(lambda size: 20, "not a valid safetensors file|CRC32C", id="in-the-header"),
+        ],
+    )
+    def test_a_shard_payload_with_wrong_bytes_fails_its_check_and_falls_back(
+        self, url: str, saved: Source, captured_log: CapturedLog, where: Callable[[int], int], reason: str
+    ) -> None:
+        """One flipped bit (same size) in rank 1's sharded payload: verify says CRC32C, a load skips step 30 —
+        where the store keeps the object's CRC32C, before reading it; else by the tensor's own CRC32C, or the
+        header's structure — and step 20 loads whole."""
+        name = self._listed(url, 30, r"rank-1/sharded\.safetensors")
+        self._flip(url, name, where)
         with pytest.raises(InvalidCheckpointError, match="CRC32C"):
             Checkpointer(url, attempt=2).verify(30)
         step, state = self._load(url)
@@ -237,7 +250,31 @@ class ShardedCheckpointContract:
         assert _differences(_full(state), saved.full[20]) == []
         assert state["extra"] == extra(20)
         (skipped,) = captured_log.records("checkpoint.skipped")
-        assert "CRC32C" in skipped["reason"] and "rank-1/sharded" in skipped["reason"]
+        assert re.search(reason, skipped["reason"]) and "rank-1/sharded" in skipped["reason"], skipped["reason"]
+
+    def test_damage_found_once_part_was_loaded_stops_the_run_and_the_retry_skips_it_before_writing(
+        self, url: str, saved: Source
+    ) -> None:
+        """Only step 30 left, a bit flipped in the last tensor of rank 1's payload. Where the store keeps no CRC32C
+        of its own, the load finds it while copying tensors in: no older checkpoint can load over the half-written
+        state, so the load raises PartlyLoadedError (exit 69) and marks the damaged range; the next attempt reads
+        that range first and skips step 30 before writing anything. Where the store keeps one, the first load
+        already skips it before writing. Either way the state a run then starts from is the one it built."""
+        store = open_store(url)
+        for step in (10, 20):
+            store.delete(f"{step_dir(step)}/MANIFEST.json")
+            store.delete(step_dir(step), recursive=True)
+        name = self._listed(url, 30, r"rank-1/sharded\.safetensors")
+        self._flip(url, name, lambda size: size - 1)
+        built = _full(_plain())
+        if store.native_crc32c(f"{step_dir(30)}/{name}") is None:
+            with pytest.raises(PartlyLoadedError, match="found damaged after part of it had been loaded"):
+                self._load(url)
+            assert "rank-1/sharded" in str(store.get(f"{step_dir(30)}/INVALID.json"))
+        step, state = self._load(url)
+        assert step is None
+        assert _differences(_full(state), built) == []
+        assert state["extra"] == {}
 
     def test_a_listed_shard_payload_that_is_missing_falls_back(
         self, url: str, saved: Source, captured_log: CapturedLog

@@ -1,14 +1,19 @@
 """Putting one committed checkpoint back into a state: checked first, then applied.
 
 :func:`prepare` decides what this rank needs from the checkpoint and checks it without changing anything: the
-sharded entries (:mod:`sdk.checkpoints._sharded`) must be in the state as modules or optimizers, their index must
-parse and agree with the manifest, each per-rank entry must have files this rank can restore — its own, or on a
-different number of ranks the ones :func:`sdk.checkpoints._ranks.sources` picks — and those files are downloaded
-and verified. :func:`apply` then loads the sharded entries (DCP, reading and verifying the saving ranks' payloads
-it needs) and decodes the per-rank ones into their objects.
+sharded entries must be in the state as modules or optimizers, their index must parse and agree with the manifest,
+this rank's load plan must fit the state (:mod:`sdk.checkpoints._shardload`), the payload files of the saving ranks
+it reads must match the manifest and hold every item the plan needs (:mod:`sdk.checkpoints._shardread`), and each
+per-rank entry must have files this rank can restore — its own, or on a different number of ranks the ones
+:func:`sdk.checkpoints._ranks.sources` picks — downloaded and verified. :func:`apply` then decodes the per-rank
+entries into their objects and loads the sharded ones, reading their tensors by range.
 
-With several ranks, the caller agrees between the two (every rank either enters DCP's load, which runs
-collectives, or none does) and after :func:`apply` (a checkpoint is taken, or skipped, by all ranks together).
+With several ranks, the caller agrees between the two (every rank loads, or none does: damage or a misfit any rank
+found in :func:`prepare` skips or stops the checkpoint everywhere before anything was written) and after
+:func:`apply` (a checkpoint is taken, or skipped, by all ranks together). Damage :func:`apply` finds comes after
+part of the state was written (a file changed since it was checked): :class:`Written` records that, and
+:meth:`Checkpointer.load <sdk.checkpoints.checkpointer.Checkpointer.load>` then needs an older checkpoint to load
+over it.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ from typing import Any
 from sdk.checkpoints import _dcpmeta as dcpmeta
 from sdk.checkpoints import _ranks as ranks
 from sdk.checkpoints import _state as trainstate
+from sdk.checkpoints import invalidmark
 from sdk.checkpoints._verify import check_files
-from sdk.checkpoints.manifest import Manifest, stem_of
+from sdk.checkpoints.manifest import Manifest
 from sdk.errors import CheckpointError, InvalidCheckpointError, StateMismatchError
 from sdk.log import get_logger
 from sdk.stores.store import Store
 
-__all__ = ["Prepared", "apply", "load_candidate", "prepare"]
+__all__ = ["Prepared", "Written", "apply", "load_candidate", "prepare"]
 
 log = get_logger("podtrain.checkpoint")
 INDEX_NAME = dcpmeta.INDEX_NAME
@@ -35,15 +41,23 @@ SHARDED_STEM = trainstate.SHARDED_STEM
 
 @dataclass(frozen=True)
 class Prepared:
-    """What :func:`prepare` found: the checkpoint, this rank's sources, and the downloaded per-rank files."""
+    """What :func:`prepare` found: the checkpoint, this rank's sources and per-rank values, the sharded plan."""
 
     step: int
     url: str
     manifest: Manifest
     sources: ranks.Sources
-    data: dict[str, bytes]
+    values: dict[str, Any]  # the per-rank entries (and the RNG states), decoded, for sdk.checkpoints._state.put
     index: dcpmeta.Index | None
-    setup: Any = None  # sdk.checkpoints._sharded.LoadSetup of the sharded entries
+    setup: Any = None  # sdk.checkpoints._shardload.LoadSetup of the sharded entries
+    payloads: Any = None  # sdk.checkpoints._shardread.StoredPayloads: the saving ranks' payloads it reads
+
+
+@dataclass
+class Written:
+    """Whether loading a checkpoint has written into the live state (:func:`apply` sets it)."""
+
+    state: bool = False
 
 
 def prepare(
@@ -55,9 +69,11 @@ def prepare(
     *,
     rank: int,
     world_size: int,
+    safe_globals: Iterable[Any] = (),
     max_workers: int = 8,
 ) -> Prepared:
-    """Check that the checkpoint fits ``state`` on this rank, and download this rank's per-rank files.
+    """Check that the checkpoint fits ``state`` on this rank, download this rank's per-rank files, and check the
+    sharded payloads it will read.
 
     Raises :class:`CheckpointError` for a mismatch to fix, :class:`InvalidCheckpointError` for damage.
     """
@@ -101,59 +117,74 @@ def prepare(
     if index_name is not None:
         wanted[index_name] = manifest.files[index_name]
     data = check_files(store, step, url, wanted, download=True, metadata=False, max_workers=max_workers)
-    setup = None
+    setup = payloads = None
     if index_name is not None:
         index = dcpmeta.check(data.pop(index_name), location=url)
         if index.world_size != manifest.world_size:
             raise InvalidCheckpointError(
                 url, f"{INDEX_NAME} is for {index.world_size} ranks, the manifest for {manifest.world_size}"
             )
-        setup = _sharded().setup_load({name: state[name] for name in sharded}, index, location=url)
-    return Prepared(step=step, url=url, manifest=manifest, sources=sources, data=data, index=index, setup=setup)
+        from sdk.checkpoints import _shardload, _shardread
 
-
-def apply(
-    store: Store,
-    prepared: Prepared,
-    state: Mapping[str, Any],
-    *,
-    rank: int,
-    world_size: int,
-    collective: Any,
-    safe_globals: Iterable[Any] = (),
-    max_workers: int = 8,
-) -> None:
-    """Load the checkpoint :func:`prepare` checked into ``state`` (sharded entries first, then per-rank ones)."""
-    sharded = prepared.manifest.sharded
-    if sharded:
-        assert prepared.index is not None
-
-        def fetch(saving_ranks: Iterable[int]) -> dict[int, dict[str, Any]]:
-            return _payloads(store, prepared, set(saving_ranks), safe_globals, max_workers)
-
-        _sharded().load(
-            {name: state[name] for name in sharded},
-            prepared.index,
-            fetch,
-            location=prepared.url,
-            collective=collective,
-            setup=prepared.setup,
+        still = _shardread.still_damaged(store, step, url, invalidmark.damaged_ranges(store, manifest))
+        if still is not None:
+            raise InvalidCheckpointError(url, still)
+        setup = _shardload.setup_load({name: state[name] for name in sharded}, index, location=url)
+        payloads = _shardread.open_payloads(
+            store,
+            step,
+            url,
+            manifest.files,
+            setup.saving_ranks,
+            safe_globals=safe_globals,
+            max_workers=max_workers,
         )
-    sources = prepared.sources
+        _shardload.check(setup, payloads, location=url)
     rest = {k: v for k, v in state.items() if k not in sharded and k not in sources.merged}
-    own = {n: prepared.data[n] for n in sources.own}
-    trainstate.restore(rest, own, location=prepared.url, safe_globals=safe_globals)
+    values = trainstate.decode(rest, {n: data[n] for n in sources.own}, location=url, safe_globals=safe_globals)
     for key, per in sources.merged.items():
-        trainstate.restore_merged(
+        values[key] = trainstate.merged(
             key,
             state[key],
-            [{n: prepared.data[n] for n in files} for files in per],
+            [{n: data[n] for n in files} for files in per],
             rank=rank,
             world_size=world_size,
-            location=prepared.url,
+            location=url,
             safe_globals=safe_globals,
         )
-    if sources.rng_missing:
+    return Prepared(
+        step=step,
+        url=url,
+        manifest=manifest,
+        sources=sources,
+        values=values,
+        index=index,
+        setup=setup,
+        payloads=payloads,
+    )
+
+
+def apply(prepared: Prepared, state: Mapping[str, Any], *, rank: int, written: Written | None = None) -> None:
+    """Load the checkpoint :func:`prepare` checked into ``state``: the sharded entries (their tensors read by range
+    and copied in), then the per-rank values. ``written`` is set once part of ``state`` has changed."""
+    written = written if written is not None else Written()
+    sharded = prepared.manifest.sharded
+    if sharded:
+        from sdk.checkpoints import _shardload
+
+        def writing() -> None:
+            written.state = True
+
+        _shardload.load(
+            {name: state[name] for name in sharded},
+            prepared.setup,
+            prepared.payloads,
+            location=prepared.url,
+            before_write=writing,
+        )
+    written.state = True
+    trainstate.put(state, prepared.values, location=prepared.url)
+    if prepared.sources.rng_missing:
         log.info(
             "checkpoint.rng_kept",
             rank=rank,
@@ -175,18 +206,30 @@ def load_candidate(
     collective: Any,
     safe_globals: Iterable[Any] = (),
     max_workers: int = 8,
+    written: Written | None = None,
 ) -> InvalidCheckpointError | None:
     """Load one checkpoint (``manifest`` None: not committed, for ``problem``) into ``state``.
 
     Returns None when it was loaded, or why it is skipped; raises a mismatch to fix. With a ``collective``, both
     are agreed: every rank enters the load or none does, and a checkpoint any rank found damaged is skipped by all.
+    ``written`` is set when a skipped checkpoint had already changed part of ``state`` on this rank.
     """
     unstepped = _unstepped_optimizers(state) if manifest is not None and manifest.sharded else []
     prepared, error = None, None
     try:
         if manifest is None:
             raise InvalidCheckpointError(url, problem or "no manifest")
-        prepared = prepare(store, step, url, manifest, state, rank=rank, world_size=world_size, max_workers=max_workers)
+        prepared = prepare(
+            store,
+            step,
+            url,
+            manifest,
+            state,
+            rank=rank,
+            world_size=world_size,
+            safe_globals=safe_globals,
+            max_workers=max_workers,
+        )
     except CheckpointError as exc:
         error = exc
     try:
@@ -194,19 +237,11 @@ def load_candidate(
         if skipped is None:
             assert prepared is not None
             try:
-                apply(
-                    store,
-                    prepared,
-                    state,
-                    rank=rank,
-                    world_size=world_size,
-                    collective=collective,
-                    safe_globals=safe_globals,
-                    max_workers=max_workers,
-                )
+                apply(prepared, state, rank=rank, written=written)
                 error = None
             except CheckpointError as exc:
                 error = exc
+                _remember(store, prepared, exc, rank)
             skipped = _agreed(collective, error, url)
     except CheckpointError:
         _forget(unstepped)
@@ -214,6 +249,14 @@ def load_candidate(
     if skipped is not None:
         _forget(unstepped)
     return skipped
+
+
+def _remember(store: Store, prepared: Prepared, error: CheckpointError, rank: int) -> None:
+    """Mark the checkpoint with the byte ranges found damaged during its load, so that the next load skips it
+    before writing anything (:mod:`sdk.checkpoints.invalidmark`; best effort)."""
+    damaged = getattr(prepared.payloads, "damaged", None)
+    if damaged and isinstance(error, InvalidCheckpointError):
+        invalidmark.mark(store, prepared.manifest, error.reason, by=f"a load on rank {rank}", ranges=damaged)
 
 
 def _unstepped_optimizers(state: Mapping[str, Any]) -> list[Any]:
@@ -245,37 +288,6 @@ def _agreed(collective: Any, error: CheckpointError | None, url: str) -> Invalid
             return error
         return InvalidCheckpointError(url, "another rank found it damaged (see its log)")
     return None
-
-
-def _payloads(
-    store: Store, prepared: Prepared, wanted: set[int], safe_globals: Iterable[Any], max_workers: int
-) -> dict[int, dict[str, Any]]:
-    """The decoded ``sharded`` payloads of the saving ranks ``wanted`` (verified first)."""
-    from sdk.checkpoints import serialization
-
-    files = {
-        n: e for n, e in prepared.manifest.files.items() if stem_of(n) == SHARDED_STEM and ranks.rank_of(n) in wanted
-    }
-    data = check_files(
-        store, prepared.step, prepared.url, files, download=True, metadata=False, max_workers=max_workers
-    )
-    parts: dict[int, dict[str, Any]] = {r: {} for r in wanted}
-    for name in sorted(data):
-        rank = ranks.rank_of(name)
-        assert rank is not None
-        parts[rank][name] = serialization.decode(
-            name, data.pop(name), location=prepared.url, safe_globals=safe_globals, zero_copy=True
-        )
-    out: dict[int, dict[str, Any]] = {}
-    for rank, decoded in parts.items():
-        try:
-            payload = serialization.assemble(decoded) if decoded else {}
-        except ValueError as exc:
-            raise InvalidCheckpointError(prepared.url, f"the sharded payload of rank {rank}: {exc}") from None
-        if not isinstance(payload, dict):
-            raise InvalidCheckpointError(prepared.url, f"the sharded payload of rank {rank} is not a mapping")
-        out[rank] = payload
-    return out
 
 
 def _sharded() -> Any:

@@ -20,42 +20,33 @@ rank 0 writes the index (:mod:`sdk.checkpoints._dcpmeta`) before the manifest. S
 asynchronous save needs no collective (ranks meet through the store, as for any save of several ranks), the
 snapshot copies only what this rank writes, and every byte is checksummed in the manifest.
 
-**Load** (:func:`load`): DCP's ``load`` with :class:`_Reader`, a ``StorageReader`` over the files a checkpoint's
-manifest lists — downloaded and verified (size, CRC32C, structure) before any byte reaches the state — so a
-checkpoint of N ranks loads on M: DCP works out which pieces of which saved chunks each rank needs. Objects
-(optimizer hyperparameters) are decoded with ``weights_only``; DCP's own planner would unpickle them freely.
+**Load**: :mod:`sdk.checkpoints._shardload`, with :func:`state_dicts` and :func:`apply` from here.
 """
 
 from __future__ import annotations
 
-import io
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import StorageReader
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
-from torch.futures import Future
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.planner import WriteItemType
 
 from sdk.checkpoints import _dcpmeta as dcpmeta
-from sdk.errors import InvalidCheckpointError, PodtrainError, StateMismatchError
+from sdk.errors import PodtrainError, StateMismatchError
 
 __all__ = [
     "Collective",
-    "LoadSetup",
     "PlanCache",
     "Planned",
     "apply",
     "is_shardable",
     "item_key",
-    "load",
+    "line",
     "plan",
     "saves_sharded",
-    "setup_load",
     "state_dicts",
 ]
 
@@ -174,7 +165,7 @@ def plan(
     except PodtrainError as exc:
         why = str(exc)
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        why = _line(exc)
+        why = line(exc)
     same = cache is not None and why is None and cache.final is not None and signature == cache.signature
     if cache is not None and not collective.any(not same)[0]:
         assert cache.final is not None
@@ -184,7 +175,7 @@ def plan(
         try:
             local = planner.create_local_plan()
         except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-            why = _line(exc)
+            why = line(exc)
     final, index = _agree(planner, local, why, rank=rank, world_size=world_size, group=collective.group())
     if cache is not None:
         cache.signature, cache.local, cache.final, cache.index = signature, local, final, index
@@ -224,7 +215,7 @@ def _agree(planner: Any, local: Any, why: str | None, *, rank: int, world_size: 
                 places = {item.index: (r, item_key(item.index)) for r, p in enumerate(plans) for item in p.items}
                 index = dcpmeta.dumps(dcpmeta.from_metadata(metadata, places, world_size))
             except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-                failed = [(0, _line(exc))]
+                failed = [(0, line(exc))]
         answers = [(None, failed)] * world_size if failed else [(p, []) for p in plans]
     mine: list[Any] = [None]
     dist.scatter_object_list(mine, answers, src=0, group=group)
@@ -246,174 +237,7 @@ def _items(planner: Any, final: Any) -> dict[str, Any]:
     return items
 
 
-@dataclass(frozen=True)
-class LoadSetup:
-    """What a load needs before its collectives: the state dicts to load into and DCP's metadata."""
-
-    state_dicts: dict[str, Any]
-    metadata: Any
-
-
-def setup_load(objects: Mapping[str, Any], index: dcpmeta.Index, *, location: str) -> LoadSetup:
-    """The state dicts of ``objects`` and the metadata of ``index``; run it before the ranks agree to load (a
-    failure here must stop every rank, not leave the others inside DCP's collectives)."""
-    try:
-        loaded = state_dicts(objects)
-    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise StateMismatchError(f"the sharded state of checkpoint {location} cannot be loaded: {_line(exc)}") from None
-    return LoadSetup(loaded, dcpmeta.to_metadata(index, location=location))
-
-
-def load(
-    objects: Mapping[str, Any],
-    index: dcpmeta.Index,
-    fetch: Callable[[Iterable[int]], Mapping[int, Mapping[str, Any]]],
-    *,
-    location: str,
-    collective: Collective | None,
-    setup: LoadSetup | None = None,
-) -> None:
-    """Load the sharded entries ``objects`` from a checkpoint whose checked index is ``index``.
-
-    ``fetch(ranks)`` returns the verified, decoded payloads of the saving ranks asked for. With a ``collective``
-    the ranks load together (the same checkpoint, at the same time); without one, this process loads alone.
-    Raises :class:`InvalidCheckpointError` for damage (the caller falls back) and :class:`CheckpointError` when
-    the state does not fit (a mismatch to fix).
-    """
-    from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    setup = setup or setup_load(objects, index, location=location)
-    loaded = setup.state_dicts
-    reader = _Reader(setup.metadata, fetch, location)
-    distributed = collective is not None
-    try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp_load(
-                loaded,
-                storage_reader=reader,
-                planner=_SafeLoadPlanner(),
-                process_group=collective.group() if collective is not None else None,
-                no_dist=not distributed,
-            )
-    except CheckpointException as exc:
-        raise _cause(exc, location) from None
-    except PodtrainError:
-        raise
-    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise StateMismatchError(f"the sharded state of checkpoint {location} does not fit: {_line(exc)}") from None
-    try:
-        apply(objects, loaded)
-    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise StateMismatchError(f"the sharded state of checkpoint {location} does not fit: {_line(exc)}") from None
-
-
-def _cause(exc: Any, location: str) -> PodtrainError:
-    """The first rank's failure inside DCP, as podtrain's error (damage stays damage, the rest is a misfit)."""
-    for rank in sorted(exc.failures):
-        failure = exc.failures[rank][0]
-        if isinstance(failure, PodtrainError):
-            return failure
-    rank = min(exc.failures)
-    failure = exc.failures[rank][0]
-    return StateMismatchError(
-        f"the sharded state of checkpoint {location} does not fit (rank {rank}): {_line(failure)}"
-    )
-
-
-def _line(exc: BaseException) -> str:
+def line(exc: BaseException) -> str:
+    """``exc`` in one line: its type and the first line of its message (at most 500 characters)."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
-
-
-class _SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's load planner, but objects are put in place as decoded (``weights_only``), never unpickled freely."""
-
-    def load_object(self, read_item: Any, value: Any) -> None:
-        from torch.distributed.checkpoint._traverse import set_element
-
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], value)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = value
-
-    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        self.load_object(read_item, torch.load(value, weights_only=True))
-
-
-class _Reader(StorageReader):
-    """A DCP ``StorageReader`` over one checkpoint's verified payloads (one per saving rank)."""
-
-    def __init__(
-        self, metadata: Any, fetch: Callable[[Iterable[int]], Mapping[int, Mapping[str, Any]]], location: str
-    ) -> None:
-        super().__init__()
-        self.metadata = metadata
-        self._fetch = fetch
-        self._location = location
-        self._sizes = {  # each saved chunk's sizes by (name, offsets): looked up once per piece read
-            (fqn, tuple(chunk.offsets)): tuple(chunk.sizes)
-            for fqn, meta in metadata.state_dict_metadata.items()
-            for chunk in getattr(meta, "chunks", ())
-        }
-
-    def reset(self, checkpoint_id: Any = None) -> None:
-        return None
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        return self.metadata
-
-    def set_up_storage_reader(self, metadata: Any, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def prepare_local_plan(self, plan: Any) -> Any:
-        return plan
-
-    def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
-        return plans
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-        return False
-
-    def read_data(self, plan: Any, planner: Any) -> Future[None]:
-        places = self.metadata.storage_data
-        payloads = self._fetch(sorted({places[item.storage_index][0] for item in plan.items}))
-        for item in plan.items:
-            rank, key = places[item.storage_index]
-            if key not in payloads[rank]:
-                raise InvalidCheckpointError(self._location, f"the files of rank {rank} hold no {key!r}")
-            value = payloads[rank][key]
-            if item.type == LoadItemType.BYTE_IO:
-                if isinstance(planner, _SafeLoadPlanner):
-                    planner.load_object(item, value)
-                else:
-                    buffer = io.BytesIO()
-                    torch.save(value, buffer)
-                    buffer.seek(0)
-                    planner.load_bytes(item, buffer)
-                continue
-            source = self._chunk(item, key, value)
-            for dim, (offset, length) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
-                source = source.narrow(dim, offset, length)
-            target = planner.resolve_tensor(item).detach()
-            if target.size() != source.size():
-                raise InvalidCheckpointError(
-                    self._location, f"{key!r}: a piece of {list(source.size())} for a place of {list(target.size())}"
-                )
-            target.copy_(source)
-            planner.commit_tensor(item, target)
-        done: Future[None] = Future()
-        done.set_result(None)
-        return done
-
-    def _chunk(self, item: Any, key: str, value: Any) -> torch.Tensor:
-        """The saved chunk ``value`` for ``item``, checked against the index: a tensor of its dtype and sizes."""
-        meta = self.metadata.state_dict_metadata[item.storage_index.fqn]
-        sizes = self._sizes.get((item.storage_index.fqn, tuple(item.storage_index.offset or ())))
-        if not isinstance(value, torch.Tensor) or value.dtype != meta.properties.dtype or tuple(value.shape) != sizes:
-            found = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-            expected = f"{meta.properties.dtype} {list(sizes or ())}"
-            raise InvalidCheckpointError(self._location, f"{key!r} is {found}, the index says {expected}")
-        return value

@@ -15,7 +15,7 @@ from typing import Any
 from sdk.checkpoints.manifest import stem_of
 from sdk.errors import InvalidCheckpointError, StateMismatchError
 
-__all__ = ["RESERVED", "RNG_STEM", "SHARDED_STEM", "check", "payloads", "restore", "restore_merged"]
+__all__ = ["RESERVED", "RNG_STEM", "SHARDED_STEM", "check", "decode", "merged", "payloads", "put"]
 
 RNG_STEM = "rng"  # the RNG streams
 SHARDED_STEM = "sharded"  # a rank's part of the sharded state (sdk.checkpoints._sharded)
@@ -46,17 +46,15 @@ def payloads(state: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     yield RNG_STEM, rng.capture()
 
 
-def restore(
+def decode(
     state: Mapping[str, Any], files: Mapping[str, bytes], *, location: str, safe_globals: Iterable[Any] = ()
-) -> None:
-    """Decode verified ``files`` (name → bytes) into the objects of ``state`` and the RNGs.
+) -> dict[str, Any]:
+    """Decode verified ``files`` (name → bytes) into the value of each entry of ``state`` (by name) and, under
+    :data:`RNG_STEM`, the RNG states; nothing is put in place (:func:`put` does).
 
-    Raises :class:`CheckpointError` when a name is missing or a state does not fit its object (a mismatch
-    to fix, not damage: an older checkpoint would not fit either), :class:`InvalidCheckpointError` when a file
-    cannot be decoded safely.
+    Raises :class:`CheckpointError` when a name is missing (a mismatch to fix, not damage: an older checkpoint
+    would not fit either), :class:`InvalidCheckpointError` when a file cannot be decoded safely.
     """
-    from sdk.checkpoints import _rng as rng
-
     by_stem: dict[str, list[str]] = {}
     for name in sorted(files):
         by_stem.setdefault(stem_of(name), []).append(name)
@@ -66,21 +64,14 @@ def restore(
             f"checkpoint {location} has no state for {', '.join(missing)} (it holds "
             f"{', '.join(sorted(s for s in by_stem if s != RNG_STEM))}); pass the same state names that were saved"
         )
-    decoded = {
+    return {
         stem: _decoded(stem, {n: files[n] for n in names}, state.get(stem), location, safe_globals)
         for stem, names in by_stem.items()
         if stem in state or stem == RNG_STEM
     }
-    for key, obj in state.items():
-        _put(key, obj, decoded[key], location)
-    if RNG_STEM in decoded:
-        try:
-            rng.restore(decoded[RNG_STEM])
-        except (ValueError, TypeError, KeyError) as exc:
-            raise InvalidCheckpointError(location, f"RNG state does not restore: {exc}") from None
 
 
-def restore_merged(
+def merged(
     key: str,
     obj: Any,
     per_rank: Sequence[Mapping[str, bytes]],
@@ -89,18 +80,32 @@ def restore_merged(
     world_size: int,
     location: str,
     safe_globals: Iterable[Any] = (),
-) -> None:
-    """Restore an entry that differs across the ranks that saved it, on a different number of ranks: its object's
-    ``reshard_state_dict(states, rank=, world_size=)`` makes this rank's state from every saving rank's."""
+) -> Any:
+    """This rank's value of an entry that differs across the ranks that saved it, on a different number of ranks:
+    its object's ``reshard_state_dict(states, rank=, world_size=)`` makes it from every saving rank's state."""
     states = [_decoded(key, files, obj, location, safe_globals) for files in per_rank]
     try:
-        merged = obj.reshard_state_dict(states, rank=rank, world_size=world_size)
+        return obj.reshard_state_dict(states, rank=rank, world_size=world_size)
     except ValueError as exc:
         raise StateMismatchError(
             f"state {key!r} of checkpoint {location} (saved by {len(states)} ranks) cannot be resumed on "
             f"{world_size}: {exc}"
         ) from None
-    _put(key, obj, merged, location)
+
+
+def put(state: Mapping[str, Any], values: Mapping[str, Any], *, location: str) -> None:
+    """Put decoded ``values`` in place: each into its object of ``state``, then the RNG states (under
+    :data:`RNG_STEM`). A value that does not fit its object raises :class:`StateMismatchError`."""
+    from sdk.checkpoints import _rng as rng
+
+    for key, value in values.items():
+        if key != RNG_STEM:
+            _put(key, state[key], value, location)
+    if RNG_STEM in values:
+        try:
+            rng.restore(values[RNG_STEM])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidCheckpointError(location, f"RNG state does not restore: {exc}") from None
 
 
 def _decoded(stem: str, files: Mapping[str, bytes], obj: Any, location: str, safe_globals: Iterable[Any]) -> Any:

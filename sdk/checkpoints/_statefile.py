@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,19 @@ from sdk.checkpoints import _dcpmeta as dcpmeta
 from sdk.errors import InvalidCheckpointError, MalformedDocumentError
 from sdk.stores import boundedjson
 
-__all__ = ["DTYPE_SIZES", "MAX_HEADER_BYTES", "MAX_PICKLE_BYTES", "TensorEntry", "check", "check_archive"]
+__all__ = [
+    "CRC_KEY",
+    "DTYPE_SIZES",
+    "HEAD_BYTES",
+    "MAX_HEADER_BYTES",
+    "MAX_PICKLE_BYTES",
+    "Layout",
+    "TensorEntry",
+    "check",
+    "check_archive",
+    "header_end",
+    "safetensors_layout",
+]
 
 # Every dtype podtrain writes (sdk.checkpoints.serialization's table) and its size in bytes.
 DTYPE_SIZES: dict[str, int] = {
@@ -84,20 +97,46 @@ def check(name: str, data: bytes, *, location: str) -> None:
 
 def safetensors_header(name: str, data: bytes, *, location: str) -> list[TensorEntry]:
     """The tensors of the safetensors file ``data``, every rule checked, ordered by offset."""
+    return safetensors_layout(name, data, len(data), location=location).entries
 
-    def bad(why: str) -> InvalidCheckpointError:
-        return InvalidCheckpointError(location, f"{name} is not a valid safetensors file: {why}")
 
-    if len(data) < 8:
-        raise bad(f"{len(data)} bytes, shorter than the 8-byte header length")
-    length = int.from_bytes(data[:8], "little")
+@dataclass(frozen=True)
+class Layout:
+    """A safetensors file's header, checked: its tensors ordered by offset, and its ``__metadata__``."""
+
+    entries: list[TensorEntry]
+    metadata: dict[str, str]
+    header_end: int  # the first byte of the data
+    crc32c: dict[str, int] | None  # each tensor's CRC32C (``__metadata__``'s ``crc32c:<name>``); None: not recorded
+
+
+HEAD_BYTES = 64 * 2**10  # what a reader of the header alone fetches first: most headers fit
+
+
+def header_end(name: str, head: bytes, size: int, *, location: str) -> int:
+    """Where the header of the ``size``-byte safetensors file that starts with ``head`` ends (its first 8 bytes are
+    enough): a reader that fetched less must fetch up to there before :func:`safetensors_layout`."""
+    bad = _bad(name, location)
+    if size < 8 or len(head) < 8:
+        raise bad(f"{size} bytes, shorter than the 8-byte header length")
+    length = int.from_bytes(head[:8], "little")
     if length > MAX_HEADER_BYTES:
         raise bad(f"header length {length:,} is over the limit of {MAX_HEADER_BYTES:,}")
-    if not 0 < length <= len(data) - 8:
-        raise bad(f"header length {length:,} does not fit a {len(data):,}-byte file")
+    if not 0 < length <= size - 8:
+        raise bad(f"header length {length:,} does not fit a {size:,}-byte file")
+    return 8 + length
+
+
+def safetensors_layout(name: str, head: bytes, size: int, *, location: str) -> Layout:
+    """The checked header of the ``size``-byte safetensors file whose first bytes are ``head`` (at least up to
+    :func:`header_end`): a reader of byte ranges checks the whole layout without the data."""
+    bad = _bad(name, location)
+    base = header_end(name, head, size, location=location)
+    if len(head) < base:
+        raise bad(f"only {len(head):,} bytes of a {base:,}-byte header were read")
     try:
         header = boundedjson.loads(
-            data[8 : 8 + length],
+            head[8:base],
             what="header",
             max_bytes=MAX_HEADER_BYTES,
             max_depth=MAX_HEADER_DEPTH,
@@ -106,7 +145,7 @@ def safetensors_header(name: str, data: bytes, *, location: str) -> list[TensorE
         raise bad(f"header: {exc.reason}") from None
     if not isinstance(header, dict):
         raise bad(f"the header is JSON but not an object (got {type(header).__name__})")
-    base, body = 8 + length, len(data) - 8 - length
+    body = size - base
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise bad("__metadata__ is not an object of strings")
@@ -117,11 +156,38 @@ def safetensors_header(name: str, data: bytes, *, location: str) -> list[TensorE
         if entry.start < covered:
             raise bad(f"tensors {entries[i - 1].name!r} and {entry.name!r} overlap")
         if entry.start > covered:
-            raise _uncovered(data, length, bad, covered - base, entry.start - base)
+            raise _uncovered(head, base - 8, bad, covered - base, entry.start - base)
         covered = entry.end
-    if covered < len(data):
-        raise _uncovered(data, length, bad, covered - base, body)
-    return entries
+    if covered < size:
+        raise _uncovered(head, base - 8, bad, covered - base, body)
+    return Layout(entries=entries, metadata=metadata, header_end=base, crc32c=_crcs(metadata, entries, bad))
+
+
+CRC_KEY = "crc32c:"  # ``__metadata__`` key prefix of a tensor's CRC32C: ``crc32c:<name>`` -> 8 lowercase hex digits
+_HEX8 = re.compile(r"[0-9a-f]{8}")
+
+
+def _crcs(metadata: dict[str, str], entries: list[TensorEntry], bad: _Bad) -> dict[str, int] | None:
+    """The tensors' CRC32Cs the writer recorded: one for every tensor, or none at all (a file written before
+    podtrain recorded them, read whole instead)."""
+    recorded = {k.removeprefix(CRC_KEY): v for k, v in metadata.items() if k.startswith(CRC_KEY)}
+    if not recorded:
+        return None
+    names = {e.name for e in entries}
+    if recorded.keys() != names:
+        odd = sorted(recorded.keys() ^ names)[:3]
+        raise bad(f"__metadata__ records CRC32Cs for other tensors than the file holds ({', '.join(map(repr, odd))})")
+    for key, value in recorded.items():
+        if not _HEX8.fullmatch(value):
+            raise bad(f"__metadata__: the CRC32C of {key!r} is {value[:20]!r}, not 8 lowercase hex digits")
+    return {key: int(value, 16) for key, value in recorded.items()}
+
+
+def _bad(name: str, location: str) -> _Bad:
+    def bad(why: str) -> InvalidCheckpointError:
+        return InvalidCheckpointError(location, f"{name} is not a valid safetensors file: {why}")
+
+    return bad
 
 
 def _uncovered(data: bytes, length: int, bad: _Bad, begin: int, end: int) -> InvalidCheckpointError:

@@ -18,7 +18,7 @@ from sdk.log import get_logger
 from sdk.stores import checksum
 from sdk.stores.store import Store
 
-__all__ = ["READS", "check_files"]
+__all__ = ["READS", "check_files", "check_metadata", "read_verified"]
 
 log = get_logger("podtrain.checkpoint")
 READS = 3  # reads of a file whose bytes do not match the manifest before the checkpoint counts as corrupt
@@ -45,23 +45,32 @@ def check_files(
         rel = f"{folder}/{name}"
         try:
             if metadata:
-                size = store.size(rel)
-                if size != entry.size:
-                    raise InvalidCheckpointError(url, f"{name} is {size} bytes, manifest says {entry.size}")
-                native = store.native_crc32c(rel)
-                if native is not None and checksum.to_hex(native) != entry.crc32c:
-                    raise InvalidCheckpointError(
-                        url, f"{name}: the store's CRC32C {checksum.to_hex(native)} != manifest {entry.crc32c}"
-                    )
-            return name, _read_verified(store, url, name, rel, entry) if download else b""
+                check_metadata(store, url, name, rel, entry)
+            return name, read_verified(store, url, name, rel, entry) if download else b""
         except StorageNotFoundError:
             raise InvalidCheckpointError(url, f"{name} is listed in the manifest but missing") from None
 
+    if not files:
+        return {}
     with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="podtrain-download") as pool:
         return dict(pool.map(lambda item: check(*item), files.items()))
 
 
-def _read_verified(store: Store, url: str, name: str, rel: str, entry: FileEntry) -> bytes:
+def check_metadata(store: Store, url: str, name: str, rel: str, entry: FileEntry) -> int | None:
+    """Check the file's size, and the store's own CRC32C where it keeps one (returned; None where it keeps none),
+    against the manifest's entry without reading data. A missing file raises :class:`StorageNotFoundError`."""
+    size = store.size(rel)
+    if size != entry.size:
+        raise InvalidCheckpointError(url, f"{name} is {size} bytes, manifest says {entry.size}")
+    native = store.native_crc32c(rel)
+    if native is not None and checksum.to_hex(native) != entry.crc32c:
+        raise InvalidCheckpointError(
+            url, f"{name}: the store's CRC32C {checksum.to_hex(native)} != manifest {entry.crc32c}"
+        )
+    return native
+
+
+def read_verified(store: Store, url: str, name: str, rel: str, entry: FileEntry) -> bytes:
     """The file's bytes, checked against the manifest; a mismatch is read again before it counts."""
     problem = ""
     for read in range(1, READS + 1):

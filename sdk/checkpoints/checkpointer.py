@@ -40,6 +40,7 @@ from sdk.errors import (
     CommitConflictError,
     InvalidCheckpointError,
     NoCheckpointError,
+    PartlyLoadedError,
     PodtrainError,
     StaleAttemptError,
     StorageNotFoundError,
@@ -427,6 +428,7 @@ class Checkpointer:
             raise NoCheckpointError(f"no checkpoint for step {step} under {self.url}")
         from sdk.checkpoints import _restore
 
+        written = _restore.Written()  # whether a skipped checkpoint changed part of the state on this rank
         for candidate in candidates:
             entry = scanned.get(candidate)
             location = entry.url if entry else self.store.url_of(step_dir(candidate))
@@ -442,6 +444,7 @@ class Checkpointer:
                 collective=collective,
                 safe_globals=self.safe_globals,
                 max_workers=self.max_workers,
+                written=written,
             )
             if skipped is None:
                 assert entry is not None and entry.manifest is not None
@@ -451,6 +454,14 @@ class Checkpointer:
             if step is not None:
                 raise skipped
             log.warning("checkpoint.skipped", url=skipped.location, reason=skipped.reason)
+        if collective is not None:
+            written.state = collective.any(written.state)[0]
+        if written.state:
+            raise PartlyLoadedError(
+                f"a checkpoint under {self.url} was found damaged after part of it had been loaded, and no older "
+                "checkpoint loaded over it (see the skipped ones above): the state is neither a checkpoint nor the "
+                "one this run built; start the run again (the next attempt checks every file before loading)"
+            )
         if candidates:
             log.warning("checkpoint.none_valid", url=self.url, folders=len(candidates))
         return None

@@ -38,7 +38,7 @@ from sdk.errors import CheckpointError, InvalidCheckpointError, UnsafeCheckpoint
 from sdk.stores import checksum
 from sdk.stores.checksum import ChecksumWriter
 
-__all__ = ["SHARD_BYTES", "SPLIT_BYTES", "EncodedFile", "assemble", "decode", "encode", "stem_of"]
+__all__ = ["SHARD_BYTES", "SPLIT_BYTES", "EncodedFile", "assemble", "decode", "dtype_of", "encode", "stem_of"]
 
 _SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -259,15 +259,22 @@ def _is_container(value: Any) -> bool:
     return isinstance(value, Mapping) or (isinstance(value, list | tuple) and not hasattr(value, "_fields"))
 
 
+_DTYPES_BY_CODE = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+
+
+def dtype_of(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code that :mod:`sdk.checkpoints._statefile` accepted."""
+    return _DTYPES_BY_CODE[code]
+
+
 def _safetensors_views(data: bytes, entries: Iterable[statefile.TensorEntry]) -> dict[str, torch.Tensor]:
     """Tensors viewing ``data`` (no copy), at the offsets :func:`sdk.checkpoints._statefile.safetensors_header`
     checked."""
-    dtypes = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
     tensors: dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         for entry in entries:
-            dtype = dtypes[entry.dtype]
+            dtype = _DTYPES_BY_CODE[entry.dtype]
             if entry.numel == 0:
                 tensors[entry.name] = torch.empty(entry.shape, dtype=dtype)
             else:
@@ -290,7 +297,10 @@ def _safetensors_file(name: str, tensors: Mapping[str, torch.Tensor]) -> Encoded
     """The safetensors format: u64 header length, JSON header, then each tensor's raw bytes.
 
     The bytes are gathered with torch copies (GIL released) straight into the ``bytearray`` that is the file
-    (no second copy into ``bytes``), and checksummed in slices: see the module's doc.
+    (no second copy into ``bytes``), and checksummed in slices: see the module's doc. Each tensor's own CRC32C is
+    recorded in the header's ``__metadata__`` (``crc32c:<name>``), so that a reader of one tensor's byte range
+    (a sharded load on another number of ranks) checks what it read without reading the rest; the file's CRC32C
+    is combined from the header's and the tensors' (every byte is checksummed once).
     """
     header: dict[str, Any] = {}
     offset = 0
@@ -304,19 +314,40 @@ def _safetensors_file(name: str, tensors: Mapping[str, torch.Tensor]) -> Encoded
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment with spaces
-    prefix = len(raw).to_bytes(8, "little") + raw
-    data = bytearray(len(prefix) + offset)  # the file itself: tensors are copied straight into it
-    data[: len(prefix)] = prefix
-    buffer = torch.frombuffer(data, dtype=torch.uint8)
-    position = len(prefix)
-    for _, tensor in ordered:
+    crcs = {f"{statefile.CRC_KEY}{key}": "0" * 8 for key, _ in ordered}  # filled in once the bytes are copied
+    raw = _header_bytes(header, crcs)
+    data = bytearray(8 + len(raw) + offset)  # the file itself: tensors are copied straight into it
+    base = 8 + len(raw)
+    buffer = torch.frombuffer(data, dtype=torch.uint8) if offset else None
+    position, body_crc = base, 0
+    for key, tensor in ordered:
         nbytes = tensor.numel() * tensor.element_size()
+        crc = 0
         if nbytes:
+            assert buffer is not None
             flat = tensor.detach().reshape(-1)
             view = flat.view(torch.uint8) if flat.is_contiguous() else flat.contiguous().view(torch.uint8)
             buffer[position : position + nbytes].copy_(view)
+            crc, body_crc = _crc_twice(memoryview(data)[position : position + nbytes], body_crc)
             position += nbytes
+        crcs[f"{statefile.CRC_KEY}{key}"] = checksum.to_hex(crc)
     del buffer
-    return EncodedFile(name=name, data=data, size=len(data), crc32c=checksum.crc32c(data))
+    final = _header_bytes(header, crcs)
+    assert len(final) == len(raw), "a CRC32C is 8 hex digits, so the header keeps its length"
+    data[:base] = len(final).to_bytes(8, "little") + final
+    crc32c = checksum.combine(checksum.crc32c(data[:base]), body_crc, offset)
+    return EncodedFile(name=name, data=data, size=len(data), crc32c=crc32c)
+
+
+def _header_bytes(header: Mapping[str, Any], crcs: Mapping[str, str]) -> bytes:
+    raw = json.dumps({"__metadata__": dict(crcs), **header}, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment with spaces
+
+
+def _crc_twice(view: memoryview, running: int) -> tuple[int, int]:
+    """The CRC32C of ``view`` alone, and ``running`` extended by it: one pass, slice by slice (see the module)."""
+    own = 0
+    for start in range(0, len(view), checksum.SLICE):
+        piece = view[start : start + checksum.SLICE].tobytes()
+        own, running = checksum.extend(own, piece), checksum.extend(running, piece)
+    return own, running

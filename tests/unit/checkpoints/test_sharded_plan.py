@@ -1,4 +1,5 @@
-"""Sharded state in one process: DCP's save plan over a 1-rank gloo group, and the load through podtrain's reader."""
+"""Sharded state in one process: DCP's save plan over a 1-rank gloo group, and the load by podtrain's steps
+(:mod:`sdk.checkpoints._shardload`) from payloads in memory."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from sdk.checkpoints import _dcpmeta as dcpmeta
-from sdk.checkpoints import _sharded
+from sdk.checkpoints import _sharded, _shardload
 from sdk.errors import CheckpointError, InvalidCheckpointError
 
 LOCATION = "mem://ckpt/step-0000000003"
@@ -64,18 +65,30 @@ def _payload(planned: _sharded.Planned) -> dict[str, Any]:
     }
 
 
-def _fetcher(payload: dict[str, Any], asked: list[list[int]] | None = None) -> Any:
-    def fetch(ranks: Iterable[int]) -> dict[int, dict[str, Any]]:
-        wanted = list(ranks)
-        if asked is not None:
-            asked.append(wanted)
-        return {r: payload for r in wanted}
+class MemoryPayloads:
+    """Rank 0's items in memory, as :class:`sdk.checkpoints._shardread.StoredPayloads` gives a store's."""
 
-    return fetch
+    def __init__(self, items: dict[str, Any], asked: list[int] | None = None) -> None:
+        self.items, self.asked = items, asked if asked is not None else []
+
+    def lookup(self, rank: int, key: str) -> Any:
+        if rank != 0 or key not in self.items:
+            raise InvalidCheckpointError(LOCATION, f"the files of rank {rank} hold no {key!r}")
+        value = self.items[key]
+        return _shardload.TensorSpec(value.dtype, tuple(value.shape)) if isinstance(value, torch.Tensor) else value
+
+    def tensors(self, wanted: Iterable[tuple[int, str]]) -> Iterator[tuple[tuple[int, str], torch.Tensor]]:
+        for rank, key in wanted:
+            self.asked.append(rank)
+            yield (rank, key), self.items[key]
 
 
-# How the ranks load: through DCP's collectives (a job of several ranks), or alone (no process group).
-WAYS = [pytest.param(True, id="with-collective"), pytest.param(False, id="alone")]
+def _load(objects: dict[str, Any], planned: _sharded.Planned, payloads: MemoryPayloads) -> None:
+    """The three steps of a load, as sdk.checkpoints._restore takes them."""
+    setup = _shardload.setup_load(objects, _index(planned), location=LOCATION)
+    assert setup.saving_ranks == [0]
+    _shardload.check(setup, payloads, location=LOCATION)
+    _shardload.load(objects, setup, payloads, location=LOCATION)
 
 
 def _index(planned: _sharded.Planned) -> dcpmeta.Index:
@@ -117,42 +130,30 @@ def test_item_key_is_the_name_and_the_chunks_offsets() -> None:
     assert _sharded.item_key(MetadataIndex("optim.param_groups.0.lr")) == "optim.param_groups.0.lr"
 
 
-@pytest.mark.parametrize("together", [True, False], ids=["with-collective", "alone"])
-def test_load_restores_a_fresh_model_and_optimizer_exactly(one_rank: None, together: bool) -> None:
+def test_load_restores_a_fresh_model_and_optimizer_exactly(one_rank: None) -> None:
     """Planned on one model and Adam, loaded into others: parameters, moments, steps and lr are the saved ones."""
     model, optimizer = _trained(0, 0.01)
     planned = _plan({"model": model, "optim": optimizer})
     fresh, fresh_optimizer = _trained(1, 0.5)
     assert not torch.equal(fresh.state_dict()["0.weight"], model.state_dict()["0.weight"])
-    asked: list[list[int]] = []
-    _sharded.load(
-        {"model": fresh, "optim": fresh_optimizer},
-        _index(planned),
-        _fetcher(_payload(planned), asked),
-        location=LOCATION,
-        collective=OneRank() if together else None,
-    )
-    assert asked and all(ranks == [0] for ranks in asked)
+    payloads = MemoryPayloads(_payload(planned))
+    _load({"model": fresh, "optim": fresh_optimizer}, planned, payloads)
+    assert payloads.asked and set(payloads.asked) == {0}
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))
     assert _same_optimizer_state(optimizer, fresh_optimizer)
     assert fresh_optimizer.param_groups[0]["lr"] == 0.01
 
 
-@pytest.mark.parametrize("together", WAYS)
-def test_a_payload_without_a_key_of_the_index_is_invalid(one_rank: None, together: bool) -> None:
+def test_a_payload_without_a_key_of_the_index_is_invalid_before_anything_is_read(one_rank: None) -> None:
     model, optimizer = _trained(0, 0.01)
     planned = _plan({"model": model, "optim": optimizer})
     payload = _payload(planned)
     del payload["model.2.bias@0"]
     fresh, fresh_optimizer = _trained(1, 0.5)
+    payloads = MemoryPayloads(payload)
     with pytest.raises(InvalidCheckpointError, match=r"the files of rank 0 hold no 'model\.2\.bias@0'"):
-        _sharded.load(
-            {"model": fresh, "optim": fresh_optimizer},
-            _index(planned),
-            _fetcher(payload),
-            location=LOCATION,
-            collective=OneRank() if together else None,
-        )
+        _load({"model": fresh, "optim": fresh_optimizer}, planned, payloads)
+    assert payloads.asked == []
 
 
 @pytest.mark.parametrize(
@@ -160,24 +161,20 @@ def test_a_payload_without_a_key_of_the_index_is_invalid(one_rank: None, togethe
     [torch.zeros(3, 3), torch.zeros(3, 4, dtype=torch.float64), torch.zeros(12), "weights"],
     ids=["shape", "dtype", "flat", "not-a-tensor"],
 )
-@pytest.mark.parametrize("together", WAYS)
-def test_a_chunk_that_is_not_what_the_index_says_is_invalid(one_rank: None, wrong: Any, together: bool) -> None:
-    """The saved [3, 4] float32 weight replaced by another shape, dtype or object: damage, named."""
+def test_a_chunk_that_is_not_what_the_index_says_is_invalid_before_anything_is_read(one_rank: None, wrong: Any) -> None:
+    """The saved [3, 4] float32 weight replaced by another shape, dtype or object: damage, named, found by the check
+    before the load reads a tensor."""
     model, optimizer = _trained(0, 0.01)
     planned = _plan({"model": model, "optim": optimizer})
     payload = _payload(planned)
     payload["model.0.weight@0.0"] = wrong
     fresh, fresh_optimizer = _trained(1, 0.5)
+    payloads = MemoryPayloads(payload)
     with pytest.raises(
         InvalidCheckpointError, match=r"'model.0.weight@0.0' is .*, the index says torch.float32 \[3, 4\]"
     ):
-        _sharded.load(
-            {"model": fresh, "optim": fresh_optimizer},
-            _index(planned),
-            _fetcher(payload),
-            location=LOCATION,
-            collective=OneRank() if together else None,
-        )
+        _load({"model": fresh, "optim": fresh_optimizer}, planned, payloads)
+    assert payloads.asked == []
 
 
 def test_a_model_of_another_shape_does_not_fit_and_is_not_damage(one_rank: None) -> None:
@@ -186,9 +183,7 @@ def test_a_model_of_another_shape_does_not_fit_and_is_not_damage(one_rank: None)
     planned = _plan({"model": model})
     other = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
     with pytest.raises(CheckpointError, match="does not fit") as info:
-        _sharded.load(
-            {"model": other}, _index(planned), _fetcher(_payload(planned)), location=LOCATION, collective=None
-        )
+        _load({"model": other}, planned, MemoryPayloads(_payload(planned)))
     assert not isinstance(info.value, InvalidCheckpointError)
 
 
@@ -226,13 +221,7 @@ def test_objects_are_put_in_place_as_fetched_without_unpickling(
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "load", refuse)
     fresh, fresh_optimizer = _trained(1, 0.5)
-    _sharded.load(
-        {"model": fresh, "optim": fresh_optimizer},
-        _index(planned),
-        _fetcher(payload),
-        location=LOCATION,
-        collective=OneRank(),
-    )
+    _load({"model": fresh, "optim": fresh_optimizer}, planned, MemoryPayloads(payload))
     assert fresh_optimizer.param_groups[0]["lr"] == 0.125
 
 
@@ -255,7 +244,7 @@ def test_the_safe_planner_decodes_bytes_with_weights_only() -> None:
     buffer.seek(0)
     calls.clear()
     with pytest.raises(pickle.UnpicklingError):
-        _sharded._SafeLoadPlanner().load_bytes(None, buffer)
+        _shardload._SafeLoadPlanner().load_bytes(None, buffer)
     assert calls == []
 
 

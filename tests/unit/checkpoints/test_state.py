@@ -53,14 +53,15 @@ def _files_of(rank: int, state: dict[str, Any]) -> dict[str, bytes]:
     return {f"attempt-1/rank-{rank}/{f.name}": f.data for f in serialization.encode("loader", state)}
 
 
-def test_restore_merged_gives_every_saving_ranks_decoded_state_to_reshard_state_dict() -> None:
-    """Three saving ranks' files, decoded in rank order, for rank 1 of 2; the merged state is loaded into the object."""
+def test_merged_gives_every_saving_ranks_decoded_state_to_reshard_state_dict() -> None:
+    """Three saving ranks' files, decoded in rank order, for rank 1 of 2; the merged state is then put in place."""
     saved = [{"index": 40 + r, "epoch": 3} for r in range(3)]
     position = Position()
-    trainstate.restore_merged(
+    value = trainstate.merged(
         "loader", position, [_files_of(r, s) for r, s in enumerate(saved)], rank=1, world_size=2, location=LOCATION
     )
-    assert position.seen == [(saved, 1, 2)]
+    assert position.seen == [(saved, 1, 2)] and position.value == {}
+    trainstate.put({"loader": position}, {"loader": value}, location=LOCATION)
     assert position.value == {"index": 40, "rank": 1}
 
 
@@ -69,7 +70,7 @@ def test_a_merge_the_object_refuses_is_a_checkpoint_error_naming_the_entry() -> 
     position = Position(refuse="the epoch's order cannot be split over 3 ranks")
     per_rank = [_files_of(r, {"index": r}) for r in range(2)]
     with pytest.raises(CheckpointError) as info:
-        trainstate.restore_merged("loader", position, per_rank, rank=0, world_size=3, location=LOCATION)
+        trainstate.merged("loader", position, per_rank, rank=0, world_size=3, location=LOCATION)
     message = str(info.value)
     assert f"state 'loader' of checkpoint {LOCATION} (saved by 2 ranks) cannot be resumed on 3" in message
     assert "the epoch's order cannot be split over 3 ranks" in message
