@@ -153,8 +153,9 @@ def _read(setup: LoadSetup, payloads: Payloads, location: str, before_write: Cal
     for place, source in payloads.tensors(pieces):
         for item in pieces[place]:
             piece = source
-            for dim, (offset, length) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
-                piece = piece.narrow(dim, offset, length)
+            if any(item.storage_offsets) or tuple(item.lengths) != tuple(source.shape):  # part of the saved chunk
+                for dim, (offset, length) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
+                    piece = piece.narrow(dim, offset, length)
             target = planner.resolve_tensor(item).detach()
             if target.size() != piece.size():
                 raise InvalidCheckpointError(

@@ -179,6 +179,10 @@ class StoredPayloads:
                     read_verified(self._store, self._url, name, f"{self._folder}/{name}", self._files[name])
                 )
             except BaseException as exc:
+                if isinstance(exc, InvalidCheckpointError):  # the whole file is the range to read again next time
+                    entry = self._files[name]
+                    with self._lock:
+                        self.damaged.append(DamagedRange(name, 0, entry.size, checksum.from_hex(entry.crc32c)))
                 future.set_exception(exc)
         return future
 

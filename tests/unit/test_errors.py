@@ -62,3 +62,15 @@ def test_a_state_that_does_not_fit_its_checkpoint_exits_2_and_damage_is_not_an_e
     assert exit_code(StateMismatchError("state 'loader' differs across the 2 ranks")) == 2
     assert isinstance(StateMismatchError("x"), CheckpointError)
     assert exit_code(InvalidCheckpointError("s3://b/step-1", "CRC32C")) is None
+
+
+def test_a_checkpoint_damaged_after_part_of_it_was_loaded_exits_69() -> None:
+    """PartlyLoadedError: the state is half a checkpoint, the run must start again (69: retry), unlike damage found
+    before anything was written (skipped, no exit code)."""
+    from sdk.errors import EXIT_UNAVAILABLE, CheckpointError, PartlyLoadedError, exit_code
+
+    error = PartlyLoadedError("a checkpoint was found damaged after part of it had been loaded")
+    assert EXIT_UNAVAILABLE == 69
+    assert exit_code(error) == 69
+    assert isinstance(error, CheckpointError) and not isinstance(error, InvalidCheckpointError)
+    assert error.fault == "platform"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -169,3 +171,58 @@ def test_crc32c_in_slices_equals_one_pass() -> None:
 
     data = os.urandom(3 * checksum.SLICE + 12345)
     assert checksum.crc32c(data) == google_crc32c.value(data)
+
+
+def _recorded_crcs(data: bytes) -> tuple[dict[str, Any], dict[str, str], int]:
+    """The header's tensors, its ``__metadata__`` and where the data starts, parsed here without podtrain's reader."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    metadata = header.pop("__metadata__")
+    return header, metadata, 8 + length
+
+
+@pytest.mark.parametrize("shard_bytes", [None, 64], ids=["one-file", "shards"])
+def test_every_safetensors_file_records_each_tensors_crc32c_and_its_own_is_that_of_its_bytes(
+    shard_bytes: int | None,
+) -> None:
+    """Each tensor's ``crc32c:<name>`` is the CRC32C of its byte range, 8 lowercase hex digits; the file's
+    CRC32C (combined from the parts) is that of all its bytes; the safetensors library still loads it."""
+    state = {
+        "w": torch.randn(4, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.empty(0, 3),
+        "t": torch.arange(12.0).reshape(3, 4).t(),  # non-contiguous
+    }
+    files = list(encode("model", state, shard_bytes=shard_bytes))
+    assert (len(files) > 1) == (shard_bytes is not None)
+    seen: set[str] = set()
+    for encoded in files:
+        data = bytes(encoded.data)
+        assert encoded.crc32c == checksum.crc32c(data) and encoded.size == len(data)
+        tensors, metadata, base = _recorded_crcs(data)
+        assert set(metadata) == {f"crc32c:{name}" for name in tensors}
+        for name, spec in tensors.items():
+            begin, end = spec["data_offsets"]
+            recorded = metadata[f"crc32c:{name}"]
+            assert re.fullmatch(r"[0-9a-f]{8}", recorded), recorded
+            assert int(recorded, 16) == checksum.crc32c(data[base + begin : base + end]), name
+        loaded = st_load(data)
+        assert set(loaded) == set(tensors)
+        for name, tensor in loaded.items():
+            assert torch.equal(tensor, state[name]) and tensor.dtype == state[name].dtype, name
+        seen |= set(loaded)
+    assert seen == set(state)
+
+
+def test_the_tensors_a_pickle_leaves_out_have_their_crc32cs_too() -> None:
+    """A sharded payload (every tensor out of the pickle, ``split_bytes=0``): its safetensors file records them."""
+    pickled, tensors = encode("sharded", {"a@0": torch.randn(3), "step": torch.tensor(4.0), "lr": 0.1}, split_bytes=0)
+    assert pickled.name == "sharded.pt" and tensors.name == "sharded.safetensors"
+    data = bytes(tensors.data)
+    header, metadata, base = _recorded_crcs(data)
+    assert set(header) == {"0", "1"}
+    for name, spec in header.items():
+        begin, end = spec["data_offsets"]
+        assert int(metadata[f"crc32c:{name}"], 16) == checksum.crc32c(data[base + begin : base + end])
+    assert tensors.crc32c == checksum.crc32c(data)

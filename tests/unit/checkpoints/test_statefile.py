@@ -103,3 +103,89 @@ def test_a_pickle_of_a_single_leaf_loads(value: object) -> None:
     torch.save(value, buffer)
     loaded = serialization.decode("x.pt", buffer.getvalue(), location="here")
     assert torch.equal(loaded, value) if isinstance(value, torch.Tensor) else loaded == value
+
+
+def _podtrain_file() -> bytes:
+    state = {"w": torch.randn(3, 5), "h": torch.arange(7, dtype=torch.float16), "empty": torch.empty(0, 4)}
+    return bytes(next(serialization.encode("m", state)).data)
+
+
+def test_a_layout_from_the_header_bytes_alone_equals_the_one_from_the_whole_file() -> None:
+    """A reader of byte ranges fetches only up to header_end: it gets the same tensors, offsets and CRC32Cs."""
+    data = _podtrain_file()
+    end = statefile.header_end("m.safetensors", data[:8], len(data), location="here")
+    assert end == 8 + int.from_bytes(data[:8], "little") < len(data)
+    head = statefile.safetensors_layout("m.safetensors", data[:end], len(data), location="here")
+    whole = statefile.safetensors_layout("m.safetensors", data, len(data), location="here")
+    assert head.entries == whole.entries == statefile.safetensors_header("m.safetensors", data, location="here")
+    assert head.header_end == whole.header_end == end
+    assert head.crc32c == whole.crc32c and head.crc32c is not None and set(head.crc32c) == {"w", "h", "empty"}
+    assert head.metadata == whole.metadata
+    with pytest.raises(InvalidCheckpointError, match=rf"only {end - 1:,} bytes of a {end:,}-byte header were read"):
+        statefile.safetensors_layout("m.safetensors", data[: end - 1], len(data), location="here")
+
+
+@pytest.mark.parametrize(
+    ("head", "size", "reason"),
+    [
+        (b"\x01\x00\x00", 3, "3 bytes, shorter than the 8-byte header length"),
+        ((8).to_bytes(8, "little"), 100, None),  # the 8 bytes read are enough, whatever the file's size
+        ((200).to_bytes(8, "little"), 100, "header length 200 does not fit a 100-byte file"),
+        ((0).to_bytes(8, "little"), 100, "header length 0 does not fit a 100-byte file"),
+        ((2**63).to_bytes(8, "little"), 100, "over the limit of 100,000,000"),
+    ],
+    ids=["short", "fits", "past-the-end", "empty-header", "over-the-limit"],
+)
+def test_header_end_refuses_a_short_file_and_a_header_length_that_does_not_fit(
+    head: bytes, size: int, reason: str | None
+) -> None:
+    """The 8-byte length alone decides: too short a file, a length past the file's end or over the bound is refused
+    with a one-line reason naming the file."""
+    if reason is None:
+        assert statefile.header_end("m.safetensors", head, size, location="here") == 16
+        return
+    with pytest.raises(InvalidCheckpointError) as caught:
+        statefile.header_end("m.safetensors", head, size, location="here")
+    assert reason in caught.value.reason and "m.safetensors is not a valid safetensors file" in caught.value.reason
+    assert "\n" not in str(caught.value)
+
+
+def _with_crcs(metadata: dict[str, str]) -> bytes:
+    header = {
+        "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        "b": {"dtype": "U8", "shape": [2], "data_offsets": [4, 6]},
+        "__metadata__": metadata,
+    }
+    return _raw(header, bytes(6))
+
+
+def _layout(data: bytes) -> statefile.Layout:
+    return statefile.safetensors_layout("m.safetensors", data, len(data), location="here")
+
+
+def test_a_header_without_crc32c_metadata_has_no_per_tensor_crc32cs() -> None:
+    """No ``crc32c:`` key (other metadata, or none at all): None, the file is read whole instead."""
+    assert _layout(_with_crcs({"format": "pt"})).crc32c is None
+    assert _layout(_raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4))).crc32c is None
+    assert _layout(_with_crcs({"crc32c:a": "deadbeef", "crc32c:b": "00000001", "format": "pt"})).crc32c == {
+        "a": 0xDEADBEEF,
+        "b": 1,
+    }
+
+
+def test_a_tensor_without_its_crc32c_makes_the_file_invalid_naming_it() -> None:
+    """Either every tensor has its CRC32C or none does: one left out could not be checked when read by range."""
+    with pytest.raises(InvalidCheckpointError, match=r"records CRC32Cs for other tensors than the file holds \('b'\)"):
+        _layout(_with_crcs({"crc32c:a": "deadbeef"}))
+
+
+@pytest.mark.parametrize("value", ["DEADBEEF", "deadbee", "deadbeef0", "xyzxyzxy", " deadbee", ""])
+def test_a_crc32c_that_is_not_8_lowercase_hex_digits_makes_the_file_invalid(value: str) -> None:
+    with pytest.raises(InvalidCheckpointError, match=r"the CRC32C of 'b' is .* not 8 lowercase hex digits"):
+        _layout(_with_crcs({"crc32c:a": "deadbeef", "crc32c:b": value}))
+
+
+def test_a_crc32c_for_a_tensor_the_file_does_not_hold_makes_it_invalid() -> None:
+    """An extra ``crc32c:`` key names no tensor of the file: refused, naming it."""
+    with pytest.raises(InvalidCheckpointError, match=r"other tensors than the file holds \('ghost'\)"):
+        _layout(_with_crcs({"crc32c:a": "deadbeef", "crc32c:b": "00000001", "crc32c:ghost": "00000002"}))
