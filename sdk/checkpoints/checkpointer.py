@@ -29,6 +29,7 @@ from typing import Any
 from sdk.checkpoints import _fence as fence
 from sdk.checkpoints import _ranks as ranks
 from sdk.checkpoints import _state as trainstate
+from sdk.checkpoints._buffers import FileBuffers
 from sdk.checkpoints._dcpmeta import INDEX_NAME
 from sdk.checkpoints._prepare import Prepared, ShardedPart, distributed, prepare
 from sdk.checkpoints._retention import Committed, Uncommitted, plan_deletions
@@ -117,6 +118,7 @@ class Checkpointer:
         # saves and of loads with several ranks. Made on first use when the job has several ranks and none is set.
         self.collective: Any = None
         self._plans: dict[str, Any] = {}  # the last agreed plan of sharded saves (sdk.checkpoints._sharded.PlanCache)
+        self._buffers = FileBuffers()  # the last save's file buffers, for the next one
 
     @classmethod
     def from_config(cls, config: Config, **kwargs: Any) -> Checkpointer:
@@ -234,17 +236,21 @@ class Checkpointer:
             self._clear_superseded(folder, claims, location)
         prefix = ranks.rank_prefix(own, self.rank, self.world_size)
         entries: dict[str, FileEntry] = {}
+        used: list[bytearray] = []
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="podtrain-upload") as pool:
             uploads: list[Future[bool]] = []
             for stem, payload in payloads:
                 split = 0 if stem == trainstate.SHARDED_STEM else serialization.SPLIT_BYTES
-                for encoded in serialization.encode(stem, payload, split_bytes=split):
+                for encoded in serialization.encode(stem, payload, split_bytes=split, buffers=self._buffers):
                     name = f"{prefix}/{encoded.name}"
                     entries[name] = FileEntry(size=encoded.size, crc32c=checksum.to_hex(encoded.crc32c))
                     uploads.append(pool.submit(self.store.put, f"{folder}/{name}", encoded.data, crc32c=encoded.crc32c))
+                    if isinstance(encoded.data, bytearray):
+                        used.append(encoded.data)
                     del encoded
             for upload in uploads:
                 upload.result()
+        self._buffers.keep(used)
         if self.world_size > 1:
             ranks.write_record(self.store, folder, own, self.rank, entries)
             if self.rank != 0:  # rank 0 commits once every rank's record is in

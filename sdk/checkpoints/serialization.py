@@ -32,6 +32,7 @@ from typing import IO, Any, cast
 import torch
 
 from sdk.checkpoints import _statefile as statefile
+from sdk.checkpoints._buffers import FileBuffers
 from sdk.checkpoints._tree import map_leaves
 from sdk.checkpoints.manifest import stem_of
 from sdk.errors import CheckpointError, InvalidCheckpointError, UnsafeCheckpointError
@@ -73,7 +74,12 @@ _PLACEHOLDER = "__podtrain_tensor__"
 
 
 def encode(
-    stem: str, state: Any, *, shard_bytes: int | None = None, split_bytes: int = SPLIT_BYTES
+    stem: str,
+    state: Any,
+    *,
+    shard_bytes: int | None = None,
+    split_bytes: int = SPLIT_BYTES,
+    buffers: FileBuffers | None = None,
 ) -> Iterator[EncodedFile]:
     """Serialize one state (a ``state_dict()`` result or a plain mapping) into files.
 
@@ -81,8 +87,10 @@ def encode(
     ``shard_bytes`` (default :data:`SHARD_BYTES`) when it is larger, so that a caller can upload one shard
     while the next is serialized. Anything else becomes ``<stem>.pt`` plus, when it holds tensors of
     ``split_bytes`` (default :data:`SPLIT_BYTES`) or more, those tensors as safetensors files named like the above.
-    Files are yielded as they are finished. A rank's sharded payload (many small tensors: biases, norms, Adam's
-    step counts) takes every tensor out (``split_bytes=0``): unpickling them one by one cost more than its file.
+    Files are yielded as they are finished; a safetensors file is built in a buffer from ``buffers`` when given
+    (:mod:`sdk.checkpoints._buffers`: reused from the last save). A rank's sharded payload (many small tensors:
+    biases, norms, Adam's step counts) takes every tensor out (``split_bytes=0``): unpickling them one by one cost
+    more than its file.
     """
     limit = SHARD_BYTES if shard_bytes is None else shard_bytes
     if not _is_flat_tensor_dict(state):
@@ -106,7 +114,7 @@ def encode(
         size += nbytes
     for i, shard in enumerate(shards, 1):
         name = f"{stem}.safetensors" if len(shards) == 1 else f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-        yield _safetensors_file(name, shard)
+        yield _safetensors_file(name, shard, buffers)
 
 
 def _check_readable(stem: str, skeleton: Any, encoded: EncodedFile) -> None:
@@ -293,7 +301,9 @@ def _is_flat_tensor_dict(state: Any) -> bool:
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) and _safetensorable(v) for k, v in state.items())
 
 
-def _safetensors_file(name: str, tensors: Mapping[str, torch.Tensor]) -> EncodedFile:
+def _safetensors_file(
+    name: str, tensors: Mapping[str, torch.Tensor], buffers: FileBuffers | None = None
+) -> EncodedFile:
     """The safetensors format: u64 header length, JSON header, then each tensor's raw bytes.
 
     The bytes are gathered with torch copies (GIL released) straight into the ``bytearray`` that is the file
@@ -316,7 +326,8 @@ def _safetensors_file(name: str, tensors: Mapping[str, torch.Tensor]) -> Encoded
         offset += nbytes
     crcs = {f"{statefile.CRC_KEY}{key}": "0" * 8 for key, _ in ordered}  # filled in once the bytes are copied
     raw = _header_bytes(header, crcs)
-    data = bytearray(8 + len(raw) + offset)  # the file itself: tensors are copied straight into it
+    size = 8 + len(raw) + offset
+    data = buffers.take(size) if buffers is not None else bytearray(size)  # the file: tensors are copied into it
     base = 8 + len(raw)
     buffer = torch.frombuffer(data, dtype=torch.uint8) if offset else None
     position, body_crc = base, 0
