@@ -8,6 +8,10 @@ Each rank writes ``DIR/rank-<r>.json`` with what it saw:
   must raise the same one-line CheckpointError (no rank left waiting in a collective).
 * ``unstepped``: a save before the optimizer's first step must not step it (no state appears, Adam's step count
   stays 0), and the optimizer is then saved per rank.
+* ``midload``: an FSDP2 model's only checkpoint, one bit of the last tensor of rank 1's payload flipped on disk (a
+  local folder keeps no checksum: nothing finds it before the load). Loading on 2 ranks, rank 0 copies its shards
+  in while rank 1 finds the damage: both must raise PartlyLoadedError (neither starts fresh from a half-written
+  model, neither hangs), and a second load must skip the checkpoint on both ranks before writing anything.
 """
 
 from __future__ import annotations
@@ -48,9 +52,46 @@ def main() -> None:
     )
     seen["unstepped_state"] = len(unstepped.state)
     seen["unstepped_sharded"] = list(info.manifest.sharded)
+    seen["midload"] = midload(out / "midload", rank, world)
 
     (out / f"rank-{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()
+
+
+def midload(root: Path, rank: int, world: int) -> list[str]:
+    """Save an FSDP2 model once, damage rank 1's last tensor, load twice: each load's outcome on this rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from sdk.checkpoints import _statefile as statefile
+    from sdk.errors import PartlyLoadedError
+
+    def fsdp() -> torch.nn.Module:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    torch.manual_seed(0)
+    Checkpointer(root.as_uri(), attempt=1, world_size=world, rank=rank, writer="c").save(1, {"model": fsdp()})
+    dist.barrier()
+    if rank == 0:
+        (payload,) = root.rglob("rank-1/sharded*.safetensors")
+        data = bytearray(payload.read_bytes())
+        last = statefile.safetensors_header(payload.name, bytes(data), location="here")[-1]
+        data[last.end - 1] ^= 0x01
+        payload.write_bytes(bytes(data))
+    dist.barrier()
+    outcomes = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        try:
+            step = Checkpointer(root.as_uri(), attempt=2, world_size=world, rank=rank).load({"model": fsdp()})
+            outcomes.append(f"loaded {step}")
+        except PartlyLoadedError as exc:
+            outcomes.append(f"PartlyLoadedError: {exc}")
+    return outcomes
 
 
 if __name__ == "__main__":

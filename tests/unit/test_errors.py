@@ -67,10 +67,10 @@ def test_a_state_that_does_not_fit_its_checkpoint_exits_2_and_damage_is_not_an_e
 def test_a_checkpoint_damaged_after_part_of_it_was_loaded_exits_69() -> None:
     """PartlyLoadedError: the state is half a checkpoint, the run must start again (69: retry), unlike damage found
     before anything was written (skipped, no exit code)."""
-    from sdk.errors import EXIT_UNAVAILABLE, CheckpointError, PartlyLoadedError, exit_code
+    from sdk.errors import CheckpointError, PartlyLoadedError, exit_code
+    from sdk.outcomes import EXIT_UNAVAILABLE
 
     error = PartlyLoadedError("a checkpoint was found damaged after part of it had been loaded")
-    assert EXIT_UNAVAILABLE == 69
-    assert exit_code(error) == 69
+    assert exit_code(error) == EXIT_UNAVAILABLE == 69
     assert isinstance(error, CheckpointError) and not isinstance(error, InvalidCheckpointError)
     assert error.fault == "platform"
