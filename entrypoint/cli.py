@@ -237,7 +237,8 @@ def _run(args: argparse.Namespace, early: EarlySignals | None = None) -> int:
     for signum in FORWARDED:  # the child is gone: a late signal must not cut the termination message short
         signal.signal(signum, signal.SIG_IGN)
     pushed, push_note = data.push_after_child(config, result.exit_by, log)  # outputs go up whatever the outcome
-    outcome = outcome_of(result, completed=_child_completed(recorder), push_problem=push_note)  # unpushed: 69
+    completed, stopped = _child_said(recorder)
+    outcome = outcome_of(result, completed=completed, stopped=stopped, push_problem=push_note)  # unpushed: 69
     # Under preemption, half of what is left of the grace period goes to finding the checkpoint; the rest is spare.
     # Otherwise at most half a grace period, in case the pod is told to stop while we look.
     limit = min(10.0, config.grace_seconds / 2)
@@ -272,12 +273,13 @@ def _before_pull(args: argparse.Namespace, config: Any, early: EarlySignals | No
     return None if problem is None else _run_config_error(args, problem[1], code=problem[0])
 
 
-def _child_completed(recorder: record.Recorder) -> bool | None:
-    """Whether the child reported reaching the end of its run (:func:`sdk.lifecycle.childreport.completed`); None: no
-    report."""
+def _child_said(recorder: record.Recorder) -> tuple[bool | None, str | None]:
+    """From the child's last report (:mod:`sdk.lifecycle.childreport`): whether it reached its end (None: no report)
+    and why its ranks stopped before it without a signal here, if they did."""
     from sdk.lifecycle import childreport as report
 
-    return report.completed(report.read(recorder.report_file))
+    child = report.read(recorder.report_file)
+    return report.completed(child), report.stopped(child)
 
 
 def _run_failed_before_child(

@@ -70,10 +70,12 @@ class SupervisorResult:
     reaped: list[int] = field(default_factory=list)  # orphans reaped as PID 1
 
 
-def outcome_of(result: SupervisorResult, *, completed: bool | None = None, push_problem: str = "") -> Outcome:
+def outcome_of(
+    result: SupervisorResult, *, completed: bool | None = None, stopped: str | None = None, push_problem: str = ""
+) -> Outcome:
     """The exit code and sentence for ``result`` (see :func:`entrypoint.termination.classify`).
 
-    ``completed``: the child's completion report (:func:`sdk.lifecycle.childreport.completed`). ``push_problem``: why
+    ``completed``, ``stopped``: the child's report (:mod:`sdk.lifecycle.childreport`). ``push_problem``: why
     the outputs
     were not pushed, if so; a success then becomes 69, so the retry resumes at the final checkpoint and pushes.
     """
@@ -87,6 +89,7 @@ def outcome_of(result: SupervisorResult, *, completed: bool | None = None, push_
         killed_by_us=result.killed_by_us,
         forwarded=result.forwarded,
         completed=completed,
+        stopped=stopped,
     )
     if outcome.exit_code == EXIT_OK and push_problem:
         return Outcome(

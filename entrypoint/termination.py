@@ -62,6 +62,7 @@ def classify(
     killed_by_us: bool = False,
     forwarded: frozenset[int] = frozenset(),
     completed: bool | None = None,
+    stopped: str | None = None,
 ) -> Outcome:
     """Map the child's return code (``-N``: killed by signal N, as ``subprocess`` reports it) to an exit code.
 
@@ -72,7 +73,10 @@ def classify(
     report, :mod:`sdk.lifecycle.childreport`): ``False`` makes it a preemption (75: the run did not reach its end, the
     retry
     resumes); ``None`` (no SDK in the child, nothing reported) trusts the exit code, as the message says.
-    ``forwarded``: signals the supervisor passed on to the child.
+    ``forwarded``: signals the supervisor passed on to the child. ``stopped``: why the child's ranks stopped
+    before their end without a signal to this supervisor (the report's, :func:`sdk.lifecycle.childreport.stopped`):
+    another pod of the job was preempted, or ranks went silent. Its failure is then a preemption (75), whatever
+    code a launcher such as torchrun turned its workers' 75 into.
     """
     if returncode == 0:
         if not preempted:
@@ -96,6 +100,8 @@ def classify(
         if returncode == EXIT_PREEMPTED:
             return Outcome(EXIT_PREEMPTED, "preempted: child stopped on SIGTERM and exited 75")
         return Outcome(EXIT_PREEMPTED, f"preempted: SIGTERM received and forwarded; {how}")
+    if stopped:
+        return Outcome(EXIT_PREEMPTED, f"preempted: {stopped}; {how}")
     if returncode == EXIT_PREEMPTED:
         return Outcome(EXIT_PREEMPTED, "child exited 75: preempted")
     if returncode < 0:

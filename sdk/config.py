@@ -43,14 +43,15 @@ T = TypeVar("T")
 class Config:
     """Everything a run needs to know about where it is and what it may do.
 
-    Each field maps to ``PODTRAIN_<FIELD>`` (upper case), except ``rank``/``world_size``, which follow
-    torchrun's ``RANK``/``WORLD_SIZE``.
+    Each field maps to ``PODTRAIN_<FIELD>`` (upper case), except ``rank``/``world_size``/``local_rank``, which follow
+    torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
     """
 
     run_id: str = "local"
     attempt: int | None = None  # None: derived from the checkpoint store (newest attempt seen + 1)
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0  # the rank among this pod's (node's) processes: local rank 0 reports to the pod's supervisor
     data_uri: str | None = None  # one URL, or several separated by commas
     data_dir: str = ""
     data_include: str = ""  # comma-separated globs on names under the data URI; empty: everything
@@ -103,6 +104,7 @@ class Config:
         self._check_int("world_size", 1, _MAX_COUNT, "the number of ranks")
         if not 0 <= self.rank < self.world_size:
             _fail("rank", self.rank, f"must be in [0, WORLD_SIZE={self.world_size})")
+        self._check_int("local_rank", 0, _MAX_COUNT, "the rank among this pod's processes")
         self._check_int("keep_last", 1, _MAX_COUNT, "how many checkpoints to keep")
         self._check_int("keep_every", 1, _MAX_STEPS, "a step interval")
         self._check_int("checkpoint_every_steps", 1, _MAX_STEPS, "a step interval")
@@ -191,7 +193,7 @@ def _split(text: str) -> list[str]:
 
 
 def _variable(name: str) -> str:
-    return name.upper() if name in ("rank", "world_size") else ENV_PREFIX + name.upper()
+    return name.upper() if name in ("rank", "world_size", "local_rank") else ENV_PREFIX + name.upper()
 
 
 def _fail(name: str, value: object, fix: str) -> None:

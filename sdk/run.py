@@ -34,10 +34,12 @@ from sdk.data import outputs
 from sdk.data.pull import PullResult
 from sdk.data.push import PushResult
 from sdk.errors import ConfigError, PodtrainError, exit_code
+from sdk.lifecycle import peers
 from sdk.lifecycle.agreement import Agreement
 from sdk.lifecycle.childreport import Report
+from sdk.lifecycle.peers import PeerWatch
 from sdk.lifecycle.preemption import Preemption
-from sdk.outcomes import EXIT_PREEMPTED
+from sdk.outcomes import EXIT_FAILED, EXIT_PREEMPTED
 from sdk.redaction import redact
 from sdk.stores.store import RetryPolicy
 
@@ -90,7 +92,8 @@ class Run:
             checkpointer.shared_writer = self.agreement.writer_id
             checkpointer.collective = self.agreement  # sharded saves and loads agree on the same group
         self._metrics: dict[str, Any] | None = None  # the last record log_metrics() wrote
-        self.report = Report(config.report_file if config.rank == 0 else "", clock=clock)  # for the run record
+        self.report = Report(config.report_file, clock=clock, steps=config.local_rank == 0)  # this pod's steps
+        self.peers: PeerWatch | None = None  # the other ranks' beats, in a job of several (sdk.lifecycle.peers)
 
     @property
     def last_checkpoint(self) -> CheckpointInfo | None:
@@ -173,6 +176,17 @@ class Run:
             self.config.output_dir, model, name=name, sidecar={**sidecar, "metrics": self._metrics, **meta}
         )
         return push(folder, f"{default_url(self.config.artifact_uri, self.config.run_id)}/export")
+
+    def _peers_gone(self, why: str, failed: bool) -> None:
+        """From the peer watch's thread: ranks went silent (or one failed). This rank is most likely stuck in a
+        collective it cannot leave, and nothing can be committed without them: tell the supervisor, exit now — 75
+        (the retry resumes from the last commit), or 1 when a rank failed (its error is the job's)."""
+        self.log.error("run.peer_failed" if failed else "run.peers_silent", reason=why)
+        if not failed:
+            self.report.stopped(why)  # podtrain run exits 75 whatever code torchrun makes of this one
+        print(f"podtrain: rank {self.config.rank}: {why}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_FAILED if failed else EXIT_PREEMPTED)
 
     def should_stop(self) -> bool:
         """True once a stop signal arrived: break out of the loop; the block's end saves what fits, exits 75.
@@ -334,6 +348,7 @@ class Run:
         """
         if not self.preemption.requested:  # another rank got the signal: this one's deadline starts now
             self.preemption.request()
+            self.report.fields["stopped"] = "preempted with the job's other ranks (a stop signal reached one of them)"
         self.report.flush()  # the steps reached, before anything that might not finish in time
         reason = self._emergency_blocker()
         save = reason is None
@@ -433,15 +448,25 @@ def _opened(config: Config | None, preemption: Preemption | None, overrides: dic
     run.preemption.install()
     run.log.info("run.start", checkpoint_uri=checkpointer.url, world_size=config.world_size)
     run.report.begin()  # the SDK is in use: after a SIGTERM the supervisor trusts an exit 0 only once complete()
+    _watch_peers(run)
     try:
         try:
             yield run
-        except BaseException:
+        except BaseException as exc:
+            if run.peers is not None:
+                if peers.collective_failure(exc):  # peers gone? then the watch ends this process as preempted
+                    run.log.warning(
+                        "run.collective_failed", waiting_s=round(run.peers.silence, 1), error=str(exc)[:300]
+                    )
+                    run.peers.verdict()
+                run.peers.stop(failed=True)
             run.close(failed=True)
             raise
         if run.stopping():
             run.finish_preempted()
             run.close(failed=True, timeout=max(0.0, run.preemption.seconds_left() or 0.0))
+            if run.peers is not None:
+                run.peers.stop()
             _exit_preempted(run)
         try:
             run.finish()
@@ -451,10 +476,31 @@ def _opened(config: Config | None, preemption: Preemption | None, overrides: dic
         run.close()
         run.report.complete()  # the block reached its end without a stop request (sdk.lifecycle.childreport)
     finally:
+        if run.peers is not None:
+            run.peers.stop()
         run.preemption.uninstall()
         if run.report.pending:
             run.report.flush()
     run.log.info("run.end", last_checkpoint=run.last_checkpoint.url if run.last_checkpoint else None)
+
+
+def _watch_peers(run: Run) -> None:
+    """Start beating with the other ranks (:mod:`sdk.lifecycle.peers`), in a job of several; a store that cannot be
+    reached leaves the run without the watch, with a warning."""
+    config = run.config
+    if config.world_size < 2:
+        return
+    try:
+        run.peers = peers.watch_for(
+            rank=config.rank,
+            world_size=config.world_size,
+            attempt=run.checkpointer.attempt,
+            grace_seconds=config.grace_seconds,
+            on_silent=run._peers_gone,
+            env=os.environ,
+        )
+    except Exception as exc:  # a watch is a safety net: the run goes on without it
+        run.log.warning("run.peers_unwatched", reason=f"{type(exc).__name__}: {exc}"[:300])
 
 
 def _exit_preempted(run: Run) -> None:

@@ -1,8 +1,9 @@
 """What the training process tells its supervisor for the run record: steps reached, where it resumed, its GPUs.
 
-``podtrain run`` sets ``PODTRAIN_REPORT_FILE`` to a private temporary file; rank 0 of the child keeps a small
-JSON document there (written whole, then renamed, so the supervisor never reads half of one). The supervisor
-reads it after the child ends, whatever the outcome: a child killed with SIGKILL leaves its last report.
+``podtrain run`` sets ``PODTRAIN_REPORT_FILE`` to a private temporary file; local rank 0 of the child (of each
+pod, in a job of several) keeps a small JSON document there (written whole, then renamed, so the supervisor never
+reads half of one). The supervisor reads it after the child ends, whatever the outcome: a child killed with SIGKILL
+leaves its last report.
 Without the variable (``python train.py`` on a laptop) nothing is written.
 
 Writes are throttled to one per :data:`EVERY` seconds while steps advance, plus one at each event that matters
@@ -12,6 +13,10 @@ Writes are throttled to one per :data:`EVERY` seconds while steps advance, plus 
 opens (:meth:`Report.begin`) and ``True`` when it ends normally without a stop request (:meth:`Report.complete`).
 After a SIGTERM the supervisor counts a child's exit 0 as success only with ``completed: true``; a report without
 the field (no SDK in the child) leaves the exit code as the only word on it.
+
+``stopped`` says why the ranks stopped before their end when this pod got no signal of its own: another pod's
+ranks were preempted and every rank stopped with them, or ranks went silent (:mod:`sdk.lifecycle.peers`). A
+launcher such as torchrun exits 1 when its workers exit 75; with ``stopped`` the supervisor still exits 75.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EVERY", "Report", "completed", "gpu_info", "read"]
+__all__ = ["EVERY", "Report", "completed", "gpu_info", "read", "stopped"]
 
 EVERY = 1.0
 
@@ -32,8 +37,11 @@ EVERY = 1.0
 class Report:
     """The child's side: ``update(**fields)``, ``step(n)`` on every step, ``flush()`` at events."""
 
-    def __init__(self, path: str, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.path = Path(path) if path else None
+    def __init__(self, path: str, *, clock: Callable[[], float] = time.monotonic, steps: bool = True) -> None:
+        """``steps``: this process reports the pod's steps (local rank 0); the others only say why they stopped, in
+        a file of their own beside it (``<path>.stopped-<pid>``), which :func:`read` merges."""
+        self._stopped_path = Path(f"{path}.stopped-{os.getpid()}") if path else None
+        self.path = Path(path) if path and steps else None
         self.fields: dict[str, Any] = {}
         self._clock = clock
         self._written_at = float("-inf")
@@ -52,6 +60,16 @@ class Report:
     def complete(self) -> None:
         """The block reached its end without a stop request."""
         self.update(completed=True)
+
+    def stopped(self, why: str) -> None:
+        """The ranks stopped before their end, for ``why`` (a preemption, ranks gone silent)."""
+        if self.path is not None:
+            self.update(stopped=why)
+        elif self._stopped_path is not None:
+            try:
+                self._stopped_path.write_text(json.dumps({"stopped": why}))
+            except OSError:
+                return
 
     def step(self, step: int) -> None:
         """The loop reached ``step``; written when :data:`EVERY` seconds passed since the last write."""
@@ -101,10 +119,27 @@ def completed(child: dict[str, Any]) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
+def stopped(child: dict[str, Any]) -> str | None:
+    """From a report read by :func:`read`: why the ranks stopped before their end, or None."""
+    value = child.get("stopped")
+    return value[:500] if isinstance(value, str) and value else None
+
+
 def read(path: str) -> dict[str, Any]:
-    """The child's last report, or ``{}`` when it wrote none."""
+    """The child's last report, or ``{}`` when it wrote none; ``stopped`` from another process of the pod when the
+    report has none."""
+    report = _document(Path(path))
+    if "stopped" not in report:
+        for other in sorted(Path(path).parent.glob(f"{Path(path).name}.stopped-*")):
+            if isinstance(why := _document(other).get("stopped"), str):
+                report["stopped"] = why
+                break
+    return report
+
+
+def _document(path: Path) -> dict[str, Any]:
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
