@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 from sdk.errors import ConfigError
 from sdk.lifecycle.preemption import parse_signals
 
-__all__ = ["ENV_PREFIX", "CheckpointMode", "Config", "LogFormat"]
+__all__ = ["ENV_PREFIX", "EXTERNAL", "CheckpointMode", "Config", "LogFormat", "variable_of"]
 
 ENV_PREFIX = "PODTRAIN_"
 LogFormat = Literal["auto", "json", "console"]
@@ -43,8 +43,8 @@ T = TypeVar("T")
 class Config:
     """Everything a run needs to know about where it is and what it may do.
 
-    Each field maps to ``PODTRAIN_<FIELD>`` (upper case), except ``rank``/``world_size``/``local_rank``, which follow
-    torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
+    Each field maps to ``PODTRAIN_<FIELD>`` (upper case), except those another program sets
+    (:data:`EXTERNAL`): torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, Kubernetes' ``JOB_COMPLETION_INDEX``.
     """
 
     run_id: str = "local"
@@ -52,6 +52,7 @@ class Config:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0  # the rank among this pod's (node's) processes: local rank 0 reports to the pod's supervisor
+    pod_index: int | None = None  # the pod's index in a job of several pods (an Indexed Job's, a JobSet's)
     data_uri: str | None = None  # one URL, or several separated by commas
     data_dir: str = ""
     data_include: str = ""  # comma-separated globs on names under the data URI; empty: everything
@@ -105,6 +106,7 @@ class Config:
         if not 0 <= self.rank < self.world_size:
             _fail("rank", self.rank, f"must be in [0, WORLD_SIZE={self.world_size})")
         self._check_int("local_rank", 0, _MAX_COUNT, "the rank among this pod's processes")
+        self._check_int("pod_index", 0, _MAX_COUNT, "the pod's index in its job")
         self._check_int("keep_last", 1, _MAX_COUNT, "how many checkpoints to keep")
         self._check_int("keep_every", 1, _MAX_STEPS, "a step interval")
         self._check_int("checkpoint_every_steps", 1, _MAX_STEPS, "a step interval")
@@ -192,8 +194,20 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _variable(name: str) -> str:
-    return name.upper() if name in ("rank", "world_size", "local_rank") else ENV_PREFIX + name.upper()
+EXTERNAL = {  # fields another program sets, and its variable
+    "rank": "RANK",
+    "world_size": "WORLD_SIZE",
+    "local_rank": "LOCAL_RANK",
+    "pod_index": "JOB_COMPLETION_INDEX",
+}
+
+
+def variable_of(name: str) -> str:
+    """The environment variable of the field ``name``."""
+    return EXTERNAL.get(name, ENV_PREFIX + name.upper())
+
+
+_variable = variable_of
 
 
 def _fail(name: str, value: object, fix: str) -> None:

@@ -107,6 +107,7 @@ class Recorder:
             "attempt": config.attempt,
             "started_at": _now(),
             "outcome": RUNNING,
+            "pod": config.pod_index,
             "node": config.node_name or None,
             "host": socket.gethostname(),
             "gpu_count": gpu_count(),
@@ -178,9 +179,10 @@ class Recorder:
         self.log.info("supervisor.recorded", url=f"{self.url}/run.json", outcome=entry["outcome"])
 
     def _cleanup(self) -> None:
-        for path in (self.report_file, self.report_file + ".tmp"):
+        folder = os.path.dirname(self.report_file)
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():  # the report, its .tmp, others' .stopped-*
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(os.path.join(folder, name))
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(self.report_file))
 

@@ -1,14 +1,17 @@
-"""The run record: one entry per attempt of a run, kept beside its artifacts, read by people and by chargeback.
+"""The run record: one entry per attempt of a run (per pod of an attempt, in a job of several pods), kept beside its
+artifacts, read by people and by chargeback.
 
-Each attempt writes its own object, ``<artifact URI>/<run_id>/.podtrain/attempt-<N>.json``, so two attempts
-never overwrite each other's entry (a preempted attempt's supervisor may still be writing while the next one
-starts). ``run.json`` beside the artifacts is the merged view, rewritten from those objects after each write;
-:func:`read` merges the objects itself, so a ``run.json`` that lost a race is never what a reader gets.
+Each attempt writes its own object, ``<artifact URI>/<run_id>/.podtrain/attempt-<N>.json`` (each pod of it
+``attempt-<N>-pod-<i>.json``), so two attempts never overwrite each other's entry (a preempted attempt's supervisor
+may still be writing while the next one starts). ``run.json`` beside the artifacts is the merged view, rewritten
+from those objects after each write; :func:`read` merges the objects itself, so a ``run.json`` that lost a race is
+never what a reader gets.
 
 An entry (all fields optional but ``attempt`` and ``outcome``):
 
 ======================  =====================================================================================
 ``attempt``             the attempt number (``PODTRAIN_ATTEMPT``)
+``pod``                 the pod's index in a job of several pods (``JOB_COMPLETION_INDEX``), else absent
 ``started_at``          UTC ISO time the supervisor started, ``ended_at`` when it wrote the entry
 ``outcome``             ``running`` (written at the start), then ``succeeded``, ``preempted``, ``failed``,
                         ``config_error`` or ``storage_unavailable``; ``exit_code`` and ``message`` with it
@@ -67,14 +70,20 @@ def read(url: str, *, retry: RetryPolicy | None = None) -> dict[str, Any]:
 
 
 def totals(entries: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """What the attempts add up to: wall and GPU seconds (chargeback sums these), steps lost, preemptions."""
+    """What the attempts add up to: wall and GPU seconds over every pod of every attempt (chargeback sums these);
+    attempts, preemptions and steps lost counted once per attempt, however many pods it had."""
     entries = list(entries)
+    attempts: dict[Any, list[Mapping[str, Any]]] = {}
+    for number, entry in enumerate(entries):  # an entry without a number is an attempt of its own
+        attempts.setdefault(entry.get("attempt") if entry.get("attempt") is not None else ("?", number), []).append(
+            entry
+        )
     return {
-        "attempts": len(entries),
-        "preemptions": sum(1 for e in entries if e.get("outcome") == "preempted"),
+        "attempts": len(attempts),
+        "preemptions": sum(1 for pods in attempts.values() if any(e.get("outcome") == "preempted" for e in pods)),
         "wall_seconds": round(sum(float(e.get("wall_seconds") or 0) for e in entries), 3),
         "gpu_seconds": round(sum(float(e.get("gpu_seconds") or 0) for e in entries), 3),
-        "steps_lost": sum(int(e.get("steps_lost") or 0) for e in entries),
+        "steps_lost": sum(max(int(e.get("steps_lost") or 0) for e in pods) for pods in attempts.values()),
         "last_step": max((int(e["last_step"]) for e in entries if e.get("last_step") is not None), default=None),
         "outcome": entries[-1].get("outcome") if entries else None,
     }
@@ -90,7 +99,9 @@ def _merge(store: Store, *, run_id: Any) -> dict[str, Any]:
                 )
             except ValueError:
                 continue  # not ours to interpret; the other attempts still count
-    entries.sort(key=lambda e: (e.get("attempt") is None, e.get("attempt") or 0, str(e.get("started_at"))))
+    entries.sort(
+        key=lambda e: (e.get("attempt") is None, e.get("attempt") or 0, e.get("pod") or 0, str(e.get("started_at")))
+    )
     run_id = run_id or next((e.get("run_id") for e in entries if e.get("run_id")), None)
     return {"run_id": run_id, "url": store.url, "attempts": entries, "totals": totals(entries)}
 
@@ -99,7 +110,8 @@ def _entry_name(entry: Mapping[str, Any]) -> str:
     attempt = entry.get("attempt")
     # Without a number (the store was unreachable when it would have been derived) the start time tells it apart.
     suffix = f"{int(attempt):04d}" if attempt is not None else "x-" + str(entry.get("started_at", "")).replace(":", "")
-    return f"{ATTEMPTS_DIR}/attempt-{suffix}.json"
+    pod = entry.get("pod")
+    return f"{ATTEMPTS_DIR}/attempt-{suffix}{'' if pod is None else f'-pod-{int(pod)}'}.json"
 
 
 def _dump(value: Any) -> bytes:
@@ -109,6 +121,7 @@ def _dump(value: Any) -> bytes:
 
 _COLUMNS = (
     ("attempt", "attempt"),
+    ("pod", "pod"),
     ("started_at", "started (UTC)"),
     ("outcome", "outcome"),
     ("exit_code", "exit"),
@@ -124,11 +137,14 @@ _COLUMNS = (
 
 
 def render(record: Mapping[str, Any]) -> str:
-    """The record as a text table, one row per attempt, then the totals."""
-    rows = [[title for _, title in _COLUMNS]]
-    for entry in record.get("attempts", []):
-        rows.append([_cell(entry, key) for key, _ in _COLUMNS])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    """The record as a text table, one row per attempt (per pod of it, with a ``pod`` column), then the totals."""
+    entries = record.get("attempts", [])
+    pods = any(entry.get("pod") is not None for entry in entries)  # a job of several pods: a row per pod
+    columns = [(key, title) for key, title in _COLUMNS if pods or key != "pod"]
+    rows = [[title for _, title in columns]]
+    for entry in entries:
+        rows.append([_cell(entry, key) for key, _ in columns])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = [f"run {record.get('run_id') or '?'}  ({record.get('url', '')})"]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     t = record.get("totals") or totals(record.get("attempts", []))

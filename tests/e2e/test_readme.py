@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sdk.config import ENV_PREFIX, Config
+from sdk.config import Config, variable_of
 from sdk.outcomes import SUPERVISOR_OUTCOMES
 from tests.servers import MotoS3Server
 
@@ -170,8 +170,7 @@ def test_the_environment_table_lists_every_setting_with_its_default() -> None:
                 rows[name] = cells[1]
     defaults = Config()
     for field in dataclasses.fields(Config):
-        torchrun = ("rank", "world_size", "local_rank")  # torchrun sets these, not podtrain
-        name = field.name.upper() if field.name in torchrun else ENV_PREFIX + field.name.upper()
+        name = variable_of(field.name)
         assert name in rows, f"{name} is missing from the README's environment table"
         value = getattr(defaults, field.name)
         if value in (None, "") or ".podtrain" in str(value):

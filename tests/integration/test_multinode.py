@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from sdk.checkpoints.checkpointer import Checkpointer
+from sdk.lifecycle import runrecord
 from sdk.outcomes import EXIT_PREEMPTED
 from tests.integration.test_ranks import _env as ranks_env
 from tests.integration.test_sharded import _differences
@@ -74,6 +75,7 @@ def _env(tmp: Path, attempt: int, uri: str, node: int) -> dict[str, str]:
     return {
         **ranks_env(tmp, attempt, uri, run_id="multinode"),
         "PODTRAIN_TERMINATION_LOG": str(_message(tmp, attempt, node)),
+        "JOB_COMPLETION_INDEX": str(node),  # as an Indexed Job (a JobSet) numbers its pods
     }
 
 
@@ -196,6 +198,15 @@ def test_sigterm_to_one_pod_stops_the_gang_at_one_committed_step_and_both_resume
     retry = tmp_path / "attempt-2"
     assert {json.loads((retry / f"rank-{r}.json").read_text())["start"] for r in range(4)} == {stop}
     assert _differences(_state(retry, f"final-{STEPS}"), reference) == [], "the resumed run ends elsewhere"
+    run = runrecord.read(str(tmp_path / "artifacts" / "multinode"))
+    assert [(e["attempt"], e["pod"], e["outcome"]) for e in run["attempts"]] == [
+        (1, 0, "preempted"),
+        (1, 1, "preempted"),
+        (2, 0, "succeeded"),
+        (2, 1, "succeeded"),
+    ]
+    assert (run["totals"]["attempts"], run["totals"]["preemptions"]) == (2, 1)
+    assert run["totals"]["wall_seconds"] == pytest.approx(sum(e["wall_seconds"] for e in run["attempts"]), abs=0.01)
 
 
 @pytest.mark.timeout(600)

@@ -271,3 +271,20 @@ def test_config_is_frozen() -> None:
     config = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.run_id = "other"  # type: ignore[misc]
+
+
+def test_local_rank_comes_from_torchrun_s_variable() -> None:
+    """LOCAL_RANK is read as torchrun sets it, beside RANK and WORLD_SIZE; PODTRAIN_LOCAL_RANK is not a thing."""
+    config = Config.from_env({"LOCAL_RANK": "3", "RANK": "5", "WORLD_SIZE": "8", "PODTRAIN_LOCAL_RANK": "1"})
+    assert (config.local_rank, config.rank, config.world_size) == (3, 5, 8)
+
+
+def test_local_rank_defaults_to_0() -> None:
+    """Without LOCAL_RANK (python train.py, or a launcher that does not set it) the process is local rank 0."""
+    assert Config.from_env({"RANK": "5", "WORLD_SIZE": "8"}).local_rank == 0
+
+
+def test_a_negative_local_rank_names_local_rank() -> None:
+    """LOCAL_RANK=-1 is a ConfigError quoting the variable as torchrun spells it."""
+    with pytest.raises(ConfigError, match=r"^LOCAL_RANK=-1 is invalid"):
+        Config.from_env({"LOCAL_RANK": "-1"})

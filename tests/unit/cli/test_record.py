@@ -55,6 +55,39 @@ def test_each_attempt_keeps_its_own_entry_and_run_json_holds_them_all(memory_url
     assert record.read(f"{memory_url}/run.json") == merged, "the URL of run.json itself is accepted"
 
 
+def test_each_pod_of_an_attempt_keeps_its_own_entry_and_the_totals_count_the_attempt_once(memory_url: str) -> None:
+    """Two pods of attempt 1 (preempted, each 4 steps lost) and of attempt 2: four entries, every pod's GPU-seconds
+    summed, but 2 attempts, 1 preemption and 4 steps lost; the table gets a pod column."""
+    for attempt, outcome in ((1, "preempted"), (2, "succeeded")):
+        for pod in (1, 0):
+            lost = 4 if attempt == 1 else 0
+            record.write(memory_url, _entry(attempt, pod=pod, outcome=outcome, gpu_seconds=10.0 + pod, steps_lost=lost))
+    merged = record.read(memory_url)
+    assert [(e["attempt"], e["pod"]) for e in merged["attempts"]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    totals = merged["totals"]
+    assert (totals["attempts"], totals["preemptions"], totals["steps_lost"]) == (2, 1, 4)
+    assert totals["gpu_seconds"] == 42.0
+    assert sorted(open_store(memory_url).list(record.ATTEMPTS_DIR)) == [
+        "attempt-0001-pod-0.json",
+        "attempt-0001-pod-1.json",
+        "attempt-0002-pod-0.json",
+        "attempt-0002-pod-1.json",
+    ]
+    header = record.render(merged).splitlines()[1].split()
+    assert header[:2] == ["attempt", "pod"]
+
+
+def test_the_supervisor_entry_names_its_pod_from_the_job_completion_index(tmp_path: Path) -> None:
+    """JOB_COMPLETION_INDEX (an Indexed Job's, a JobSet's) is the entry's pod; without it the entry has none."""
+    config = Config.from_env(
+        {"JOB_COMPLETION_INDEX": "1", "PODTRAIN_RUN_ID": "r1", "PODTRAIN_ATTEMPT": "2"},
+        artifact_uri=(tmp_path / "art").as_uri(),
+    )
+    assert config.pod_index == 1
+    assert Recorder(config, _Log()).entry["pod"] == 1
+    assert Recorder(Config(run_id="r1", attempt=2), _Log()).entry["pod"] is None
+
+
 def test_an_attempt_rewriting_its_entry_replaces_it_without_touching_the_others(memory_url: str) -> None:
     """The `running` entry at the start is replaced by the final one; the other attempt's entry stays."""
     record.write(memory_url, _entry(1))

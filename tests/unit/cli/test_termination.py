@@ -163,3 +163,51 @@ def test_write_termination_log_never_fails_on_a_line_that_is_not_utf8(tmp_path: 
     target = tmp_path / "termination-log"
     assert term.write_termination_log(str(target), '{"message": "\udcff"}')
     assert target.read_bytes() == b'{"message": "\\udcff"}\n'
+
+
+STOPPED = "preempted with the job's other ranks (a stop signal reached one of them)"
+
+
+def test_a_failure_after_the_ranks_stopped_with_another_pod_is_a_preemption() -> None:
+    """torchrun exits 1 when its workers exit 75: with the child's ``stopped`` reason it is 75, and the message
+    gives the reason and how the child ended."""
+    outcome = classify(1, stopped=STOPPED)
+    assert outcome.exit_code == 75 and outcome.outcome == "preempted"
+    assert STOPPED in outcome.message and "child exited 1" in outcome.message
+
+
+def test_a_child_killed_after_its_ranks_stopped_is_a_preemption() -> None:
+    """A signal death (SIGKILL) after the ranks said why they stopped is 75 too, and says so."""
+    outcome = classify(-signal.SIGKILL, stopped=STOPPED)
+    assert outcome.exit_code == 75 and "SIGKILL" in outcome.message and STOPPED in outcome.message
+
+
+def test_without_a_stopped_reason_exit_1_stays_a_failure() -> None:
+    """No reason reported (or an empty one): exit 1 is a failure, not retried."""
+    assert classify(1).exit_code == 1
+    assert classify(1, stopped=None).exit_code == 1
+    assert classify(1, stopped="").exit_code == 1
+
+
+@pytest.mark.parametrize(("returncode", "code"), [(0, 0), (2, 2), (69, 69)])
+def test_a_stopped_reason_does_not_change_success_bad_configuration_or_unavailable_storage(
+    returncode: int, code: int
+) -> None:
+    """0, 2 and 69 keep their meaning whatever the report says."""
+    assert classify(returncode, stopped=STOPPED).exit_code == code
+
+
+@pytest.mark.parametrize(
+    ("returncode", "killed", "words"),
+    [
+        (1, False, "preempted: SIGTERM received and forwarded; child exited 1"),
+        (-signal.SIGKILL, True, "deadline"),
+        (75, False, "preempted: child stopped on SIGTERM and exited 75"),
+    ],
+)
+def test_a_sigterm_to_this_pod_is_told_as_before_with_a_stopped_reason(
+    returncode: int, killed: bool, words: str
+) -> None:
+    """With ``preempted`` (this supervisor got SIGTERM) the message is the SIGTERM's, not the report's reason."""
+    outcome = classify(returncode, preempted=True, killed_by_us=killed, stopped=STOPPED)
+    assert outcome.exit_code == 75 and words in outcome.message and STOPPED not in outcome.message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from sdk.lifecycle import childreport as report
@@ -57,3 +58,48 @@ def test_the_block_s_start_and_normal_end_are_reported_as_completed_false_then_t
     rep.complete()
     assert report.completed(report.read(str(path))) is True
     assert report.completed({}) is None and report.completed({"completed": "yes"}) is None
+
+
+def test_a_rank_without_steps_says_why_it_stopped_in_a_file_of_its_own_that_read_merges(tmp_path: Path) -> None:
+    """Report(path, steps=False).stopped(why) writes ``<path>.stopped-<pid>``; read(path) takes ``stopped`` from it
+    when the main report has none."""
+    path = tmp_path / "report.json"
+    Report(str(path), steps=False).stopped("ranks 2, 3 went silent")
+    assert json.loads((tmp_path / f"report.json.stopped-{os.getpid()}").read_text()) == {
+        "stopped": "ranks 2, 3 went silent"
+    }
+    assert not path.exists()
+    assert report.stopped(report.read(str(path))) == "ranks 2, 3 went silent"
+    Report(str(path)).update(last_step=7)
+    child = report.read(str(path))
+    assert child["last_step"] == 7 and report.stopped(child) == "ranks 2, 3 went silent"
+
+
+def test_the_main_report_s_own_stopped_wins_over_another_process_s(tmp_path: Path) -> None:
+    """Local rank 0's ``stopped`` is the one read, whatever the other ranks of the pod wrote beside it."""
+    path = tmp_path / "report.json"
+    (tmp_path / "report.json.stopped-1").write_text(json.dumps({"stopped": "rank 3 went silent"}))
+    Report(str(path)).stopped("preempted with the job's other ranks")
+    assert report.stopped(report.read(str(path))) == "preempted with the job's other ranks"
+
+
+def test_a_rank_without_steps_writes_no_step_report(tmp_path: Path) -> None:
+    """steps=False (not local rank 0): update, step, begin, complete and flush leave the report file absent."""
+    path = tmp_path / "report.json"
+    rep = Report(str(path), clock=ManualClock(), steps=False)
+    rep.begin()
+    rep.update(resumed_from=3)
+    rep.step(4)
+    rep.flush()
+    rep.complete()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stopped_reads_only_a_non_empty_string_and_caps_it_at_500_characters() -> None:
+    """A missing, empty or non-string ``stopped`` is None; a long one is cut to 500 characters."""
+    assert report.stopped({}) is None
+    assert report.stopped({"stopped": ""}) is None
+    assert report.stopped({"stopped": 75}) is None
+    assert report.stopped({"stopped": ["preempted"]}) is None
+    assert report.stopped({"stopped": "x" * 2000}) == "x" * 500
+    assert report.stopped({"stopped": "preempted"}) == "preempted"
