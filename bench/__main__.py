@@ -1,14 +1,14 @@
 """``python -m bench``: checkpoint save/resume (:mod:`bench.checkpoint`), async stalls (:mod:`bench.stall`), the
 cross-rank stop agreement (:mod:`bench.agreement`), dataset pull / artifact push against ``aws s3 sync``
-(:mod:`bench.transfer`), and sharded checkpoints on several ranks against torch.distributed.checkpoint
-(:mod:`bench.sharded`)."""
+(:mod:`bench.transfer`), sharded checkpoints on several ranks against torch.distributed.checkpoint
+(:mod:`bench.sharded`), and what a preemption of one pod of two costs (:mod:`bench.multinode`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from bench import agreement, checkpoint, sharded, stall, transfer
+from bench import agreement, checkpoint, multinode, sharded, stall, transfer
 
 
 def _agreement(argv: list[str]) -> int:
@@ -23,6 +23,7 @@ SUITES = {
     "agreement": _agreement,
     "transfer": transfer.main,
     "sharded": sharded.main,
+    "multinode": multinode.main,
 }
 DEFAULT_REPEAT = {  # stall: ~2 min/rep at 1 GiB; transfer: ~2.5 min/rep at 1.5 GiB; sharded: see bench/README.md
     "checkpoint": 3,
@@ -30,6 +31,7 @@ DEFAULT_REPEAT = {  # stall: ~2 min/rep at 1 GiB; transfer: ~2.5 min/rep at 1.5 
     "agreement": 3,
     "transfer": transfer.DEFAULT_REPEAT,
     "sharded": sharded.DEFAULT_REPEAT,
+    "multinode": 1,
 }
 
 
@@ -40,13 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint save/resume against boto3 (bench.checkpoint), then the training stall of asynchronous "
         "checkpoints (bench.stall), then the cost of the cross-rank stop agreement (bench.agreement), then dataset "
         "pull and artifact push against aws s3 sync (bench.transfer; --size-mib 1024 is a 1.5 GiB dataset), then "
-        "sharded checkpoints on 4 and 2 ranks against torch.distributed.checkpoint (bench.sharded).",
+        "sharded checkpoints on 4 and 2 ranks against torch.distributed.checkpoint (bench.sharded), then a preemption "
+        "of one pod of two (bench.multinode).",
     )
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the model state (default 1024)")
     parser.add_argument(
         "--repeat",
         type=int,
-        help="repetitions of each case; median (default: checkpoint 3, stall 2, agreement 3, transfer 2, sharded 2)",
+        help="repetitions of each case; median (default: checkpoint 3, stall 2, agreement 3, transfer 2, sharded 2, "
+        "multinode 1)",
     )
     parser.add_argument("--only", choices=sorted(SUITES), help="run one suite (default: all, in turn)")
     args = parser.parse_args(argv)

@@ -137,7 +137,10 @@ class PeerWatch:
                     False,
                 )
             return None
-        self._failing_since = None
+        if self._failing_since is not None:  # nobody could beat while the store was away: count from now
+            self._failing_since = None
+            self._seen = {rank: (value, now) for rank, value in enumerate(values)}
+            return None
         return self._silent(values, now)
 
     def _silent(self, values: Sequence[int], now: float) -> tuple[str, bool] | None:
@@ -154,7 +157,7 @@ class PeerWatch:
         if any(quiet >= self._silence for quiet in stale.values()):
             # Ranks that went with it (a pod's ranks die together, their last beats a moment apart) are named too:
             # any that missed two beats.
-            silent = sorted(r for r, quiet in stale.items() if quiet > 2 * self._interval)
+            silent = sorted(r for r, quiet in stale.items() if quiet >= self._silence or quiet > 2 * self._interval)
             return f"{_named(silent)} went silent for {self._silence:g} s (its pod gone?): the job stops", False
         return None
 
@@ -191,7 +194,7 @@ def watch_for(
     """A started :class:`PeerWatch` over the job's rendezvous store (``MASTER_ADDR``/``MASTER_PORT`` of ``env``),
     or None: one rank, or no store to reach (a job not started by torchrun nor with ``env://``)."""
     host, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
-    if world_size < 2 or not host or not port or not str(port).isdigit():
+    if world_size < 2 or not host or not port or not str(port).isascii() or not str(port).isdigit():
         return None
     from datetime import timedelta
 

@@ -168,3 +168,24 @@ def test_quick_benchmark_prints_sharded_checkpoints_against_dcp(bench_output: st
         assert re.search(r"^  cuda-stall: skipped: no CUDA", table, re.M), table
     assert re.search(r"^goals met: \d+ of \d+", table, re.M)
     assert re.search(r"^sharded benchmark: \d+ s of wall time$", table, re.M)
+
+
+def test_quick_benchmark_prints_what_a_preemption_of_one_pod_costs(bench_output: str) -> None:
+    """The multinode suite preempts one pod of two running examples/train.py and prints the stop against the grace
+    period, the steps lost, and the pod-seconds wasted against the restart floor, each with its goal."""
+    _, table = bench_output.split("preemption of one pod of 2 (2 ranks each, examples/train.py, gloo), median of 1", 1)
+    for case, unit, goal in (
+        ("stop", "s", "<= 1.00x"),
+        ("steps-lost", "steps", "<= 1"),
+        ("wasted", "pod-s", "<= 1.50x"),
+    ):
+        found = re.search(
+            rf"^{re.escape(case)}\s+{unit}\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})x\s+{re.escape(goal)}\s+(yes|NO)$",
+            table,
+            re.M,
+        )
+        assert found, f"no row for {case} with goal {goal}:\n{table}"
+        value, baseline, ratio = (float(v) for v in found.groups()[:3])
+        assert baseline > 0 and abs(ratio - value / baseline) < 0.002 + 0.01 * ratio, case
+    stop = re.search(rf"^stop\s+s\s+({NUMBER})", table, re.M)
+    assert stop and 0 < float(stop.group(1)) < 20, "both pods exit within the grace period"

@@ -44,12 +44,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _pod(node: int, port: int, out: Path, *, steps: int, sleep: float, supervised: bool = True) -> list[str]:
+def _pod(node: int, port: int, out: Path, *, steps: int, sleep: float, nodes: int = 2) -> list[str]:
     torchrun = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--nnodes=2",
+        f"--nnodes={nodes}",
         f"--node-rank={node}",
         "--nproc-per-node=2",
         "--master-addr=127.0.0.1",
@@ -68,7 +68,7 @@ def _pod(node: int, port: int, out: Path, *, steps: int, sleep: float, supervise
         "--watchdog",
         WATCHDOG,
     ]
-    return [sys.executable, "-m", "entrypoint", "run", "--", *torchrun] if supervised else torchrun
+    return [sys.executable, "-m", "entrypoint", "run", "--", *torchrun]
 
 
 def _env(tmp: Path, attempt: int, uri: str, node: int) -> dict[str, str]:
@@ -84,16 +84,18 @@ def _message(tmp: Path, attempt: int, node: int) -> Path:
 
 
 @contextmanager
-def _gang(tmp: Path, uri: str, attempt: int, *, steps: int, sleep: float) -> Iterator[list[subprocess.Popen[bytes]]]:
+def _gang(
+    tmp: Path, uri: str, attempt: int, *, steps: int, sleep: float, nodes: int = 2
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Both pods of one attempt, each its own session (a pod's process tree), output in a file per pod."""
     port, out = _free_port(), tmp / f"attempt-{attempt}"
     pods: list[subprocess.Popen[bytes]] = []
     try:
-        for node in (0, 1):
+        for node in range(nodes):
             with (tmp / f"attempt-{attempt}-pod{node}.log").open("w") as sink:
                 pods.append(
                     subprocess.Popen(
-                        _pod(node, port, out, steps=steps, sleep=sleep),
+                        _pod(node, port, out, steps=steps, sleep=sleep, nodes=nodes),
                         env=_env(tmp, attempt, uri, node),
                         start_new_session=True,
                         stdout=sink,
@@ -135,9 +137,8 @@ def _vanish(pod: subprocess.Popen[bytes]) -> None:
 
 
 def _logs(tmp: Path, attempt: int) -> str:
-    return "\n".join(
-        f"--- pod {n}:\n" + (tmp / f"attempt-{attempt}-pod{n}.log").read_text(errors="replace")[-4000:] for n in (0, 1)
-    )
+    logs = sorted(tmp.glob(f"attempt-{attempt}-pod*.log"))
+    return "\n".join(f"--- {log.stem}:\n" + log.read_text(errors="replace")[-4000:] for log in logs)
 
 
 def _wait_for_a_checkpoint(tmp: Path, ckpt: Path, attempt: int, pods: list[subprocess.Popen[bytes]]) -> None:
@@ -215,7 +216,8 @@ def test_a_pod_that_vanishes_makes_the_other_exit_75_within_the_grace_period_nam
 ) -> None:
     """SIGKILL of pod 1's whole process tree mid-training: pod 0's ranks find their peers gone in the next
     collective, and pod 0's supervisor exits 75 (a retry resumes from the last commit) within the grace period,
-    its termination message naming ranks 2 and 3 as silent."""
+    its termination message naming ranks 2 and 3 as silent. The retry gets one pod only: its 2 ranks resume the
+    4 ranks' last commit and finish."""
     ckpt = tmp_path / "ckpt"
     with _gang(tmp_path, ckpt.as_uri(), 1, steps=400, sleep=0.05) as pods:
         _wait_for_a_checkpoint(tmp_path, ckpt, 1, pods)
@@ -228,3 +230,9 @@ def test_a_pod_that_vanishes_makes_the_other_exit_75_within_the_grace_period_nam
     message = json.loads(_message(tmp_path, 1, 0).read_text())
     assert message["outcome"] == "preempted", message
     assert "ranks 2, 3" in message["message"], message
+    (last,) = [c.step for c in Checkpointer(ckpt.as_uri()).list()[:1]]
+    with _gang(tmp_path, ckpt.as_uri(), 2, steps=last + 8, sleep=0.0, nodes=1) as pods:
+        code = pods[0].wait(timeout=240)
+    assert code == 0, _logs(tmp_path, 2)
+    retry = [json.loads((tmp_path / "attempt-2" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert {(r["world"], r["start"], r["last"]) for r in retry} == {(2, last, last + 8)}

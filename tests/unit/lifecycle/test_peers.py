@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -154,10 +155,14 @@ def test_a_rank_marked_failed_makes_check_return_at_once_naming_it() -> None:
 def test_this_rank_is_never_named_silent_or_failed() -> None:
     """Its own counter frozen in the store, or past FAILED (its own stop), names nobody while the others beat."""
     store, clock = started_store(2), ManualClock()
-    store.add(key(0), FAILED + 1)
+    store.add(key(0), 1)
     store.frozen.add(key(0))
     me = watch(store, clock, world_size=2)
     assert run_until(store, clock, me, {1: 1e9}, 100) is None
+    store.frozen.clear()
+    store.add(key(0), FAILED)
+    store.frozen.add(key(0))
+    assert run_until(store, clock, me, {1: 1e9}, 200, start=101) is None
 
 
 def test_a_store_that_does_not_answer_is_named_after_silence_seconds_of_failures() -> None:
@@ -200,9 +205,13 @@ def test_one_answer_from_the_store_resets_the_count_of_its_failures() -> None:
 def test_verdict_without_waiting_is_none_when_nothing_was_found() -> None:
     """verdict(timeout=0) answers at once: None, every rank still beats."""
     store, clock = started_store(2), ManualClock()
-    me = watch(store, clock, world_size=2)
+    me = watch(store, clock, world_size=2, silence=3600)
     assert me.check() is None
-    assert me.verdict(timeout=0) is None
+    answers: list[str | None] = []
+    asking = threading.Thread(target=lambda: answers.append(me.verdict(timeout=0)), daemon=True)
+    asking.start()
+    asking.join(timeout=5)  # a verdict that waited for its default (silence and two beats) would still be waiting
+    assert answers == [None]
 
 
 def test_start_creates_every_rank_s_counter_and_beats_once_and_stop_marks_done_or_failed_once() -> None:
@@ -300,3 +309,20 @@ def test_a_real_tcpstore_names_the_rank_that_stopped_beating() -> None:
     assert found is not None
     assert found[0].startswith("rank 1 went silent") and not found[1]
     assert int(server.get(key(0))) == 8 and int(server.get(key(1))) == 3
+
+
+def test_a_store_outage_shorter_than_silence_does_not_name_the_ranks_that_could_not_beat_through_it() -> None:
+    """Nobody could beat while the store was away: once it answers again, silence is counted from then."""
+    store, clock = started_store(2), ManualClock()
+    me = watch(store, clock, world_size=2)
+    store.add(key(1), 1)
+    assert me.check() is None
+    store.error = OSError("store down")
+    for second in range(1, 11):
+        clock.now = float(second)
+        assert me.check() is None
+    clock.now, store.error = 10.5, None
+    assert me.check() is None
+    clock.now = 20.0
+    store.add(key(1), 1)
+    assert me.check() is None
