@@ -32,6 +32,7 @@ longer than ``silence`` (a C call that never releases it) would be taken for sil
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import threading
 import time
@@ -166,6 +167,7 @@ def _named(ranks: Sequence[int]) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
 
 
+_RUNS = itertools.count()  # this process's runs, numbered alike on every rank
 _COLLECTIVE_WORDS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "NCCL", "ProcessGroup")
 
 
@@ -203,11 +205,13 @@ def watch_for(
     silence = silence_for(grace_seconds)
     # A request that hangs is a silence too: it must not take longer than half of one to fail.
     store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=silence / 2))
+    # Each run of the process opens its own keys (the ranks open their runs in the same order): a second
+    # sdk.init() in one process must not find the counters the first one left done.
     watch = PeerWatch(
         store,
         rank=rank,
         world_size=world_size,
-        prefix=f"podtrain/peers/attempt-{attempt}",
+        prefix=f"podtrain/peers/attempt-{attempt}/run-{next(_RUNS)}",
         silence=silence,
         on_silent=on_silent,
         where=f"the rendezvous store at {host}:{port}",

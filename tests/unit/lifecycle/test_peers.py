@@ -326,3 +326,21 @@ def test_a_store_outage_shorter_than_silence_does_not_name_the_ranks_that_could_
     clock.now = 20.0
     store.add(key(1), 1)
     assert me.check() is None
+
+
+def test_a_second_run_in_one_process_watches_fresh_counters_not_the_ones_the_first_left_done() -> None:
+    """Each sdk.init() of a process opens keys of its own: three runs in turn, each ended (done), never leave a
+    counter past FAILED for the next run to read as a failed rank."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(server.port)}
+    for _ in range(3):
+        watches = [
+            peers.watch_for(rank=r, world_size=2, attempt=1, grace_seconds=20, on_silent=never_called, env=env)
+            for r in (0, 1)
+        ]
+        assert all(w is not None for w in watches)
+        found = [w.check() for w in watches if w is not None]
+        assert found == [None, None]
+        for w in watches:
+            assert w is not None
+            w.stop()
