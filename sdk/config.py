@@ -20,7 +20,16 @@ from typing import Any, Literal, TypeVar
 from sdk.errors import ConfigError
 from sdk.lifecycle.preemption import parse_signals
 
-__all__ = ["ENV_PREFIX", "EXTERNAL", "CheckpointMode", "Config", "LogFormat", "variable_of"]
+__all__ = [
+    "ENV_PREFIX",
+    "EXTERNAL",
+    "RESTARTS",
+    "RESTART_VARIABLE",
+    "CheckpointMode",
+    "Config",
+    "LogFormat",
+    "variable_of",
+]
 
 ENV_PREFIX = "PODTRAIN_"
 LogFormat = Literal["auto", "json", "console"]
@@ -173,6 +182,11 @@ class Config:
             values[field.name] = _parse(field.name, variable, raw.strip(), str(field.type))
         if overrides:
             raise ConfigError(f"unknown config field(s): {', '.join(sorted(overrides))}")
+        restart = env.get(RESTART_VARIABLE, "").strip()
+        if restart:
+            values["attempt"] = _with_restart(
+                values.get("attempt"), _parse("restart", RESTART_VARIABLE, restart, "int")
+            )
         return cls(**values)
 
     @property
@@ -192,6 +206,29 @@ class Config:
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+RESTART_VARIABLE = "PODTRAIN_RESTART_ATTEMPT"  # a JobSet's restart count (its pods' label, by the downward API)
+RESTARTS = 1000  # restarts of one try: the attempt is try x RESTARTS + restart
+
+
+def _with_restart(attempt: int | None, restart: int) -> int:
+    """The attempt of restart ``restart`` of try ``attempt``: ``attempt x 1000 + restart``, so that a gang restarted
+    in the cluster (a JobSet's restart, the same Airflow try) fences the gang it replaces, and a later try every
+    restart of an earlier one."""
+    if attempt is None:
+        raise ConfigError(
+            f"{RESTART_VARIABLE}={restart} is set and PODTRAIN_ATTEMPT is not: set PODTRAIN_ATTEMPT to the try number "
+            "whose restarts it counts"
+        )
+    if not 0 <= restart < RESTARTS:
+        raise ConfigError(f"{RESTART_VARIABLE}={restart} is invalid: a JobSet restart count, in [0, {RESTARTS - 1}]")
+    if not 1 <= attempt < _MAX_COUNT // RESTARTS:
+        raise ConfigError(
+            f"PODTRAIN_ATTEMPT={attempt} is invalid with {RESTART_VARIABLE}: the try number, in "
+            f"[1, {_MAX_COUNT // RESTARTS - 1}]"
+        )
+    return attempt * RESTARTS + restart
 
 
 EXTERNAL = {  # fields another program sets, and its variable

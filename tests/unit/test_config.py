@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +289,30 @@ def test_a_negative_local_rank_names_local_rank() -> None:
     """LOCAL_RANK=-1 is a ConfigError quoting the variable as torchrun spells it."""
     with pytest.raises(ConfigError, match=r"^LOCAL_RANK=-1 is invalid"):
         Config.from_env({"LOCAL_RANK": "-1"})
+
+
+def test_a_jobset_restart_makes_the_attempt_the_try_times_1000_plus_the_restart() -> None:
+    """Try 2, JobSet restart 3 → attempt 2003: above every restart of try 2 before it (2002…) and below try 3's."""
+    env = {"PODTRAIN_ATTEMPT": "2", "PODTRAIN_RESTART_ATTEMPT": "3"}
+    assert Config.from_env(env).attempt == 2003
+    assert Config.from_env({**env, "PODTRAIN_RESTART_ATTEMPT": "0"}).attempt == 2000
+    assert Config.from_env({"PODTRAIN_ATTEMPT": "3", "PODTRAIN_RESTART_ATTEMPT": "0"}).attempt == 3000
+    assert Config.from_env({"PODTRAIN_ATTEMPT": "2"}).attempt == 2, "without a restart count, the try number"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"PODTRAIN_RESTART_ATTEMPT": "1"}, "PODTRAIN_ATTEMPT"),
+        ({"PODTRAIN_ATTEMPT": "1", "PODTRAIN_RESTART_ATTEMPT": "1000"}, "PODTRAIN_RESTART_ATTEMPT=1000"),
+        ({"PODTRAIN_ATTEMPT": "1", "PODTRAIN_RESTART_ATTEMPT": "-1"}, "PODTRAIN_RESTART_ATTEMPT=-1"),
+        ({"PODTRAIN_ATTEMPT": "1", "PODTRAIN_RESTART_ATTEMPT": "x"}, "PODTRAIN_RESTART_ATTEMPT='x'"),
+        ({"PODTRAIN_ATTEMPT": "1000", "PODTRAIN_RESTART_ATTEMPT": "0"}, "PODTRAIN_ATTEMPT=1000"),
+    ],
+)
+def test_a_restart_count_that_cannot_make_an_attempt_is_one_error_naming_the_variable(
+    env: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(named)) as info:
+        Config.from_env(env)
+    assert "\n" not in str(info.value)
