@@ -4,8 +4,9 @@
 The subject is ``sharded_worker.py`` (FSDP2 over all 4 ranks, the public ``import sdk`` API). A preemption takes one
 pod: SIGTERM reaches that pod's supervisor only, yet the whole gang must stop at one step, commit it once, and
 both supervisors exit 75 within the grace period; the next attempt of both resumes and finishes bitwise as an
-uninterrupted run. A pod that vanishes (SIGKILL of its whole process tree) must not leave the other hanging in a
-collective: it exits 75 within the grace period, naming the ranks that went silent.
+uninterrupted run. A pod that vanishes (SIGKILL of its whole process tree: its connections close) or stops
+answering (SIGSTOP: they stay open, as when a node drops off the network) must not leave the other hanging in a
+collective: it exits 75 within the grace period, naming the ranks that went silent; a retry on one pod resumes.
 """
 
 from __future__ import annotations
@@ -236,3 +237,28 @@ def test_a_pod_that_vanishes_makes_the_other_exit_75_within_the_grace_period_nam
     assert code == 0, _logs(tmp_path, 2)
     retry = [json.loads((tmp_path / "attempt-2" / f"rank-{r}.json").read_text()) for r in range(2)]
     assert {(r["world"], r["start"], r["last"]) for r in retry} == {(2, last, last + 8)}
+
+
+@pytest.mark.timeout(600)
+def test_a_pod_that_stops_answering_makes_the_other_exit_75_within_the_grace_period(tmp_path: Path) -> None:
+    """SIGSTOP of pod 1's whole tree (a node gone from the network: its connections stay open, nothing answers).
+    gloo would wait in the collective for its timeout (30 minutes); the peer watch names ranks 2 and 3 silent and
+    pod 0 exits 75 within the grace period."""
+    ckpt = tmp_path / "ckpt"
+    with _gang(tmp_path, ckpt.as_uri(), 1, steps=400, sleep=0.05) as pods:
+        _wait_for_a_checkpoint(tmp_path, ckpt, 1, pods)
+        for pid in _tree(pods[1].pid):
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+        stopped = time.monotonic()
+        try:
+            code = pods[0].wait(timeout=90)
+        finally:
+            took = time.monotonic() - stopped
+            _vanish(pods[1])
+    assert code == EXIT_PREEMPTED, _logs(tmp_path, 1)
+    assert took < GRACE, f"pod 0 took {took:.1f} s to give up, over the {GRACE} s grace period"
+    message = json.loads(_message(tmp_path, 1, 0).read_text())
+    assert message["outcome"] == "preempted" and "ranks 2, 3 went silent" in message["message"], message
