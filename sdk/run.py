@@ -459,7 +459,7 @@ def _opened(config: Config | None, preemption: Preemption | None, overrides: dic
                         "run.collective_failed", waiting_s=round(run.peers.silence, 1), error=str(exc)[:300]
                     )
                     run.peers.verdict()
-                run.peers.stop(failed=True)
+                run.peers.stop(failed=peers.failed_by(exc))
             run.close(failed=True)
             raise
         if run.stopping():

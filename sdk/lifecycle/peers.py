@@ -39,7 +39,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-__all__ = ["DONE", "FAILED", "INTERVAL", "PeerWatch", "Store", "collective_failure", "silence_for", "watch_for"]
+__all__ = [
+    "DONE",
+    "FAILED",
+    "INTERVAL",
+    "PeerWatch",
+    "Store",
+    "collective_failure",
+    "failed_by",
+    "silence_for",
+    "watch_for",
+]
 
 INTERVAL = 1.0  # seconds between beats
 DONE = 10**15  # added to a rank's counter when it leaves the block: it is done, not silent
@@ -182,6 +192,12 @@ def collective_failure(error: BaseException) -> bool:
         return True
     text = str(error)
     return any(word in text for word in _COLLECTIVE_WORDS)
+
+
+def failed_by(error: BaseException) -> bool:
+    """Whether a rank leaving its block with ``error`` failed (the others then stop as failed): anything but
+    ``SystemExit`` with code 0 or None, which ends a run as intended."""
+    return not (isinstance(error, SystemExit) and error.code in (0, None))
 
 
 def watch_for(

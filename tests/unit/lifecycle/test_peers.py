@@ -344,3 +344,19 @@ def test_a_second_run_in_one_process_watches_fresh_counters_not_the_ones_the_fir
         for w in watches:
             assert w is not None
             w.stop()
+
+
+@pytest.mark.parametrize(
+    ("error", "failed"),
+    [
+        (SystemExit(0), False),
+        (SystemExit(None), False),
+        (SystemExit(1), True),
+        (SystemExit(75), True),
+        (KeyboardInterrupt(), True),
+        (ValueError("a bug"), True),
+    ],
+)
+def test_only_an_exit_with_code_0_leaves_the_block_done_rather_than_failed(error: BaseException, failed: bool) -> None:
+    """sys.exit(0) inside the block ends the run as intended: the other ranks must not stop as failed."""
+    assert peers.failed_by(error) is failed
