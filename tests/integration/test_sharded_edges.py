@@ -17,12 +17,13 @@ WORKER = str(Path(__file__).with_name("sharded_edge_worker.py"))
 def edges(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     """The worker's folder and what each of its 2 ranks saw (one torchrun for every case of the worker)."""
     root = tmp_path_factory.mktemp("edges")
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER, str(root)],
-        check=True,
         timeout=240,
         capture_output=True,
+        text=True,
     )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     return root, [json.loads((root / f"rank-{r}.json").read_text()) for r in (0, 1)]
 
 
