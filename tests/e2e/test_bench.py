@@ -46,7 +46,10 @@ def test_quick_benchmark_prints_save_and_resume_ratios(bench_output: str) -> Non
     for case, goal in (("save", "<= 1.2x"), ("resume", "<= 1.3x")):
         podtrain, baseline, ratio = row(bench_output, case, goal)
         assert podtrain > 0 and baseline > 0
-        assert abs(ratio - podtrain / baseline) < 0.01 + 0.01 * ratio
+        # The table prints seconds to 3 decimals and the ratio to 2: at 8 MiB a save takes ~0.05 s, so rounding
+        # alone moves podtrain / baseline by up to ~2 %. The ratio must agree within what the rounding allows.
+        rounding = ratio * (0.0005 / podtrain + 0.0005 / baseline) + 0.005
+        assert abs(ratio - podtrain / baseline) <= rounding + 0.001, (case, podtrain, baseline, ratio)
 
 
 def test_quick_benchmark_prints_async_checkpoint_stalls(bench_output: str) -> None:
