@@ -91,6 +91,11 @@ def check(setup: LoadSetup, payloads: Payloads, *, location: str) -> None:
     """Every item of the plan is in its saving rank's payload as the index says; raises
     :class:`InvalidCheckpointError` naming the first that is not."""
     places = setup.metadata.storage_data
+    sizes_of = {  # each saved chunk's sizes by (name, offsets): one look-up per item, not a search of the chunks
+        (fqn, tuple(chunk.offsets)): tuple(chunk.sizes)
+        for fqn, meta in setup.metadata.state_dict_metadata.items()
+        for chunk in getattr(meta, "chunks", ())
+    }
     for item in setup.plan.items:
         rank, key = places[item.storage_index]
         found = payloads.lookup(rank, key)
@@ -99,19 +104,12 @@ def check(setup: LoadSetup, payloads: Payloads, *, location: str) -> None:
                 raise InvalidCheckpointError(location, f"{key!r} of rank {rank} is a tensor, the index says an object")
             continue
         meta = setup.metadata.state_dict_metadata[item.storage_index.fqn]
-        sizes = _chunk_sizes(meta, item.storage_index.offset)
+        sizes = sizes_of.get((item.storage_index.fqn, tuple(item.storage_index.offset or ())))
         if not isinstance(found, TensorSpec) or found.dtype != meta.properties.dtype or found.shape != sizes:
             what = f"{found.dtype} {list(found.shape)}" if isinstance(found, TensorSpec) else type(found).__name__
             raise InvalidCheckpointError(
                 location, f"{key!r} is {what}, the index says {meta.properties.dtype} {list(sizes or ())}"
             )
-
-
-def _chunk_sizes(meta: Any, offsets: Any) -> tuple[int, ...] | None:
-    for chunk in getattr(meta, "chunks", ()):
-        if tuple(chunk.offsets) == tuple(offsets or ()):
-            return tuple(chunk.sizes)
-    return None
 
 
 def load(

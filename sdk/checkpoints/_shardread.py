@@ -44,6 +44,8 @@ import torch
 from sdk.checkpoints import _ranks as ranks
 from sdk.checkpoints import _state as trainstate
 from sdk.checkpoints import _statefile as statefile
+from sdk.checkpoints import serialization
+from sdk.checkpoints._shardload import TensorSpec
 from sdk.checkpoints._verify import READS, check_files, check_metadata, read_verified
 from sdk.checkpoints.invalidmark import DamagedRange
 from sdk.checkpoints.manifest import FileEntry, stem_of, step_dir
@@ -92,12 +94,9 @@ class StoredPayloads:
 
     def lookup(self, rank: int, key: str) -> Any:
         """The saved object ``key`` of ``rank``, or for a tensor its dtype and shape (nothing read)."""
-        from sdk.checkpoints._shardload import TensorSpec
-        from sdk.checkpoints.serialization import dtype_of
-
         value = self._value(rank, key)
         if isinstance(value, Place):
-            return TensorSpec(dtype_of(value.dtype), value.shape)
+            return TensorSpec(serialization.dtype_of(value.dtype), value.shape)
         if isinstance(value, torch.Tensor):  # a tensor safetensors cannot hold stays in the pickle
             return TensorSpec(value.dtype, tuple(value.shape))
         return value
@@ -189,9 +188,7 @@ class StoredPayloads:
 
 def _view(data: bytes | memoryview, place: Place) -> torch.Tensor:
     """``data`` as the tensor ``place`` describes (read-only memory: the caller copies it into the state)."""
-    from sdk.checkpoints.serialization import dtype_of
-
-    dtype = dtype_of(place.dtype)
+    dtype = serialization.dtype_of(place.dtype)
     if not len(data):
         return torch.empty(place.shape, dtype=dtype)
     with warnings.catch_warnings():
@@ -211,8 +208,6 @@ def open_payloads(
 ) -> StoredPayloads:
     """Check the sharded payload files of ``saving_ranks`` in the checkpoint of ``step`` (``files``: its manifest's)
     and read what a load needs up front: see the module's doc. Raises :class:`InvalidCheckpointError` for damage."""
-    from sdk.checkpoints import serialization
-
     wanted = set(saving_ranks)
     mine = {n: e for n, e in files.items() if stem_of(n) == trainstate.SHARDED_STEM and ranks.rank_of(n) in wanted}
     pickles = {n: e for n, e in mine.items() if n.endswith(".pt")}

@@ -63,7 +63,10 @@ def test_its_job_validates_against_the_kubernetes_schema_strictly(body: dict[str
         "metadata": {"name": f"{NAME}-{jobset.REPLICATED_JOB}-0"},
         "spec": body["spec"]["replicatedJobs"][0]["template"]["spec"],
     }
-    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    assert kubernetes_validate.validate(job, K8S_VERSION, strict=True) == "1.37"  # the schema used; raises on a problem
+    typo = {**job, "spec": {**job["spec"], "backofLimit": 0}}
+    with pytest.raises(kubernetes_validate.ValidationError, match="backofLimit"):
+        kubernetes_validate.validate(typo, K8S_VERSION, strict=True)
 
 
 def test_each_pod_is_the_single_pod_template_with_torchrun_over_every_node(

@@ -316,3 +316,12 @@ def test_a_restart_count_that_cannot_make_an_attempt_is_one_error_naming_the_var
     with pytest.raises(ConfigError, match=re.escape(named)) as info:
         Config.from_env(env)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("raw", ["-1", "x", "1.5"])
+def test_a_job_completion_index_that_is_not_a_pod_index_is_one_error_naming_it(raw: str) -> None:
+    """JOB_COMPLETION_INDEX comes from Kubernetes; anything but a whole number >= 0 names the variable."""
+    with pytest.raises(ConfigError, match="JOB_COMPLETION_INDEX") as info:
+        Config.from_env({"JOB_COMPLETION_INDEX": raw})
+    assert "\n" not in str(info.value)
+    assert Config.from_env({"JOB_COMPLETION_INDEX": "3"}).pod_index == 3
