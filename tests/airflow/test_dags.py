@@ -18,7 +18,11 @@ from offline import DAGS, REPO, RUN_ID, make_context, render_and_build
 K8S_VERSION = "1.37.0"
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 PODTRAIN_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-POD_TASKS = {"podtrain_train": ["gpu_preflight", "train"], "podtrain_sweep": ["gpu_preflight"]}
+POD_TASKS = {
+    "podtrain_train": ["gpu_preflight", "train"],
+    "podtrain_sweep": ["gpu_preflight"],
+    "podtrain_multinode": ["gpu_preflight", "train"],  # each of its pods, before the JobSet copies it per node
+}
 
 
 def sweep_trials(dagbag: Any, conf: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -55,7 +59,13 @@ def env_of(pod: dict[str, Any]) -> dict[str, Any]:
 def test_dagbag_loads_every_dag_without_import_errors(dagbag: Any) -> None:
     """Every DAG file in examples/airflow imports cleanly and defines the expected DAGs and tasks."""
     assert dagbag.import_errors == {}
-    assert set(dagbag.dag_ids) == {"podtrain_train", "podtrain_sweep"}
+    assert set(dagbag.dag_ids) == {"podtrain_train", "podtrain_sweep", "podtrain_multinode"}
+    assert {t.task_id for t in dagbag.dags["podtrain_multinode"].tasks} == {
+        "gpu_preflight",
+        "train",
+        "report",
+        "all_succeeded",
+    }
     assert {t.task_id for t in dagbag.dags["podtrain_train"].tasks} == {
         "gpu_preflight",
         "train",
@@ -116,8 +126,8 @@ def test_sweep_bounds_concurrency_and_maps_every_trial(dagbag: Any) -> None:
 
 
 def test_every_pod_validates_against_the_kubernetes_schema(pods: list[tuple[str, Any, Any]]) -> None:
-    """Each pod (both DAGs' tasks and all sweep trials) validates against Kubernetes 1.37's schema, strictly."""
-    assert len(pods) == 3 + 4
+    """Each pod (every DAG's tasks and all sweep trials) validates against Kubernetes 1.37's schema, strictly."""
+    assert len(pods) == 5 + 4
     for name, _, pod in pods:
         try:
             kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
@@ -226,7 +236,7 @@ def test_labels_are_valid_and_name_who_pays(pods: list[tuple[str, Any, Any]]) ->
         trials.append(labels["podtrain-trial"])
         for key, value in labels.items():
             assert len(value) <= 63 and LABEL_VALUE.match(value), (name, key, value)
-    assert trials == ["preflight", "train", "preflight", "t000", "t001", "t002", "t003"]
+    assert trials == ["preflight", "train", "preflight", "preflight", "train", "t000", "t001", "t002", "t003"]
 
 
 def test_args_not_command_and_finish_settings(pods: list[tuple[str, Any, Any]]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-__all__ = ["LABEL_VALUE", "RUN_ID", "join_uri", "label_value", "run_id"]
+__all__ = ["LABEL_VALUE", "RUN_ID", "dns_label", "join_uri", "label_value", "run_id"]
 
 # Kubernetes label values: empty, or <= 63 characters, alphanumeric at both ends, [-_.] and alphanumerics between.
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -28,6 +28,15 @@ def _squeeze(text: str, allowed: str, limit: int) -> str:
 def label_value(text: str) -> str:
     """A valid Kubernetes label value standing for ``text`` (unchanged when it already is one)."""
     return _squeeze(str(text), "A-Za-z0-9_.-", 63)
+
+
+def dns_label(*parts: str, limit: int = 40) -> str:
+    """A DNS-1035 label standing for ``parts`` joined by '-' (lowercase alphanumerics and '-', a letter first, at
+    most ``limit`` characters): a name for an object whose pods' host names are made from it (a JobSet's
+    ``<name>-node-0-<index>`` must stay within 63 characters, the Job controller's suffix included)."""
+    text = "-".join(str(p) for p in parts if p).lower()
+    name = _squeeze(text, "a-z0-9-", limit - 2).strip("_.")
+    return name if name[:1].isalpha() else f"p-{name}"
 
 
 def run_id(*parts: str) -> str:

@@ -27,6 +27,7 @@ CHARGEBACK_COLUMNS = (
     "trial",
     "run_id",
     "attempts",
+    "pods",
     "preemptions",
     "gpu_seconds",
     "wall_seconds",
@@ -58,7 +59,9 @@ def read_record(artifact_uri: str, run_id: str) -> dict[str, Any]:
         except (FileNotFoundError, OSError, ValueError):
             stored = {}
         attempts = list(stored.get("attempts") or [])
-    attempts.sort(key=lambda e: (e.get("attempt") is None, e.get("attempt") or 0, str(e.get("started_at"))))
+    attempts.sort(
+        key=lambda e: (e.get("attempt") is None, e.get("attempt") or 0, e.get("pod") or 0, str(e.get("started_at")))
+    )
     return {"run_id": run_id, "url": folder, "attempts": attempts}
 
 
@@ -81,10 +84,13 @@ def final_metrics(artifact_uri: str, run_id: str) -> dict[str, Any]:
 
 def chargeback(runs: Iterable[Mapping[str, str]], artifact_uri: str) -> dict[str, Any]:
     """GPU-seconds of ``runs`` (each ``{"run_id", "team", "project", "trial"}``), every attempt counted: one row
-    per run, and totals per team, per project and per trial."""
+    per run, and totals per team, per project and per trial. A run over several pods has an entry per pod per
+    attempt: seconds are summed over every pod, attempts and preemptions counted once per attempt, ``pods`` is the
+    most pods an attempt had."""
     rows = []
     for run in runs:
-        attempts = read_record(artifact_uri, run["run_id"])["attempts"]
+        entries = read_record(artifact_uri, run["run_id"])["attempts"]
+        attempts = _by_attempt(entries)
         rows.append(
             {
                 "team": run.get("team", ""),
@@ -92,10 +98,11 @@ def chargeback(runs: Iterable[Mapping[str, str]], artifact_uri: str) -> dict[str
                 "trial": run.get("trial", ""),
                 "run_id": run["run_id"],
                 "attempts": len(attempts),
-                "preemptions": sum(1 for a in attempts if a.get("outcome") == "preempted"),
-                "gpu_seconds": round(sum(float(a.get("gpu_seconds") or 0) for a in attempts), 3),
-                "wall_seconds": round(sum(float(a.get("wall_seconds") or 0) for a in attempts), 3),
-                "outcome": attempts[-1].get("outcome") if attempts else "no record",
+                "pods": max((len(pods) for pods in attempts), default=0),
+                "preemptions": sum(1 for pods in attempts if any(e.get("outcome") == "preempted" for e in pods)),
+                "gpu_seconds": round(sum(float(e.get("gpu_seconds") or 0) for e in entries), 3),
+                "wall_seconds": round(sum(float(e.get("wall_seconds") or 0) for e in entries), 3),
+                "outcome": _outcome(attempts[-1]) if attempts else "no record",
             }
         )
     totals: dict[str, dict[str, float]] = {"team": {}, "project": {}, "trial": {}}
@@ -111,6 +118,22 @@ def chargeback(runs: Iterable[Mapping[str, str]], artifact_uri: str) -> dict[str
     }
 
 
+def _by_attempt(entries: Iterable[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """The entries grouped by attempt, in order (an entry without an attempt number stands alone)."""
+    groups: dict[Any, list[Mapping[str, Any]]] = {}
+    for index, entry in enumerate(entries):
+        key = entry.get("attempt") if entry.get("attempt") is not None else ("unnumbered", index)
+        groups.setdefault(key, []).append(entry)
+    return list(groups.values())
+
+
+def _outcome(pods: Iterable[Mapping[str, Any]]) -> str:
+    """An attempt's outcome: its pods' when they agree, else the first pod's that did not succeed."""
+    outcomes = [str(e.get("outcome")) for e in pods]
+    failed = [o for o in outcomes if o != "succeeded"]
+    return failed[0] if failed else (outcomes[0] if outcomes else "no record")
+
+
 def best_trial(
     trials: Iterable[Mapping[str, Any]], artifact_uri: str, *, metric: str = "loss", mode: str = "min"
 ) -> dict[str, Any]:
@@ -120,8 +143,8 @@ def best_trial(
         raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
     seen = []
     for trial in trials:
-        attempts = read_record(artifact_uri, trial["run_id"])["attempts"]
-        outcome = attempts[-1].get("outcome") if attempts else "no record"
+        attempts = _by_attempt(read_record(artifact_uri, trial["run_id"])["attempts"])
+        outcome = _outcome(attempts[-1]) if attempts else "no record"
         value = final_metrics(artifact_uri, trial["run_id"]).get(metric)
         number = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
         seen.append({**trial, "outcome": outcome, metric: number})

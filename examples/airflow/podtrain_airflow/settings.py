@@ -39,6 +39,12 @@ class Settings:
     pool: str | None = None
     retry_delay_seconds: int = 30  # between a preempted attempt and the next
     startup_check_seconds: int = 5  # how often the operator looks at a pod that has not started yet
+    nodes: int = 2  # pods of a training task over several nodes (podtrain_multinode)
+    procs_per_node: int = 0  # processes per pod; 0: one per GPU (one on a CPU pod)
+    multinode_backend: str = "jobset"  # or "indexed_job", where the cluster has no JobSet controller
+    max_restarts: int = 3  # JobSet restarts that are not preemptions (preemptions restart it free)
+    master_port: int = 29500  # torchrun's rendezvous port on pod 0
+    poll_seconds: int = 10  # how often a deferred multi-node task looks at its gang
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -59,6 +65,11 @@ class Settings:
                 "max_parallel_trials",
                 "retry_delay_seconds",
                 "startup_check_seconds",
+                "nodes",
+                "procs_per_node",
+                "max_restarts",
+                "master_port",
+                "poll_seconds",
             ):
                 values[name] = int(raw)
             else:
@@ -81,4 +92,14 @@ class Settings:
             "grace_seconds": self.grace_seconds,
             "retry_delay": timedelta(seconds=self.retry_delay_seconds),
             "startup_check_interval_seconds": self.startup_check_seconds,
+        }
+
+    def gang(self) -> dict[str, Any]:
+        """The arguments a multi-node task adds, for ``multinode_pod``/``multinode_preflight``."""
+        return {
+            "nodes": self.nodes,
+            "procs_per_node": self.procs_per_node or max(self.gpus, 1),
+            "backend": self.multinode_backend,
+            "master_port": self.master_port,
+            "poll_interval": float(self.poll_seconds),
         }
