@@ -11,8 +11,7 @@ from typing import Any
 
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import Param, dag, task
-from podtrain_airflow import chargeback, join_uri, run_id, write_report
-from podtrain_airflow.multinode import multinode_pod, multinode_preflight
+from podtrain_airflow import chargeback, join_uri, multinode_pod, multinode_preflight, run_id, write_report
 from podtrain_airflow.settings import Settings
 
 SETTINGS = Settings.from_env()

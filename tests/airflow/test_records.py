@@ -158,3 +158,27 @@ def test_settings_from_environment() -> None:
     shared = settings.pod()
     assert shared["secrets"][0].secret == "s3-creds" and shared["gpus"] == 2
     assert shared["retry_delay"].total_seconds() == 1 and shared["startup_check_interval_seconds"] == 5
+
+
+def test_chargeback_of_a_gang_sums_every_pod_and_counts_each_attempt_once(tmp_path: Path) -> None:
+    """A run over two pods: an entry per pod per attempt (``attempt-<N>-pod-<i>.json``, as podtrain writes them);
+    GPU-seconds summed over all four, two attempts, one preemption, the last attempt's outcome."""
+    folder = tmp_path / "gang" / ".podtrain"
+    folder.mkdir(parents=True)
+    entries = [
+        attempt(1000, "preempted", 10.0, pod=0),
+        attempt(1000, "preempted", 12.0, pod=1),
+        attempt(1001, "succeeded", 20.0, pod=0),
+        attempt(1001, "succeeded", 21.5, pod=1),
+    ]
+    for entry in entries:
+        (folder / f"attempt-{entry['attempt']:04d}-pod-{entry['pod']}.json").write_text(json.dumps(entry))
+    record = read_record(str(tmp_path), "gang")
+    assert [(a["attempt"], a["pod"]) for a in record["attempts"]] == [(1000, 0), (1000, 1), (1001, 0), (1001, 1)]
+    (row,) = chargeback([{"run_id": "gang", "trial": "train", "team": "t", "project": "p"}], str(tmp_path))["rows"]
+    assert (row["attempts"], row["pods"], row["preemptions"], row["outcome"]) == (2, 2, 1, "succeeded")
+    assert row["gpu_seconds"] == 63.5 and row["wall_seconds"] == 31.75
+    (folder / "attempt-1002-pod-0.json").write_text(json.dumps(attempt(1002, "succeeded", 1.0, pod=0)))
+    (folder / "attempt-1002-pod-1.json").write_text(json.dumps(attempt(1002, "failed", 1.0, pod=1)))
+    (row,) = chargeback([{"run_id": "gang"}], str(tmp_path))["rows"]
+    assert (row["attempts"], row["outcome"]) == (3, "failed"), "an attempt failed when any of its pods did"

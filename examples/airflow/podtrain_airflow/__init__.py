@@ -1,5 +1,6 @@
-"""podtrain's Airflow side: the training pod operator and its factory, the failure classifier and its exceptions,
-run records for chargeback and sweeps. Imported by the DAG files beside it; never by the training image."""
+"""podtrain's Airflow side: the training pod operator and its factory, the multi-node (gang) operators and theirs,
+the failure classifier and its exceptions, run records for chargeback and sweeps. Imported by the DAG files beside
+it; never by the training image."""
 
 from podtrain_airflow.classify import RETRY_KINDS, Verdict, classify, termination_message
 from podtrain_airflow.errors import (
@@ -18,6 +19,12 @@ from podtrain_airflow.errors import (
     Unschedulable,
     error_for,
     retry_policy,
+)
+from podtrain_airflow.multinode import (
+    PodtrainIndexedJobOperator,
+    PodtrainJobSetOperator,
+    multinode_pod,
+    multinode_preflight,
 )
 from podtrain_airflow.naming import join_uri, label_value, run_id
 from podtrain_airflow.operator import (
@@ -43,6 +50,8 @@ __all__ = [
     "PodPreempted",
     "PodRetryable",
     "PodVanished",
+    "PodtrainIndexedJobOperator",
+    "PodtrainJobSetOperator",
     "PodtrainPodOperator",
     "PreflightFailed",
     "StorageUnavailable",
@@ -57,6 +66,8 @@ __all__ = [
     "final_metrics",
     "join_uri",
     "label_value",
+    "multinode_pod",
+    "multinode_preflight",
     "pod_kwargs",
     "podtrain_pod",
     "preflight_command",
