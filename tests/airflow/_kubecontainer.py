@@ -11,13 +11,13 @@ A spec that cannot be run raises :class:`ContainerWaiting`, which leaves the con
   ``command`` waits with reason ``ErrImageNeverPull``.
 * cwd: the node's ``cwd``, default the pod's own directory; the container's ``workingDir`` or the image's
   ``workdir`` when a mount or ``paths`` maps it.
-* env: ``PATH`` (the server's), ``HOSTNAME``, ``HOME`` (the pod directory), then ``extra_env``, then the mapped
-  image's ``env``, then the container's ``envFrom``/``env``: plain ``value``; ``valueFrom.fieldRef``
-  (``metadata.name``, ``metadata.namespace``, ``metadata.uid``, ``metadata.labels['k']``,
+* env: ``PATH`` (the server's), ``HOSTNAME`` (``spec.hostname``, else the pod's name), ``HOME`` (the pod directory),
+  then ``extra_env``, then the mapped image's ``env``, then the container's ``envFrom``/``env``: plain ``value``;
+  ``valueFrom.fieldRef`` (``metadata.name``, ``metadata.namespace``, ``metadata.uid``, ``metadata.labels['k']``,
   ``metadata.annotations['k']``, ``spec.nodeName``, ``spec.serviceAccountName``, ``status.podIP``,
-  ``status.hostIP``); ``valueFrom.secretKeyRef``/``configMapKeyRef`` and ``envFrom`` from the cluster's Secrets
-  and ConfigMaps (a missing required key waits with ``CreateContainerConfigError``); ``resourceFieldRef`` gives
-  the limit (or request) as written. ``env_overrides`` come last.
+  ``status.hostIP``); ``valueFrom.secretKeyRef``/``configMapKeyRef`` and ``envFrom`` from the cluster's Secrets and
+  ConfigMaps (a missing required key waits with ``CreateContainerConfigError``); ``resourceFieldRef`` gives the
+  limit (or request) as written. ``env_overrides`` come last.
 * volumes: every ``volumeMount`` (except under ``/dev``) is a local directory: ``emptyDir`` ->
   ``<pod dir>/volumes/<volume>``, a ``persistentVolumeClaim`` -> ``<server dir>/pvc/<namespace>/<claim>``
   (shared by every pod that mounts the claim, and kept across pods as a claim is), ``secret``/``configMap`` -> a
@@ -25,6 +25,11 @@ A spec that cannot be run raises :class:`ContainerWaiting`, which leaves the con
   ``--dir=/data``, ``file:///data/x``) are rewritten to the local directory (``extra_env`` and the image's
   ``env`` too), as are the node's ``paths`` (container path -> local path). In ``extra_env``, ``env_overrides``
   and ``paths``, ``{pod_dir}``, ``{pod_name}``, ``{namespace}`` are replaced.
+* host names: a JobSet pod's DNS names (``<hostname>.<subdomain>``, with ``.<ns>.svc`` and
+  ``.<ns>.svc.cluster.local``) resolve to 127.0.0.1, where every pod runs; there is no DNS, so the cluster's
+  ``hosts`` table (filled by the JobSet controller) is applied instead: a container env value or argv item (after
+  ``$(VAR)`` expansion) holding such a name as a whole host token (``x.y``, ``--addr=x.y``, ``tcp://x.y:29500``)
+  gets the address in its place. Only a container's own ``env`` and argv are rewritten, not ``extra_env``.
 * the termination message: the container's ``terminationMessagePath`` (default ``/dev/termination-log``) is
   ``<pod dir>/termination-log``; ``PODTRAIN_TERMINATION_LOG`` is set to that file when the pod leaves it unset
   or sets it to ``terminationMessagePath``.
@@ -67,7 +72,7 @@ def prepare(cluster: Cluster, pod: Pod) -> tuple[list[str], dict[str, str], str,
 
     env: dict[str, str] = {
         "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-        "HOSTNAME": meta["name"],
+        "HOSTNAME": pod.obj["spec"].get("hostname") or meta["name"],
         "HOME": str(pod.dir),
     }
     image = node.images.get(c.get("image", ""))
@@ -78,7 +83,7 @@ def prepare(cluster: Cluster, pod: Pod) -> tuple[list[str], dict[str, str], str,
     for var in c.get("env") or []:
         value = _env_value(cluster, pod, var, env)
         if value is not None:
-            env[var["name"]] = _rewrite(value, mounts)
+            env[var["name"]] = _resolve_hosts(_rewrite(value, mounts), cluster.hosts)
     if env.get("PODTRAIN_TERMINATION_LOG") in (None, term_path):
         env["PODTRAIN_TERMINATION_LOG"] = str(term_file)
     env.update({k: subst(v) for k, v in node.env_overrides.items()})
@@ -97,7 +102,7 @@ def prepare(cluster: Cluster, pod: Pod) -> tuple[list[str], dict[str, str], str,
             args = list(image.get("cmd") or [])
     if not command + args:
         raise ContainerWaiting("CreateContainerError", "no command specified")
-    argv = [_rewrite(_expand(a, env), mounts) for a in command + args]
+    argv = [_resolve_hosts(_rewrite(_expand(a, env), mounts), cluster.hosts) for a in command + args]
     cwd = str(node.cwd) if node.cwd is not None else str(pod.dir)
     workdir = c.get("workingDir") or (image or {}).get("workdir")
     if workdir and _rewrite(workdir, mounts) != workdir:  # a container directory that is mapped here
@@ -224,4 +229,11 @@ def _rewrite(text: str, mounts: Mapping[str, str]) -> str:
             continue
         pattern = re.compile(r"(?:(?<=file://)|(?<![\w.\-/:~$]))" + re.escape(path) + r"(?=/|$|[^\w.\-])")
         text = pattern.sub(mounts[path].replace("\\", "\\\\"), text)
+    return text
+
+
+def _resolve_hosts(text: str, hosts: Mapping[str, str]) -> str:
+    """Replace every name of ``hosts`` that stands in ``text`` as a whole host token with its address."""
+    for name in sorted((h for h in hosts if h in text), key=len, reverse=True):
+        text = re.sub(r"(?<![\w.-])" + re.escape(name) + r"(?![\w-]|\.[\w-])", hosts[name], text)
     return text

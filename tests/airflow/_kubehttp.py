@@ -1,4 +1,5 @@
-"""The HTTP side of the test API server: requests onto :class:`~_kubepods.PodsAPI`'s operations, answers as JSON.
+"""The HTTP side of the test API server: requests onto the operations of :class:`~_kubepods.PodsAPI` and
+:class:`~_kubejobsets.JobSetsAPI`, answers as JSON.
 
 Cut from the operations so that they read as what each endpoint does to the objects, and this as only the wire:
 routes, the ``Status`` answer for any :class:`~_kubeobjects.ApiError` (404 ``NotFound`` for a path the server
@@ -11,6 +12,11 @@ hides one), JSON bodies, and a followed log as a chunked stream. Every request i
   in the query or the body)
 * ``GET    /api/v1/namespaces/{ns}/pods/{name}/log``
 * ``GET    /api/v1/namespaces/{ns}/events``, ``GET /api/v1/events``
+* ``POST   /apis/jobset.x-k8s.io/v1alpha2/namespaces/{ns}/jobsets``, ``GET`` the same (list), ``GET
+  /apis/jobset.x-k8s.io/v1alpha2/jobsets``; ``GET .../jobsets/{name}`` (also ``.../status``), ``DELETE`` (the
+  ``propagationPolicy`` in the body or the query)
+* ``GET    /apis/batch/v1/namespaces/{ns}/jobs`` (list), ``.../jobs/{name}`` (also ``.../status``), ``GET
+  /apis/batch/v1/jobs``: the JobSets' Jobs, read-only
 * ``GET    /version``, ``GET /healthz`` (``/livez``, ``/readyz``)
 """
 
@@ -45,6 +51,8 @@ VERSION = {
 _POD_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)(?:/(status|log))?/?")
 _PODS_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/pods/?")
 _EVENTS_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/events/?")
+_JOBSETS_PATH = re.compile(r"/apis/jobset\.x-k8s\.io/v1alpha2/namespaces/([^/]+)/jobsets(?:/([^/]+)(/status)?)?/?")
+_JOBS_PATH = re.compile(r"/apis/batch/v1/namespaces/([^/]+)/jobs(?:/([^/]+)(/status)?)?/?")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -98,6 +106,8 @@ class Handler(BaseHTTPRequestHandler):
             "/version": lambda: VERSION,
             "/api/v1/pods": lambda: kube.api_list(None, query),
             "/api/v1/events": lambda: kube.api_events(None, query),
+            "/apis/jobset.x-k8s.io/v1alpha2/jobsets": lambda: kube.api_jobset_list(None, query),
+            "/apis/batch/v1/jobs": lambda: kube.api_job_list(None, query),
         }
         if path.rstrip("/") in simple:
             self._only(method, "GET")
@@ -116,6 +126,12 @@ class Handler(BaseHTTPRequestHandler):
         elif m := _EVENTS_PATH.fullmatch(path):
             self._only(method, "GET")
             self._json(200, kube.api_events(m.group(1), query))
+        elif m := _JOBSETS_PATH.fullmatch(path):
+            self._jobset(method, *m.groups(), query=query, body=body)
+        elif m := _JOBS_PATH.fullmatch(path):
+            self._only(method, "GET")
+            ns, name = m.group(1), m.group(2)
+            self._json(200, kube.api_job_get(ns, name) if name else kube.api_job_list(ns, query))
         else:
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({method} {path})")
 
@@ -137,6 +153,26 @@ class Handler(BaseHTTPRequestHandler):
             if grace is None and isinstance(body, dict):
                 grace = body.get("gracePeriodSeconds")
             self._json(200, kube.api_delete(ns, name, None if grace in (None, "") else float(grace)))
+
+    def _jobset(
+        self, method: str, ns: str, name: str | None, sub: str | None, *, query: Mapping[str, str], body: Any
+    ) -> None:
+        kube = self.kube
+        if name is None:
+            self._only(method, "GET", "POST")
+            if method == "GET":
+                self._json(200, kube.api_jobset_list(ns, query))
+            else:
+                self._json(201, kube.api_jobset_create(ns, body))
+            return
+        self._only(method, *(("GET",) if sub else ("GET", "DELETE")))
+        if method == "GET":
+            self._json(200, kube.api_jobset_get(ns, name))
+        else:
+            policy = query.get("propagationPolicy")
+            if policy is None and isinstance(body, dict):
+                policy = body.get("propagationPolicy")
+            self._json(*kube.api_jobset_delete(ns, name, policy))
 
     def _only(self, method: str, *allowed: str) -> None:
         if method not in allowed:

@@ -155,6 +155,7 @@ class Kubelet:
                 )
                 return
             pod.proc = proc
+            pod.started_ns = time.time_ns()
             cluster.event(pod, "Started", f"Started container {pod.container['name']}")
             pod.obj["status"]["phase"] = "Running"
             self._set_conditions(pod, ready=True)
@@ -192,6 +193,7 @@ class Kubelet:
     def _finish_unstarted(self, pod: Pod) -> None:
         pod.started = True
         pod.finished = True
+        pod.finished_ns = time.time_ns()
         pod.obj["status"]["phase"] = "Failed"
         self._set_conditions(pod, ready=False, reason="PodFailed")
         self._container_status(
@@ -239,6 +241,7 @@ class Kubelet:
         self._set_conditions(pod, ready=False, reason="PodCompleted" if phase == "Succeeded" else "PodFailed")
         self._container_status(pod, {"terminated": terminated}, ready=False, started=False)
         pod.finished = True
+        pod.finished_ns = time.time_ns()
         self.cluster.done(pod)
 
     def _set_conditions(self, pod: Pod, ready: bool, reason: str | None = None) -> None:

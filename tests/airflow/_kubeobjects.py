@@ -1,11 +1,13 @@
-"""The objects both halves of the test Kubernetes share: the one node, its pods, events, Secrets and ConfigMaps.
+"""The objects both halves of the test Kubernetes share: the one node, its pods, events, Secrets and ConfigMaps,
+and the JobSets, their child Jobs and the host names their pods answer to.
 
 The API server half (``kubeapi.py``, ``_kubepods.py``, ``_kubehttp.py``, ``_kubedisruption.py``) writes these
 objects as requests arrive; the kubelet half (``_kubelet.py``, ``_kubecontainer.py``) writes the same pods' status
 as their processes start and end. As in Kubernetes, the objects are all the halves share: both read and write
 them only under :attr:`Cluster.cond`, and every change notifies it, so a waiter (a followed log,
 :meth:`Cluster.wait_for`) wakes on a change from either half. Also here, because both halves read them: RFC 3339
-time stamps, label and field selectors, and :class:`ApiError` (a Kubernetes ``Status``).
+time stamps, label and field selectors, and :class:`ApiError` (a Kubernetes ``Status``). The JobSet controller
+(``_kubejobsets.py``) keeps its objects here too, under the same condition, since it reacts to the pods' status.
 """
 
 from __future__ import annotations
@@ -183,6 +185,8 @@ class Pod:
         self.killer: threading.Thread | None = None
         self.delete_when_done = False
         self.stuck = False  # left waiting (no entrypoint, a missing secret): it will never start
+        self.started_ns: int | None = None  # when the process was started, and when it was seen to end
+        self.finished_ns: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -200,9 +204,28 @@ class Pod:
         return 30.0 if value is None else float(value)
 
 
+class Job:
+    """One batch/v1 Job a JobSet made: its API object and, per completion index, the pod that runs it now.
+    Guarded by :attr:`Cluster.cond`; the Job controller (``_kubejobsets.py``) is its only writer."""
+
+    def __init__(self, obj: dict[str, Any]):
+        self.obj = obj
+        self.pods: dict[int, Pod] = {}  # completion index -> its current pod
+        self.counted: set[str] = set()  # uids of the pods whose end the Job has counted
+        self.succeeded: set[int] = set()  # completion indexes done
+        self.failed = 0  # pods counted against backoffLimit
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.obj["metadata"]["namespace"], self.obj["metadata"]["name"]
+
+
 class Cluster:
     """The node and every object, under :attr:`cond`: pods by key (and every pod ever made, deleted ones too, for
-    the tests' assertions), events, Secrets and ConfigMaps (decoded), the resource version."""
+    the tests' assertions), events, Secrets and ConfigMaps (decoded), the resource version; JobSets (and the last
+    object of each deleted one), their child Jobs, and ``hosts``: the DNS names the JobSets' headless services give
+    their pods (``<hostname>.<subdomain>``, ``...<ns>.svc``, ``...svc.cluster.local``) -> the address they resolve
+    to, which ``_kubecontainer.py`` writes in place of such a name in a container's env and argv."""
 
     def __init__(self, node: Node):
         self.node = node
@@ -212,6 +235,10 @@ class Cluster:
         self.events: list[dict[str, Any]] = []
         self.secrets: dict[tuple[str, str], dict[str, str]] = {}
         self.config_maps: dict[tuple[str, str], dict[str, str]] = {}
+        self.jobsets: dict[tuple[str, str], dict[str, Any]] = {}
+        self.deleted_jobsets: dict[tuple[str, str], dict[str, Any]] = {}
+        self.jobs: dict[tuple[str, str], Job] = {}
+        self.hosts: dict[str, str] = {}
         self.rv = 1000
         self.stopping = False
 
@@ -257,16 +284,29 @@ class Cluster:
         component: str = "kubelet",
         field_path: str | None = "container",
     ) -> None:
-        meta = pod.obj["metadata"]
-        stamp = rfc3339()
         if field_path == "container":
             field_path = f"spec.containers{{{pod.container['name']}}}"
+        self.object_event(pod.obj, reason, message, type_, component=component, field_path=field_path)
+
+    def object_event(
+        self,
+        obj: Mapping[str, Any],
+        reason: str,
+        message: str,
+        type_: str = "Normal",
+        *,
+        component: str,
+        field_path: str | None = None,
+    ) -> None:
+        """An event about any object (a pod, a JobSet), from ``component`` (``kubelet``: on this node)."""
+        meta = obj["metadata"]
+        stamp = rfc3339()
         involved = {
-            "kind": "Pod",
+            "kind": obj.get("kind", "Pod"),
             "namespace": meta["namespace"],
             "name": meta["name"],
             "uid": meta["uid"],
-            "apiVersion": "v1",
+            "apiVersion": obj.get("apiVersion", "v1"),
             "resourceVersion": meta.get("resourceVersion"),
         }
         if field_path:

@@ -149,6 +149,11 @@ def deployment(
     """The template deployed against ``s3`` (a fresh bucket) and a fresh API server: pods run ``podtrain run --``
     from the training environment, get the bucket's credentials from the storage Secret and see one GPU
     (``NVIDIA_VISIBLE_DEVICES=0``, so GPU-seconds count their wall time) though they train on the CPU."""
+    import s3fs
+
+    # The report tasks read the bucket through fsspec's cached file systems, keyed by their options (the endpoint
+    # comes from the environment): one cached for another module's S3 server would point at a closed port.
+    s3fs.S3FileSystem.clear_instance_cache()
     s3.create_bucket(bucket)
     base_uri = f"s3://{bucket}/podtrain"
     upload_dataset(s3, f"{base_uri}/datasets/tiny", work)

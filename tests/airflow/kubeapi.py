@@ -2,9 +2,11 @@
 
 It serves the core/v1 endpoints that ``KubernetesPodOperator`` (through the official ``kubernetes`` client) calls
 while it creates, follows, checks and cleans up a pod: pods (create with ``generateName``, read, list by label and
-field selector, patch, graceful delete, log with ``follow``), events, ``/version`` and ``/healthz``. Anything else
-is answered with a Kubernetes ``Status`` (404 ``NotFound`` or 405 ``MethodNotAllowed``), so a call the server
-lacks is plain in the client's error; ``watch=true`` is refused with a 400 Status.
+field selector, patch, graceful delete, log with ``follow``), events, ``/version`` and ``/healthz``; and JobSets
+(``jobset.x-k8s.io/v1alpha2``: create, get, list, delete, with a controller that runs them as Jobs of pods here,
+restarts and fails them by their failure policies, and read-only ``batch/v1`` Jobs). Anything else is answered with
+a Kubernetes ``Status`` (404 ``NotFound`` or 405 ``MethodNotAllowed``), so a call the server lacks is plain in the
+client's error; ``watch=true`` is refused with a 400 Status.
 
 It is cut where Kubernetes cuts: the API server half changes objects, the kubelet half runs processes, and they
 meet only in the objects, so each half reads on its own:
@@ -15,8 +17,11 @@ meet only in the objects, so each half reads on its own:
   kubelet.
 * ``_kubelet.py``: pods as processes in their own session, their status, log and termination message;
   ``_kubecontainer.py``: the container's argv, env, cwd and volumes (``images`` maps an image to its ENTRYPOINT).
-* ``_kubeobjects.py``: what both halves share: the node's settings, the pods, events, Secrets and ConfigMaps
-  under one condition; time stamps, selectors and the ``Status`` error.
+* ``_kubejobsets.py``: the JobSet endpoints and the JobSet controller (a thread, started and stopped with the
+  server) that makes a JobSet's Jobs and restarts or finishes the gang; ``_kubejobs.py``: the Job controller it
+  runs for those Jobs (their pods, ``podFailurePolicy``, ``backoffLimit``).
+* ``_kubeobjects.py``: what both halves share: the node's settings, the pods, events, Secrets, ConfigMaps,
+  JobSets, Jobs and the JobSet pods' host names under one condition; time stamps, selectors and the ``Status`` error.
 
 :meth:`KubeAPIServer.preempt` terminates a pod the way a disruption does: a ``DisruptionTarget`` condition
 (``PreemptionByScheduler`` by default; ``TerminationByKubelet`` also sets ``status.reason: Evicted``), SIGTERM to
@@ -25,10 +30,14 @@ code and message (``remove=True`` then deletes the object, as the scheduler does
 
 :meth:`KubeAPIServer.preempt_when` does the same from a thread, to the next pod (matching a label selector) whose
 log matches a pattern, for a caller blocked in ``dag.test()``. For assertions: :meth:`~KubeAPIServer.pod`
-(``deleted=True``: also the last object of a deleted pod), :meth:`~KubeAPIServer.pods`,
-:meth:`~KubeAPIServer.log_text`, :meth:`~KubeAPIServer.pod_dir`, :meth:`~KubeAPIServer.pid`,
+(``deleted=True``: also the last object of a deleted pod), :meth:`~KubeAPIServer.pods` (``deleted=True``: every pod
+ever made), :meth:`~KubeAPIServer.log_text`, :meth:`~KubeAPIServer.pod_dir`, :meth:`~KubeAPIServer.pid`,
 :meth:`~KubeAPIServer.events`, :meth:`~KubeAPIServer.wait_for` / ``wait_for_phase`` / ``wait_for_pod``, and
-``requests`` (every method and path served).
+``requests`` (every method and path served). For JobSets: :meth:`~KubeAPIServer.jobset` and
+:meth:`~KubeAPIServer.jobsets` (``deleted=True`` too), :meth:`~KubeAPIServer.jobs`,
+:meth:`~KubeAPIServer.wait_for_jobset` (a condition type or a predicate on the object), and
+:meth:`~KubeAPIServer.process_span` (when a pod's process started and ended, in ns: what a ``BlockingRecreate``
+check compares).
 
 Only the standard library is used (the server runs in the Airflow test environment, and runs the training
 environment's ``podtrain`` only as a process). Typical use::
@@ -60,9 +69,9 @@ from typing import Any
 
 from _kubedisruption import Preempter, disrupt
 from _kubehttp import Handler
+from _kubejobsets import JobSetController, JobSetsAPI
 from _kubelet import Kubelet
 from _kubeobjects import DEFAULT_NODE, Cluster, Node, Pod, match_labels, parse_label_selector
-from _kubepods import PodsAPI
 
 __all__ = ["KubeAPIServer", "Preempter", "match_labels", "parse_label_selector"]
 
@@ -83,9 +92,10 @@ class _Shared:
         setattr(obj.cluster.node if self.on_node else obj.cluster, self.field, value)
 
 
-class KubeAPIServer(PodsAPI):
+class KubeAPIServer(JobSetsAPI):
     """The server, on ``127.0.0.1:<free port>`` in a thread; see the module docstring. The endpoints' operations
-    (``api_create``, ``api_list``, ...) come from :class:`~_kubepods.PodsAPI`.
+    (``api_create``, ``api_list``, ...) come from :class:`~_kubepods.PodsAPI`, the JobSet ones (``api_jobset_*``,
+    ``api_job_*``) from :class:`~_kubejobsets.JobSetsAPI`.
 
     :param images: image -> the argv of its ENTRYPOINT, or a dict with ``entrypoint`` and optionally ``cmd``
         (argv), ``env`` (the image's ENV) and ``workdir`` (its WORKDIR, used when a mount or ``paths`` maps it).
@@ -137,6 +147,7 @@ class KubeAPIServer(PodsAPI):
         self.requests: list[tuple[str, str]] = []  # (method, path with query) of every request
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.jobset_controller: JobSetController | None = None
 
     images = _Shared("node.images")
     extra_env = _Shared("node.extra_env")
@@ -163,10 +174,16 @@ class KubeAPIServer(PodsAPI):
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="kubeapi", daemon=True)
         self._thread.start()
+        self.jobset_controller = JobSetController(self)
+        self.jobset_controller.start()
         return self
 
     def stop(self) -> None:
-        """Kill every process group still running, stop serving, remove the temporary directory."""
+        """Stop the JobSet controller, kill every process group still running, stop serving, remove the temporary
+        directory."""
+        if self.jobset_controller is not None:
+            self.jobset_controller.stop()
+            self.jobset_controller = None
         self.kubelet.stop()
         if self._httpd is not None:
             self._httpd.shutdown()
@@ -237,9 +254,12 @@ class KubeAPIServer(PodsAPI):
             proc = self.cluster.find(namespace, name, True).proc
             return None if proc is None else proc.pid
 
-    def pods(self, namespace: str | None = None) -> list[dict[str, Any]]:
+    def pods(self, namespace: str | None = None, *, deleted: bool = False) -> list[dict[str, Any]]:
+        """Copies of the pods; ``deleted``: every pod ever created, deleted ones as they were when they went, in
+        the order they were created."""
         with self.cluster.cond:
-            return [copy.deepcopy(p.obj) for k, p in self.cluster.pods.items() if namespace in (None, k[0])]
+            pods = self.cluster.all_pods if deleted else list(self.cluster.pods.values())
+            return [copy.deepcopy(p.obj) for p in pods if namespace in (None, p.key[0])]
 
     def pod_dir(self, namespace: str, name: str) -> Path:
         with self.cluster.cond:
@@ -284,6 +304,69 @@ class KubeAPIServer(PodsAPI):
         self.wait_for(lambda: len(found()) >= 1, timeout, f"a pod matching {label_selector!r}")
         with self.cluster.cond:
             return copy.deepcopy(found()[-1].obj)
+
+    def jobset(self, namespace: str, name: str, *, deleted: bool = False) -> dict[str, Any]:
+        """A copy of the JobSet (``KeyError`` when there is none); ``deleted``: also the last one of that name that
+        was deleted, as it was when it went."""
+        with self.cluster.cond:
+            obj = self.cluster.jobsets.get((namespace, name))
+            if obj is None and deleted:
+                obj = self.cluster.deleted_jobsets.get((namespace, name))
+            if obj is None:
+                raise KeyError(f"no jobset {namespace}/{name}")
+            return copy.deepcopy(obj)
+
+    def jobsets(self, namespace: str | None = None, *, deleted: bool = False) -> list[dict[str, Any]]:
+        """Copies of the JobSets; ``deleted``: also the last deleted one of each name, as it was when it went."""
+        with self.cluster.cond:
+            found = list(self.cluster.jobsets.items())
+            if deleted:
+                found += self.cluster.deleted_jobsets.items()
+            return [copy.deepcopy(o) for k, o in found if namespace in (None, k[0])]
+
+    def jobs(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Copies of the batch/v1 Jobs the JobSet controller made (those of a restarted attempt go once their
+        pods are gone)."""
+        with self.cluster.cond:
+            return [copy.deepcopy(j.obj) for k, j in self.cluster.jobs.items() if namespace in (None, k[0])]
+
+    def wait_for_jobset(
+        self,
+        namespace: str,
+        name: str,
+        until: str | Callable[[dict[str, Any]], bool],
+        timeout: float = 30.0,
+    ) -> dict[str, Any]:
+        """Wait until the JobSet has condition ``until`` (a type, status True) or ``until(jobset)`` is true; return
+        a copy. ``RuntimeError`` at once if the controller hit a bug (its traceback), ``TimeoutError`` after
+        ``timeout`` seconds (with the JobSet's status)."""
+        cluster = self.cluster
+
+        def check(obj: dict[str, Any]) -> bool:
+            if callable(until):
+                return until(obj)
+            return any(c["type"] == until and c["status"] == "True" for c in obj["status"].get("conditions") or [])
+
+        def ready() -> bool:
+            if self.jobset_controller is not None and self.jobset_controller.errors:
+                raise RuntimeError("the JobSet controller failed:\n" + self.jobset_controller.errors[-1])
+            obj = cluster.jobsets.get((namespace, name))
+            return obj is not None and check(obj)
+
+        try:
+            self.wait_for(ready, timeout, f"jobset {namespace}/{name} to reach {getattr(until, '__name__', until)}")
+        except TimeoutError as e:
+            with cluster.cond:
+                obj = cluster.jobsets.get((namespace, name))
+                raise TimeoutError(f"{e}; its status: {obj and obj['status']}") from None
+        return self.jobset(namespace, name)
+
+    def process_span(self, namespace: str, name: str) -> tuple[int | None, int | None]:
+        """When the pod's process started and when its end was seen (``time.time_ns()``; None: not yet), also for
+        a deleted pod."""
+        with self.cluster.cond:
+            pod = self.cluster.find(namespace, name, True)
+            return pod.started_ns, pod.finished_ns
 
     def preempt(
         self,

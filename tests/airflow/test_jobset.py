@@ -90,8 +90,12 @@ def test_each_pod_is_the_single_pod_template_with_torchrun_over_every_node(
         "--nproc-per-node=8",
         "--master-addr=$(MASTER_ADDR)",
         f"--master-port={jobset.MASTER_PORT}",
+        "--no-python",  # the command is `python /app/train.py`: torchrun runs it as it is on every rank
         *original["args"],
     ]
+    assert jobset.torchrun_args(["train.py", "--lr", "1"], nodes=2, procs_per_node=1)[-4:-3] == [
+        f"--master-port={jobset.MASTER_PORT}"
+    ], "a script alone is run by torchrun's own Python"
     env = {e["name"]: e for e in container["env"]}
     assert {e["name"] for e in original["env"]} <= env.keys()
     assert env["MASTER_ADDR"]["value"] == f"{NAME}-node-0-0.{NAME}"

@@ -39,7 +39,7 @@ def test_the_dags_training_task_is_a_deferrable_jobset_of_two_nodes(dagbag: Any)
     jsonschema.validate(body, _schema())
     container = body["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:2] == ["torchrun", "--nnodes=2"]
-    assert container["args"][6:8] == ["python", "/app/train.py"]
+    assert container["args"][6:9] == ["--no-python", "python", "/app/train.py"]
 
 
 def test_the_preflight_runs_on_every_node_as_it_is_without_torchrun_or_restarts(dagbag: Any) -> None:

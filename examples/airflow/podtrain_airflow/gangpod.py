@@ -26,8 +26,10 @@ RESTART_COUNTED = (69,)  # storage unavailable: restarts, within a budget
 
 
 def torchrun_args(command: Sequence[str], *, nodes: int, procs_per_node: int, port: int = MASTER_PORT) -> list[str]:
-    """The container's args for ``command`` (a script and its arguments) on ``nodes`` pods of ``procs_per_node``
-    processes each; Kubernetes expands ``$(JOB_COMPLETION_INDEX)`` and ``$(MASTER_ADDR)`` from the pod's env."""
+    """The container's args for ``command`` on ``nodes`` pods of ``procs_per_node`` processes each; Kubernetes
+    expands ``$(JOB_COMPLETION_INDEX)`` and ``$(MASTER_ADDR)`` from the pod's env. A command that is a script
+    (``train.py …``) is run by torchrun's Python; any other (``python /app/train.py …``, ``python -m pkg``) is run
+    as it is, with ``--no-python``."""
     if nodes < 1 or procs_per_node < 1:
         raise ValueError(f"nodes and procs_per_node must be at least 1, not {nodes} and {procs_per_node}")
     return [
@@ -37,6 +39,7 @@ def torchrun_args(command: Sequence[str], *, nodes: int, procs_per_node: int, po
         f"--nproc-per-node={procs_per_node}",
         "--master-addr=$(MASTER_ADDR)",
         f"--master-port={port}",
+        *([] if command and str(command[0]).endswith(".py") else ["--no-python"]),
         *command,
     ]
 

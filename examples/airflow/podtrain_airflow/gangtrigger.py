@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from functools import cached_property
 from typing import Any
 
+import yaml
 from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from kubernetes_asyncio import client as async_client
@@ -104,10 +105,17 @@ class GangTrigger(BaseTrigger):
 
     @cached_property
     def hook(self) -> AsyncKubernetesHook:
+        # The async hook reads a kubeconfig only from the connection or the default place, never from
+        # ``config_file`` (provider 10.25): an operator's ``config_file`` is given to it as a config dict.
+        config = None
+        if self.config_file:
+            with open(self.config_file, encoding="utf-8") as handle:
+                config = yaml.safe_load(handle)
         return AsyncKubernetesHook(
             conn_id=self.kubernetes_conn_id,
             in_cluster=self.in_cluster,
             config_file=self.config_file,
+            config_dict=config,
             cluster_context=self.cluster_context,
         )
 
