@@ -3,6 +3,7 @@ peer's preemption, a preemption over a vanished peer), so the task retries what 
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -61,10 +62,11 @@ def test_a_preemption_of_one_pod_is_the_gangs_preemption_and_retried() -> None:
     assert judged.pod == "train-0", "the lowest index of the strongest kind names the gang's verdict"
 
 
-def test_storage_trouble_is_retried_after_preemption_is_considered() -> None:
+def test_storage_trouble_ending_with_its_peers_stopping_is_storage_trouble() -> None:
+    """In one second (Kubernetes' resolution) pod 0 exits 69 and pod 1 stops with it (75): storage, retried."""
     storage = member(0, "Failed", exit_code=69, term_message=message("storage_unavailable", 69))
     judged = gang_verdict([storage, stopped(1)], nodes=2)
-    assert judged.verdict.kind == "preempted"
+    assert (judged.verdict.kind, judged.pod) == ("storage_unavailable", "train-0")
     judged = gang_verdict([storage, ok(1)], nodes=2)
     assert (judged.verdict.kind, judged.pod) == ("storage_unavailable", "train-0")
 
@@ -83,3 +85,14 @@ def test_the_completion_index_comes_from_the_label_or_the_annotation(
 ) -> None:
     one = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="p", labels=labels, annotations=annotations))
     assert completion_index(one) == index
+
+
+def test_the_pod_that_ended_first_is_the_cause_and_its_peers_stopped_after_are_consequences() -> None:
+    """Pod 0 exits 69 (storage); the Job controller then stops pod 1 with SIGTERM (143, counted as a preemption on
+    its own): the gang's verdict is storage unavailable, not a preemption."""
+    storage = member(0, "Failed", exit_code=69, term_message=message("storage_unavailable", 69))
+    killed = member(1, "Failed", exit_code=143)
+    later = storage.status.container_statuses[0].state.terminated.finished_at + timedelta(seconds=2)
+    killed.status.container_statuses[0].state.terminated.finished_at = later
+    assert gang_verdict([killed, storage], nodes=2).verdict.kind == "storage_unavailable"
+    assert gang_verdict([killed], nodes=2).verdict.kind == "preempted", "alone, a SIGTERM from outside is one"

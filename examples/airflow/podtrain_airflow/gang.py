@@ -8,10 +8,11 @@ the verdict is not the first pod's but the strongest evidence among all of them:
 1. every index has a pod that succeeded: ``succeeded``;
 2. any pod that failed for a reason retrying cannot fix (a bug, a setting, OOMKilled, an image error,
    unschedulable): that verdict, the lowest index first: a bug is never retried because a peer was preempted;
-3. a pod preempted, evicted or disrupted: ``preempted`` (retried, and never counted against the task's retries by
-   the JobSet);
-4. any other retryable verdict (storage unavailable, vanished, interrupted);
-5. no pod at all: ``vanished``.
+3. else the retryable verdict of the pod whose container ended first: the cause, where the others are its
+   consequences (pod 0 exits 69, then the Job controller stops pod 1 with SIGTERM: storage, not a preemption);
+   a tie (Kubernetes keeps whole seconds) goes to ``storage_unavailable`` (podtrain's own answer; peers stopped
+   after it exit 75 or by a signal), then ``preempted``, ``vanished``, ``interrupted``;
+4. no pod at all: ``vanished``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from podtrain_airflow.classify import Verdict, classify
 __all__ = ["COMPLETION_INDEX", "GangVerdict", "completion_index", "gang_verdict"]
 
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # set by the Job controller on an Indexed Job's pods
-_RETRY_ORDER = ("preempted", "storage_unavailable", "vanished", "interrupted")
+_RETRY_ORDER = ("storage_unavailable", "preempted", "vanished", "interrupted")
 
 
 @dataclass(frozen=True)
@@ -67,16 +68,31 @@ def gang_verdict(
     for name, verdict in failing:
         if not verdict.retry:
             return GangVerdict(verdict, name, verdicts)
-    for kind in _RETRY_ORDER:
-        for name, verdict in failing:
-            if verdict.kind == kind:
-                return GangVerdict(verdict, name, verdicts)
+    ended = {_name(p): _finished_at(p) for p in ranked}
+    retryable = [
+        (ended[name], _RETRY_ORDER.index(v.kind) if v.kind in _RETRY_ORDER else len(_RETRY_ORDER), i)
+        for i, (name, v) in enumerate(failing)
+    ]
+    if retryable:
+        *_, first = min(retryable)
+        name, verdict = failing[first]
+        return GangVerdict(verdict, name, verdicts)
     missing = sorted(set(range(nodes)) - done)
     return GangVerdict(
         Verdict("vanished", f"the pods of node(s) {_ranks(missing)} no longer exist and never finished"),
         "",
         verdicts,
     )
+
+
+def _finished_at(pod: k8s.V1Pod) -> float:
+    """When the pod's first container to end ended (seconds since the epoch), infinity when none has."""
+    times = [
+        s.state.terminated.finished_at.timestamp()
+        for s in (pod.status.container_statuses or [] if pod.status else [])
+        if s.state is not None and s.state.terminated is not None and s.state.terminated.finished_at is not None
+    ]
+    return min(times) if times else float("inf")
 
 
 def _index_or_last(pod: k8s.V1Pod) -> int:

@@ -83,6 +83,7 @@ class GangOperator(PodtrainPodOperator):
         self.nodes, self.procs_per_node, self.master_port = nodes, procs_per_node, master_port
         self.torchrun, self.poll_interval, self.log_lines = torchrun, poll_interval, log_lines
         self.gang = ""
+        self.gang_namespace = self.namespace or "default"  # the pod's, once built (the connection's default)
 
     # ------------------------------------------------------------------ what a subclass says
 
@@ -111,6 +112,7 @@ class GangOperator(PodtrainPodOperator):
         name = self.gang_name(context)
         self.gang = name
         pod = dict(ApiClient().sanitize_for_serialization(self.build_pod_request_obj(context)))
+        self.gang_namespace = (pod.get("metadata") or {}).get("namespace") or self.gang_namespace
         try:
             self.create(pod, name)
         except ApiException as exc:
@@ -139,7 +141,7 @@ class GangOperator(PodtrainPodOperator):
         return GangTrigger(
             kind=self.kind,
             name=name,
-            namespace=self.namespace or "default",
+            namespace=self.gang_namespace,
             kubernetes_conn_id=self.kubernetes_conn_id,
             config_file=self.config_file,
             in_cluster=self.in_cluster,
@@ -155,6 +157,7 @@ class GangOperator(PodtrainPodOperator):
         exception (:func:`~podtrain_airflow.errors.error_for`)."""
         name = str(event.get("name") or self.gang)
         self.gang = name
+        self.gang_namespace = str(event.get("namespace") or self.gang_namespace)
         verdict, culprit = Verdict("vanished", "the gang's end was not seen"), ""
         try:
             verdict, culprit, restarts = self._judge(name, event)
@@ -205,14 +208,12 @@ class GangOperator(PodtrainPodOperator):
         return judged.verdict, judged.pod, restarts
 
     def _pods(self, name: str) -> list[k8s.V1Pod]:
-        listed = self.client.list_namespaced_pod(
-            self.namespace or "default", label_selector=pod_selector(self.kind, name)
-        )
+        listed = self.client.list_namespaced_pod(self.gang_namespace, label_selector=pod_selector(self.kind, name))
         return list(listed.items)
 
     def _read_pod(self, name: str) -> k8s.V1Pod | None:
         try:
-            return self.client.read_namespaced_pod(name, self.namespace or "default")
+            return self.client.read_namespaced_pod(name, self.gang_namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -227,17 +228,19 @@ class GangOperator(PodtrainPodOperator):
             return
         pod = first[0]
         try:
-            text = self.client.read_namespaced_pod_log(
+            response = self.client.read_namespaced_pod_log(
                 pod.metadata.name,
                 pod.metadata.namespace,
                 container=self.base_container_name,
                 tail_lines=self.log_lines,
+                _preload_content=False,  # the bytes as they are: the client would give str(bytes) for them
             )
+            text = response.data.decode("utf-8", errors="replace")
         except ApiException as exc:
             self.log.warning("could not read pod %s's log: %s %s", pod.metadata.name, exc.status, exc.reason)
             return
         self.log.info("pod 0 (%s), the last %s lines of its log:", pod.metadata.name, self.log_lines or "all")
-        for line in str(text).splitlines():
+        for line in text.splitlines():
             self.log.info("[pod 0] %s", line)
 
     def _finish(self, name: str, succeeded: bool) -> None:
@@ -280,7 +283,7 @@ class PodtrainJobSetOperator(GangOperator):
 
     def create(self, pod: dict[str, Any], name: str) -> None:
         (body,) = self.bodies(pod, name)
-        self.hook.create_custom_object(jobset.GROUP, jobset.VERSION, jobset.PLURAL, body, self.namespace)
+        self.hook.create_custom_object(jobset.GROUP, jobset.VERSION, jobset.PLURAL, body, self.gang_namespace)
 
     def delete(self, name: str) -> None:
         self.hook.delete_custom_object(
@@ -288,7 +291,7 @@ class PodtrainJobSetOperator(GangOperator):
             jobset.VERSION,
             jobset.PLURAL,
             name,
-            self.namespace,
+            self.gang_namespace,
             body=k8s.V1DeleteOptions(propagation_policy="Foreground"),
         )
 
@@ -317,7 +320,7 @@ class PodtrainIndexedJobOperator(GangOperator):
         return [indexedjob.service_body(pod, name=name, port=self.master_port), job]
 
     def create(self, pod: dict[str, Any], name: str) -> None:
-        namespace = self.namespace or "default"
+        namespace = self.gang_namespace
         service, job = self.bodies(pod, name)
         try:
             self.client.create_namespaced_service(namespace, service)
@@ -327,7 +330,7 @@ class PodtrainIndexedJobOperator(GangOperator):
         self.hook.batch_v1_client.create_namespaced_job(namespace, job)
 
     def delete(self, name: str) -> None:
-        namespace = self.namespace or "default"
+        namespace = self.gang_namespace
         options = k8s.V1DeleteOptions(propagation_policy="Foreground")
         try:
             self.hook.batch_v1_client.delete_namespaced_job(name, namespace, body=options)
