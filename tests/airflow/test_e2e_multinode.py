@@ -108,6 +108,7 @@ def test_multinode_dag_one_pod_preempted_the_gang_restarts_in_the_cluster_resume
         first, second = record["attempts"][0], record["attempts"][2]
         assert first["checkpoint_step"] and second["resumed_from"] == first["checkpoint_step"]
         assert second["last_step"] == 40
+        assert max(int(e.get("steps_lost") or 0) for e in record["attempts"][:2]) <= 1, "at most a step lost"
 
         reports = f"{dep.base_uri}/reports/{run_id(dag.dag_id, dag_run.run_id)}"
         (row,) = dep.read_json(f"{reports}/chargeback.json")["rows"]
