@@ -27,7 +27,8 @@ A spec that cannot be run raises :class:`ContainerWaiting`, which leaves the con
   and ``paths``, ``{pod_dir}``, ``{pod_name}``, ``{namespace}`` are replaced.
 * host names: a JobSet pod's DNS names (``<hostname>.<subdomain>``, with ``.<ns>.svc`` and
   ``.<ns>.svc.cluster.local``) resolve to 127.0.0.1, where every pod runs; there is no DNS, so the cluster's
-  ``hosts`` table (filled by the JobSet controller) is applied instead: a container env value or argv item (after
+  ``hosts`` table (filled by the JobSet controller, and from headless Services selecting a pod with a hostname and
+  subdomain) is applied instead: a container env value or argv item (after
   ``$(VAR)`` expansion) holding such a name as a whole host token (``x.y``, ``--addr=x.y``, ``tcp://x.y:29500``)
   gets the address in its place. Only a container's own ``env`` and argv are rewritten, not ``extra_env``.
 * the termination message: the container's ``terminationMessagePath`` (default ``/dev/termination-log``) is

@@ -1,5 +1,6 @@
-"""The HTTP side of the test API server: requests onto the operations of :class:`~_kubepods.PodsAPI` and
-:class:`~_kubejobsets.JobSetsAPI`, answers as JSON.
+"""The HTTP side of the test API server: requests onto the operations of :class:`~_kubepods.PodsAPI`,
+:class:`~_kubejobsets.JobSetsAPI`, :class:`~_kubejobs.JobsAPI` and :class:`~_kubeservices.ServicesAPI`, answers as
+JSON.
 
 Cut from the operations so that they read as what each endpoint does to the objects, and this as only the wire:
 routes, the ``Status`` answer for any :class:`~_kubeobjects.ApiError` (404 ``NotFound`` for a path the server
@@ -15,8 +16,11 @@ hides one), JSON bodies, and a followed log as a chunked stream. Every request i
 * ``POST   /apis/jobset.x-k8s.io/v1alpha2/namespaces/{ns}/jobsets``, ``GET`` the same (list), ``GET
   /apis/jobset.x-k8s.io/v1alpha2/jobsets``; ``GET .../jobsets/{name}`` (also ``.../status``), ``DELETE`` (the
   ``propagationPolicy`` in the body or the query)
-* ``GET    /apis/batch/v1/namespaces/{ns}/jobs`` (list), ``.../jobs/{name}`` (also ``.../status``), ``GET
-  /apis/batch/v1/jobs``: the JobSets' Jobs, read-only
+* ``POST   /apis/batch/v1/namespaces/{ns}/jobs``, ``GET`` the same (list), ``GET /apis/batch/v1/jobs``; ``GET
+  .../jobs/{name}`` (also ``.../status``), ``DELETE`` (the ``propagationPolicy`` in the body or the query): a
+  client's Jobs and the JobSets' alike
+* ``POST   /api/v1/namespaces/{ns}/services``, ``GET`` the same (list), ``GET /api/v1/services``; ``GET
+  .../services/{name}`` (also ``.../status``), ``DELETE``
 * ``GET    /version``, ``GET /healthz`` (``/livez``, ``/readyz``)
 """
 
@@ -53,6 +57,7 @@ _PODS_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/pods/?")
 _EVENTS_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/events/?")
 _JOBSETS_PATH = re.compile(r"/apis/jobset\.x-k8s\.io/v1alpha2/namespaces/([^/]+)/jobsets(?:/([^/]+)(/status)?)?/?")
 _JOBS_PATH = re.compile(r"/apis/batch/v1/namespaces/([^/]+)/jobs(?:/([^/]+)(/status)?)?/?")
+_SERVICES_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/services(?:/([^/]+)(/status)?)?/?")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -108,6 +113,7 @@ class Handler(BaseHTTPRequestHandler):
             "/api/v1/events": lambda: kube.api_events(None, query),
             "/apis/jobset.x-k8s.io/v1alpha2/jobsets": lambda: kube.api_jobset_list(None, query),
             "/apis/batch/v1/jobs": lambda: kube.api_job_list(None, query),
+            "/api/v1/services": lambda: kube.api_service_list(None, query),
         }
         if path.rstrip("/") in simple:
             self._only(method, "GET")
@@ -127,11 +133,14 @@ class Handler(BaseHTTPRequestHandler):
             self._only(method, "GET")
             self._json(200, kube.api_events(m.group(1), query))
         elif m := _JOBSETS_PATH.fullmatch(path):
-            self._jobset(method, *m.groups(), query=query, body=body)
+            ops = (kube.api_jobset_list, kube.api_jobset_create, kube.api_jobset_get, kube.api_jobset_delete)
+            self._resource(method, *m.groups(), ops, query=query, body=body)
         elif m := _JOBS_PATH.fullmatch(path):
-            self._only(method, "GET")
-            ns, name = m.group(1), m.group(2)
-            self._json(200, kube.api_job_get(ns, name) if name else kube.api_job_list(ns, query))
+            ops = (kube.api_job_list, kube.api_job_create, kube.api_job_get, kube.api_job_delete)
+            self._resource(method, *m.groups(), ops, query=query, body=body)
+        elif m := _SERVICES_PATH.fullmatch(path):
+            ops = (kube.api_service_list, kube.api_service_create, kube.api_service_get, kube.api_service_delete)
+            self._resource(method, *m.groups(), ops, query=query, body=body)
         else:
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({method} {path})")
 
@@ -154,25 +163,35 @@ class Handler(BaseHTTPRequestHandler):
                 grace = body.get("gracePeriodSeconds")
             self._json(200, kube.api_delete(ns, name, None if grace in (None, "") else float(grace)))
 
-    def _jobset(
-        self, method: str, ns: str, name: str | None, sub: str | None, *, query: Mapping[str, str], body: Any
+    def _resource(
+        self,
+        method: str,
+        ns: str,
+        name: str | None,
+        sub: str | None,
+        ops: tuple[Callable[..., Any], ...],
+        *,
+        query: Mapping[str, str],
+        body: Any,
     ) -> None:
-        kube = self.kube
+        """A collection (list, create) and its objects (get, delete; a subresource such as ``status``: get only):
+        ``ops`` are those four operations; a delete answers ``(code, object)``."""
+        list_, create, get, delete = ops
         if name is None:
             self._only(method, "GET", "POST")
             if method == "GET":
-                self._json(200, kube.api_jobset_list(ns, query))
+                self._json(200, list_(ns, query))
             else:
-                self._json(201, kube.api_jobset_create(ns, body))
+                self._json(201, create(ns, body))
             return
         self._only(method, *(("GET",) if sub else ("GET", "DELETE")))
         if method == "GET":
-            self._json(200, kube.api_jobset_get(ns, name))
+            self._json(200, get(ns, name))
         else:
             policy = query.get("propagationPolicy")
             if policy is None and isinstance(body, dict):
                 policy = body.get("propagationPolicy")
-            self._json(*kube.api_jobset_delete(ns, name, policy))
+            self._json(*delete(ns, name, policy))
 
     def _only(self, method: str, *allowed: str) -> None:
         if method not in allowed:

@@ -1,11 +1,23 @@
-"""The Job controller of the test Kubernetes, for the batch/v1 Jobs its JobSets make (``_kubejobsets.py``): each
-Job's pods, made through the pod create path, and what their ends make of the Job (kubernetes
-``pkg/controller/job``, 1.34), cut from the JobSet controller as Kubernetes cuts them; the JobSet controller's
-thread calls :meth:`JobController.sync` for every Job, under ``cluster.cond``.
+"""batch/v1 Jobs in the test Kubernetes: the endpoints a client creates and deletes them through (:class:`JobsAPI`;
+get and list are :class:`~_kubejobsets.JobSetsAPI`'s, over every Job), and the Job controller (kubernetes
+``pkg/controller/job``, 1.34) that runs both those and the ones a JobSet makes (``_kubejobsets.py``): each Job's
+pods, made through the pod create path, and what their ends make of the Job. The JobSet controller's thread calls
+:meth:`JobController.sync` for every Job, under ``cluster.cond``.
 
+* create: ``name``/``generateName``; 409 for a name taken (also by a Job still being deleted); 422 without
+  containers, with a pod ``restartPolicy`` other than ``Never``/``OnFailure`` (only ``Never`` under a
+  ``podFailurePolicy``), or Indexed without ``completions``. The API server's defaults: ``parallelism`` 1,
+  ``completionMode: NonIndexed``, ``backoffLimit`` 6, ``suspend: false``, ``podReplacementPolicy``, the Job's
+  labels from the template's when it has none, and the generated selector: ``batch.kubernetes.io/controller-uid``
+  (and ``controller-uid``, ``batch.kubernetes.io/job-name``, ``job-name``) on the pod template.
+* delete, by ``propagationPolicy``: ``Foreground`` answers with the object (``deletionTimestamp``, the
+  ``foregroundDeletion`` finalizer), then its pods are deleted gracefully and the Job goes once they are gone;
+  ``Background`` removes the Job at once (a ``Success`` Status) and deletes its pods gracefully; ``Orphan``, and
+  no policy (batch/v1's default), removes the Job and leaves its pods running, their owner reference dropped.
 * pods: one per completion index (every index at once), ``generateName`` ``<job>-<index>-``, ``hostname``
-  ``<job>-<index>``, the template's labels and annotations plus the completion index (label and annotation), and
-  ``JOB_COMPLETION_INDEX`` in every container's env, by a ``fieldRef`` on that annotation.
+  ``<job>-<index>``, the template's labels, annotations and ``subdomain`` plus the completion index (label and
+  annotation), and ``JOB_COMPLETION_INDEX`` in every container's env, by a ``fieldRef`` on that annotation. Their
+  DNS names resolve (to 127.0.0.1) under a headless Service named by the subdomain (``Cluster.hosts``).
 * a pod that exits 0 completes its index; all done: ``SuccessCriteriaMet`` and ``Complete``.
 * a failed pod is matched against ``podFailurePolicy.rules`` in order (:func:`pod_failure_policy`: ``onExitCodes``
   In/NotIn on a non-zero exit code of the named container, ``onPodConditions``): ``FailJob`` fails the Job with
@@ -17,23 +29,124 @@ thread calls :meth:`JobController.sync` for every Job, under ``cluster.cond``.
 * a failing Job gets ``FailureTarget`` at once and its running pods are terminated (SIGTERM, grace, SIGKILL; the
   objects stay, ``Failed``); ``Failed`` follows once none runs, as in Kubernetes 1.31 and later.
 
-Not imitated: ``parallelism`` below ``completions``, NonIndexed Jobs (run as Indexed), ``backoffLimitPerIndex``
-(``FailIndex`` counts), the replacement back-off delay, ``activeDeadlineSeconds``, suspend, pod finalizers, and a
-container restarted in place under ``restartPolicy: OnFailure`` (the failed pod is replaced instead).
+Not imitated: update/patch of a Job, watches, ``parallelism`` below ``completions``, NonIndexed Jobs (run as
+Indexed: their pods get indexes and host names too), ``backoffLimitPerIndex`` (``FailIndex`` counts), the
+replacement back-off delay, ``activeDeadlineSeconds``, ``ttlSecondsAfterFinished``, suspend, a manual selector,
+pod finalizers, the warning a delete without a policy gets, a client's ``ownerReferences`` on a Job (the JobSet
+controller's garbage collector takes an owner that is no live JobSet as gone), and a container restarted in place
+under ``restartPolicy: OnFailure`` (the failed pod is replaced instead).
 """
 
 from __future__ import annotations
 
 import copy
+import secrets as _secrets
+import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from _kubeobjects import Job, Pod, rfc3339
-
-if TYPE_CHECKING:
-    from _kubepods import PodsAPI
+from _kubeobjects import ApiError, Job, Pod, not_found, rfc3339
+from _kubepods import PodsAPI
 
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+class JobsAPI(PodsAPI):
+    """The Job create and delete endpoints' operations (see the module docstring)."""
+
+    def api_job_create(self, namespace: str, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict) or body.get("kind", "Job") != "Job":
+            raise ApiError(400, "BadRequest", "the body is not a Job")
+        obj = copy.deepcopy(body)
+        obj["apiVersion"], obj["kind"] = "batch/v1", "Job"
+        meta = obj.setdefault("metadata", {})
+        if meta.get("namespace") not in (None, namespace):
+            raise ApiError(400, "BadRequest", "the namespace of the provided object does not match the request")
+        meta["namespace"] = namespace
+        with self.cluster.cond:
+            if not meta.get("name"):
+                if not meta.get("generateName"):
+                    raise ApiError(422, "Invalid", "Job.batch is invalid: metadata.name: Required value")
+                meta["name"] = meta["generateName"] + _secrets.token_hex(3)[:5]
+            _default_and_validate(obj)
+            key = (namespace, meta["name"])
+            if key in self.cluster.jobs:
+                details = {"name": meta["name"], "group": "batch", "kind": "jobs"}
+                raise ApiError(409, "AlreadyExists", f'jobs.batch "{meta["name"]}" already exists', details)
+            meta.update(creationTimestamp=rfc3339(), generation=1, resourceVersion=self.cluster.next_rv())
+            obj["status"] = {"startTime": rfc3339()}
+            self.cluster.jobs[key] = Job(obj)
+            self.cluster.cond.notify_all()
+            return copy.deepcopy(obj)
+
+    def api_job_delete(self, namespace: str, name: str, propagation: str | None) -> tuple[int, dict[str, Any]]:
+        """(HTTP code, answer): the object, still there, for ``Foreground``, else a ``Success`` Status."""
+        cluster = self.cluster
+        with cluster.cond:
+            job = cluster.jobs.get((namespace, name))
+            if job is None:
+                raise not_found("jobs.batch", name)
+            meta = job.obj["metadata"]
+            meta.setdefault("deletionTimestamp", rfc3339())
+            meta.setdefault("deletionGracePeriodSeconds", 0)
+            meta["resourceVersion"] = cluster.next_rv()
+            pods = [p for p in cluster.pods.values() if owned_by(p.obj, meta["uid"])]
+            if propagation == "Foreground":  # the Job controller removes it once its pods are gone
+                meta["finalizers"] = sorted({*(meta.get("finalizers") or []), "foregroundDeletion"})
+                job.deleting = propagation
+                cluster.cond.notify_all()
+                return 200, copy.deepcopy(job.obj)
+            del cluster.jobs[job.key]
+            cluster.deleted_jobs[job.key] = job.obj
+            for pod in pods:
+                if propagation == "Background":  # the garbage collector, at once
+                    if "deletionTimestamp" not in pod.obj["metadata"] or pod.finished:
+                        self.api_delete(*pod.key, None)
+                else:
+                    refs = pod.obj["metadata"].get("ownerReferences") or []
+                    pod.obj["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") != meta["uid"]]
+                    cluster.touch(pod)
+            cluster.cond.notify_all()
+            details = {"name": name, "group": "batch", "kind": "jobs", "uid": meta["uid"]}
+            return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details}
+
+
+def _default_and_validate(obj: dict[str, Any]) -> None:
+    """The API server's defaults for a Job, the selector it generates, and the checks this server needs."""
+    meta, spec = obj["metadata"], obj.get("spec")
+    invalid = f'Job.batch "{meta["name"]}" is invalid: '
+    if not isinstance(spec, dict) or not isinstance(spec.get("template"), dict):
+        raise ApiError(422, "Invalid", invalid + "spec.template: Required value")
+    template = spec["template"]
+    pod_spec = template.get("spec") or {}
+    if not pod_spec.get("containers") or not all(c.get("name") for c in pod_spec["containers"]):
+        raise ApiError(422, "Invalid", invalid + "spec.template.spec.containers: Required value")
+    restart = pod_spec.get("restartPolicy")
+    if restart not in ("Never", "OnFailure"):
+        what = f'Unsupported value: "{restart}": supported' if restart else "Required value: valid"
+        message = f'spec.template.spec.restartPolicy: {what} values: "OnFailure", "Never"'
+        raise ApiError(422, "Invalid", invalid + message)
+    if spec.get("podFailurePolicy") and restart != "Never":
+        raise ApiError(
+            422,
+            "Invalid",
+            invalid + f'spec.template.spec.restartPolicy: Invalid value: "{restart}": only "Never" is supported '
+            "when podFailurePolicy is specified",
+        )
+    spec.setdefault("completionMode", "NonIndexed")
+    if spec["completionMode"] == "Indexed" and spec.get("completions") is None:
+        raise ApiError(422, "Invalid", invalid + "spec.completions: Required value: when completion mode is Indexed")
+    spec.setdefault("parallelism", 1)
+    spec.setdefault("backoffLimit", 6)
+    spec.setdefault("suspend", False)
+    spec.setdefault("podReplacementPolicy", "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed")
+    tmeta = template.setdefault("metadata", {})
+    if not meta.get("labels") and tmeta.get("labels"):
+        meta["labels"] = dict(tmeta["labels"])
+    uid = meta["uid"] = str(uuid.uuid4())
+    generated = {"batch.kubernetes.io/controller-uid": uid, "batch.kubernetes.io/job-name": meta["name"]}
+    tmeta["labels"] = {**(tmeta.get("labels") or {}), **generated, "controller-uid": uid, "job-name": meta["name"]}
+    spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
 
 
 class JobController:
@@ -43,8 +156,12 @@ class JobController:
         self.pods, self.cluster = pods, pods.cluster
 
     def sync(self, job: Job) -> None:
-        """One pass over the Job: count its pods' ends, fail or complete it, make the pods its indexes lack."""
+        """One pass over the Job: count its pods' ends, fail or complete it, make the pods its indexes lack; for a
+        client's foreground delete, delete its pods and then the Job."""
         obj = job.obj
+        if job.deleting:
+            self._delete(job)
+            return
         if "deletionTimestamp" in obj["metadata"] or condition(obj, "Complete") or condition(obj, "Failed"):
             return
         changed = self._count_ends(job)
@@ -105,6 +222,19 @@ class JobController:
         for pod in job.pods.values():
             if not pod.finished:
                 self.pods.kubelet.terminate(pod, pod.grace(None))
+
+    def _delete(self, job: Job) -> None:
+        """The garbage collector's foreground delete: the Job's pods deleted gracefully, the Job once they are gone."""
+        cluster = self.cluster
+        pods = [p for p in cluster.pods.values() if owned_by(p.obj, job.obj["metadata"]["uid"])]
+        for pod in pods:
+            if "deletionTimestamp" not in pod.obj["metadata"] or pod.finished:
+                self.pods.api_delete(*pod.key, None)
+        if not pods and cluster.jobs.get(job.key) is job:
+            del cluster.jobs[job.key]
+            job.obj["metadata"]["finalizers"] = []
+            cluster.deleted_jobs[job.key] = job.obj
+            cluster.cond.notify_all()
 
     def _create_pod(self, job: Job, index: int) -> None:
         ns, name = job.key

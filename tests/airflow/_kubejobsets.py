@@ -14,7 +14,7 @@ pod create path, so the scheduler and kubelet run them as any pod and the tests'
   (``labelSelector``), delete (``propagationPolicy``: ``Background``, the default, answers a ``Success`` Status
   and removes the object at once, then the garbage collector deletes the Jobs and their pods; ``Foreground``
   answers with the object, which goes once every pod is gone; ``Orphan`` leaves Jobs and pods running). The
-  child Jobs: read-only get and list.
+  child Jobs are the Job controller's (``_kubejobs.py``), which also runs Jobs a client creates.
 * Jobs and pods carry the JobSet's labels and annotations (``jobset-name``, ``jobset-uid``,
   ``replicatedjob-name``, ``replicatedjob-replicas``, ``job-index``, ``job-key``, ``restart-attempt`` =
   ``status.restarts``); the pods' ``subdomain`` is ``network.subdomain`` (default the JobSet's name), and their DNS

@@ -1,13 +1,14 @@
 """The objects both halves of the test Kubernetes share: the one node, its pods, events, Secrets and ConfigMaps,
-and the JobSets, their child Jobs and the host names their pods answer to.
+the JobSets, the Jobs (theirs and those a client created), the Services, and the host names pods answer to.
 
 The API server half (``kubeapi.py``, ``_kubepods.py``, ``_kubehttp.py``, ``_kubedisruption.py``) writes these
 objects as requests arrive; the kubelet half (``_kubelet.py``, ``_kubecontainer.py``) writes the same pods' status
 as their processes start and end. As in Kubernetes, the objects are all the halves share: both read and write
 them only under :attr:`Cluster.cond`, and every change notifies it, so a waiter (a followed log,
 :meth:`Cluster.wait_for`) wakes on a change from either half. Also here, because both halves read them: RFC 3339
-time stamps, label and field selectors, and :class:`ApiError` (a Kubernetes ``Status``). The JobSet controller
-(``_kubejobsets.py``) keeps its objects here too, under the same condition, since it reacts to the pods' status.
+time stamps, label and field selectors, and :class:`ApiError` (a Kubernetes ``Status``). The JobSet and Job
+controllers (``_kubejobsets.py``, ``_kubejobs.py``) keep their objects here too, under the same condition, since
+they react to the pods' status.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 DEFAULT_NODE = "podtrain-test-node"
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 CONTAINER_ID = "kubeapi.podtrain.test/container-id"  # the annotation holding the pod's containerID
+POD_IP = "127.0.0.1"  # every pod's address: they all run on this machine
 
 
 def now() -> _dt.datetime:
@@ -205,11 +207,14 @@ class Pod:
 
 
 class Job:
-    """One batch/v1 Job a JobSet made: its API object and, per completion index, the pod that runs it now.
-    Guarded by :attr:`Cluster.cond`; the Job controller (``_kubejobsets.py``) is its only writer."""
+    """One batch/v1 Job (a JobSet's, or one a client created): its API object and, per completion index, the pod
+    that runs it now. Guarded by :attr:`Cluster.cond`; the Job controller (``_kubejobs.py``) writes it, and the
+    JobSet controller (``_kubejobsets.py``) deletes its own. ``deleting``: the ``propagationPolicy`` of a client's
+    foreground delete, which the Job controller finishes once the Job's pods are gone."""
 
     def __init__(self, obj: dict[str, Any]):
         self.obj = obj
+        self.deleting: str | None = None
         self.pods: dict[int, Pod] = {}  # completion index -> its current pod
         self.counted: set[str] = set()  # uids of the pods whose end the Job has counted
         self.succeeded: set[int] = set()  # completion indexes done
@@ -223,9 +228,9 @@ class Job:
 class Cluster:
     """The node and every object, under :attr:`cond`: pods by key (and every pod ever made, deleted ones too, for
     the tests' assertions), events, Secrets and ConfigMaps (decoded), the resource version; JobSets (and the last
-    object of each deleted one), their child Jobs, and ``hosts``: the DNS names the JobSets' headless services give
-    their pods (``<hostname>.<subdomain>``, ``...<ns>.svc``, ``...svc.cluster.local``) -> the address they resolve
-    to, which ``_kubecontainer.py`` writes in place of such a name in a container's env and argv."""
+    object of each deleted one), Jobs (likewise), Services (likewise), and :attr:`hosts`: the pods' DNS names
+    (``<hostname>.<subdomain>``, ``...<ns>.svc``, ``...svc.cluster.local``) -> the address they resolve to, which
+    ``_kubecontainer.py`` writes in place of such a name in a container's env and argv."""
 
     def __init__(self, node: Node):
         self.node = node
@@ -238,9 +243,44 @@ class Cluster:
         self.jobsets: dict[tuple[str, str], dict[str, Any]] = {}
         self.deleted_jobsets: dict[tuple[str, str], dict[str, Any]] = {}
         self.jobs: dict[tuple[str, str], Job] = {}
-        self.hosts: dict[str, str] = {}
+        self.deleted_jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.services: dict[tuple[str, str], dict[str, Any]] = {}
+        self.deleted_services: dict[tuple[str, str], dict[str, Any]] = {}
+        self.jobset_hosts: dict[str, str] = {}
         self.rv = 1000
         self.stopping = False
+
+    @property
+    def hosts(self) -> dict[str, str]:
+        """The names the JobSet controller publishes for its pods (whether or not a Service exists, as
+        ``_kubejobsets.py`` says), and those of every other pod with a ``hostname`` and a ``subdomain`` that names a
+        headless Service (``clusterIP: None``) of its namespace whose selector matches the pod's labels, as CoreDNS
+        answers from the EndpointSlices: not once the pod has ended, and before it runs (here: is ready) only under
+        ``publishNotReadyAddresses``. Every pod is ``POD_IP``."""
+        with self.cond:
+            names = dict(self.jobset_hosts)
+            for pod in self.pods.values():
+                spec, meta = pod.obj["spec"], pod.obj["metadata"]
+                service = self.services.get((meta["namespace"], spec.get("subdomain") or ""))
+                if not spec.get("hostname") or service is None or service["spec"].get("clusterIP") != "None":
+                    continue
+                selector = service["spec"].get("selector") or {}
+                labels = meta.get("labels") or {}
+                if not selector or any(labels.get(k) != v for k, v in selector.items()):
+                    continue
+                phase = pod.obj["status"].get("phase")
+                if phase in ("Succeeded", "Failed") or (
+                    phase != "Running" and not service["spec"].get("publishNotReadyAddresses")
+                ):
+                    continue
+                host = f"{spec['hostname']}.{spec['subdomain']}"
+                svc = f"{host}.{meta['namespace']}.svc"
+                names.update({host: POD_IP, svc: POD_IP, f"{svc}.cluster.local": POD_IP})
+            return names
+
+    @hosts.setter
+    def hosts(self, value: Mapping[str, str]) -> None:  # the JobSet controller's names, published whole
+        self.jobset_hosts = dict(value)
 
     def next_rv(self) -> str:
         self.rv += 1

@@ -2,11 +2,13 @@
 
 It serves the core/v1 endpoints that ``KubernetesPodOperator`` (through the official ``kubernetes`` client) calls
 while it creates, follows, checks and cleans up a pod: pods (create with ``generateName``, read, list by label and
-field selector, patch, graceful delete, log with ``follow``), events, ``/version`` and ``/healthz``; and JobSets
+field selector, patch, graceful delete, log with ``follow``), events, ``/version`` and ``/healthz``; JobSets
 (``jobset.x-k8s.io/v1alpha2``: create, get, list, delete, with a controller that runs them as Jobs of pods here,
-restarts and fails them by their failure policies, and read-only ``batch/v1`` Jobs). Anything else is answered with
-a Kubernetes ``Status`` (404 ``NotFound`` or 405 ``MethodNotAllowed``), so a call the server lacks is plain in the
-client's error; ``watch=true`` is refused with a 400 Status.
+restarts and fails them by their failure policies); ``batch/v1`` Jobs (create, get, list, delete by
+``propagationPolicy``; the same Job controller runs a client's Jobs and the JobSets'); and core/v1 Services (create,
+get, list, delete: stored, and a headless one gives the pods it selects their DNS names). Anything else is answered
+with a Kubernetes ``Status`` (404 ``NotFound`` or 405 ``MethodNotAllowed``), so a call the server lacks is plain in
+the client's error; ``watch=true`` is refused with a 400 Status.
 
 It is cut where Kubernetes cuts: the API server half changes objects, the kubelet half runs processes, and they
 meet only in the objects, so each half reads on its own:
@@ -18,10 +20,12 @@ meet only in the objects, so each half reads on its own:
 * ``_kubelet.py``: pods as processes in their own session, their status, log and termination message;
   ``_kubecontainer.py``: the container's argv, env, cwd and volumes (``images`` maps an image to its ENTRYPOINT).
 * ``_kubejobsets.py``: the JobSet endpoints and the JobSet controller (a thread, started and stopped with the
-  server) that makes a JobSet's Jobs and restarts or finishes the gang; ``_kubejobs.py``: the Job controller it
-  runs for those Jobs (their pods, ``podFailurePolicy``, ``backoffLimit``).
+  server) that makes a JobSet's Jobs and restarts or finishes the gang; ``_kubejobs.py``: the Job create and delete
+  endpoints, and the Job controller that thread runs for every Job (their pods, ``podFailurePolicy``,
+  ``backoffLimit``, a foreground delete); ``_kubeservices.py``: the Service endpoints.
 * ``_kubeobjects.py``: what both halves share: the node's settings, the pods, events, Secrets, ConfigMaps,
-  JobSets, Jobs and the JobSet pods' host names under one condition; time stamps, selectors and the ``Status`` error.
+  JobSets, Jobs, Services and the pods' host names under one condition; time stamps, selectors and the ``Status``
+  error.
 
 :meth:`KubeAPIServer.preempt` terminates a pod the way a disruption does: a ``DisruptionTarget`` condition
 (``PreemptionByScheduler`` by default; ``TerminationByKubelet`` also sets ``status.reason: Evicted``), SIGTERM to
@@ -33,11 +37,11 @@ log matches a pattern, for a caller blocked in ``dag.test()``. For assertions: :
 (``deleted=True``: also the last object of a deleted pod), :meth:`~KubeAPIServer.pods` (``deleted=True``: every pod
 ever made), :meth:`~KubeAPIServer.log_text`, :meth:`~KubeAPIServer.pod_dir`, :meth:`~KubeAPIServer.pid`,
 :meth:`~KubeAPIServer.events`, :meth:`~KubeAPIServer.wait_for` / ``wait_for_phase`` / ``wait_for_pod``, and
-``requests`` (every method and path served). For JobSets: :meth:`~KubeAPIServer.jobset` and
-:meth:`~KubeAPIServer.jobsets` (``deleted=True`` too), :meth:`~KubeAPIServer.jobs`,
-:meth:`~KubeAPIServer.wait_for_jobset` (a condition type or a predicate on the object), and
-:meth:`~KubeAPIServer.process_span` (when a pod's process started and ended, in ns: what a ``BlockingRecreate``
-check compares).
+``requests`` (every method and path served). For JobSets, Jobs and Services: :meth:`~KubeAPIServer.jobset`,
+:meth:`~KubeAPIServer.jobsets`, :meth:`~KubeAPIServer.jobs` and :meth:`~KubeAPIServer.services` (``deleted=True``
+too), :meth:`~KubeAPIServer.wait_for_jobset` and :meth:`~KubeAPIServer.wait_for_job` (a condition type or a
+predicate on the object), and :meth:`~KubeAPIServer.process_span` (when a pod's process started and ended, in ns:
+what a ``BlockingRecreate`` check compares).
 
 Only the standard library is used (the server runs in the Airflow test environment, and runs the training
 environment's ``podtrain`` only as a process). Typical use::
@@ -69,9 +73,11 @@ from typing import Any
 
 from _kubedisruption import Preempter, disrupt
 from _kubehttp import Handler
+from _kubejobs import JobsAPI
 from _kubejobsets import JobSetController, JobSetsAPI
 from _kubelet import Kubelet
 from _kubeobjects import DEFAULT_NODE, Cluster, Node, Pod, match_labels, parse_label_selector
+from _kubeservices import ServicesAPI
 
 __all__ = ["KubeAPIServer", "Preempter", "match_labels", "parse_label_selector"]
 
@@ -92,10 +98,11 @@ class _Shared:
         setattr(obj.cluster.node if self.on_node else obj.cluster, self.field, value)
 
 
-class KubeAPIServer(JobSetsAPI):
+class KubeAPIServer(JobSetsAPI, JobsAPI, ServicesAPI):
     """The server, on ``127.0.0.1:<free port>`` in a thread; see the module docstring. The endpoints' operations
     (``api_create``, ``api_list``, ...) come from :class:`~_kubepods.PodsAPI`, the JobSet ones (``api_jobset_*``,
-    ``api_job_*``) from :class:`~_kubejobsets.JobSetsAPI`.
+    ``api_job_get``/``_list``) from :class:`~_kubejobsets.JobSetsAPI`, ``api_job_create``/``_delete`` from
+    :class:`~_kubejobs.JobsAPI`, the Service ones (``api_service_*``) from :class:`~_kubeservices.ServicesAPI`.
 
     :param images: image -> the argv of its ENTRYPOINT, or a dict with ``entrypoint`` and optionally ``cmd``
         (argv), ``env`` (the image's ENV) and ``workdir`` (its WORKDIR, used when a mount or ``paths`` maps it).
@@ -324,42 +331,62 @@ class KubeAPIServer(JobSetsAPI):
                 found += self.cluster.deleted_jobsets.items()
             return [copy.deepcopy(o) for k, o in found if namespace in (None, k[0])]
 
-    def jobs(self, namespace: str | None = None) -> list[dict[str, Any]]:
-        """Copies of the batch/v1 Jobs the JobSet controller made (those of a restarted attempt go once their
-        pods are gone)."""
+    def jobs(self, namespace: str | None = None, *, deleted: bool = False) -> list[dict[str, Any]]:
+        """Copies of the batch/v1 Jobs (the JobSets' and the clients'; those of a restarted attempt go once their
+        pods are gone); ``deleted``: also the last deleted client Job of each name, as it was when it went."""
         with self.cluster.cond:
-            return [copy.deepcopy(j.obj) for k, j in self.cluster.jobs.items() if namespace in (None, k[0])]
+            found = [(k, j.obj) for k, j in self.cluster.jobs.items()]
+            if deleted:
+                found += self.cluster.deleted_jobs.items()
+            return [copy.deepcopy(o) for k, o in found if namespace in (None, k[0])]
+
+    def services(self, namespace: str | None = None, *, deleted: bool = False) -> list[dict[str, Any]]:
+        """Copies of the Services; ``deleted``: also the last deleted one of each name."""
+        with self.cluster.cond:
+            found = list(self.cluster.services.items())
+            if deleted:
+                found += self.cluster.deleted_services.items()
+            return [copy.deepcopy(o) for k, o in found if namespace in (None, k[0])]
+
+    def wait_for_job(
+        self, namespace: str, name: str, until: str | Callable[[dict[str, Any]], bool], timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """As :meth:`wait_for_jobset`, for a batch/v1 Job (``until``: e.g. ``"Complete"``, ``"Failed"``)."""
+        jobs = self.cluster.jobs
+        return self._wait_for(
+            f"job {namespace}/{name}", lambda: getattr(jobs.get((namespace, name)), "obj", None), until, timeout
+        )
 
     def wait_for_jobset(
-        self,
-        namespace: str,
-        name: str,
-        until: str | Callable[[dict[str, Any]], bool],
-        timeout: float = 30.0,
+        self, namespace: str, name: str, until: str | Callable[[dict[str, Any]], bool], timeout: float = 30.0
     ) -> dict[str, Any]:
         """Wait until the JobSet has condition ``until`` (a type, status True) or ``until(jobset)`` is true; return
         a copy. ``RuntimeError`` at once if the controller hit a bug (its traceback), ``TimeoutError`` after
         ``timeout`` seconds (with the JobSet's status)."""
-        cluster = self.cluster
+        jobsets = self.cluster.jobsets
+        return self._wait_for(f"jobset {namespace}/{name}", lambda: jobsets.get((namespace, name)), until, timeout)
 
-        def check(obj: dict[str, Any]) -> bool:
+    def _wait_for(
+        self, kind: str, current: Callable[[], Any], until: str | Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any]:
+        def ready() -> bool:
+            if self.jobset_controller is not None and self.jobset_controller.errors:
+                raise RuntimeError("the JobSet controller failed:\n" + self.jobset_controller.errors[-1])
+            obj = current()
+            if obj is None:
+                return False
             if callable(until):
                 return until(obj)
             return any(c["type"] == until and c["status"] == "True" for c in obj["status"].get("conditions") or [])
 
-        def ready() -> bool:
-            if self.jobset_controller is not None and self.jobset_controller.errors:
-                raise RuntimeError("the JobSet controller failed:\n" + self.jobset_controller.errors[-1])
-            obj = cluster.jobsets.get((namespace, name))
-            return obj is not None and check(obj)
-
         try:
-            self.wait_for(ready, timeout, f"jobset {namespace}/{name} to reach {getattr(until, '__name__', until)}")
+            self.wait_for(ready, timeout, f"{kind} to reach {getattr(until, '__name__', until)}")
         except TimeoutError as e:
-            with cluster.cond:
-                obj = cluster.jobsets.get((namespace, name))
+            with self.cluster.cond:
+                obj = current()
                 raise TimeoutError(f"{e}; its status: {obj and obj['status']}") from None
-        return self.jobset(namespace, name)
+        with self.cluster.cond:
+            return copy.deepcopy(current())
 
     def process_span(self, namespace: str, name: str) -> tuple[int | None, int | None]:
         """When the pod's process started and when its end was seen (``time.time_ns()``; None: not yet), also for

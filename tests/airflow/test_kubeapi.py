@@ -195,7 +195,7 @@ def test_unschedulable_gpu_request_stays_pending() -> None:
 def test_unknown_endpoints_answer_status(kube: KubeAPIServer, api: k8s.CoreV1Api) -> None:
     """Endpoints the server lacks answer a Kubernetes Status: 404 NotFound, 405 MethodNotAllowed."""
     with pytest.raises(ApiException) as err:
-        api.list_namespaced_service(NS)
+        api.list_namespaced_config_map(NS)
     assert err.value.status == 404
     status = json.loads(err.value.body)
     assert (status["kind"], status["reason"]) == ("Status", "NotFound")
