@@ -11,7 +11,7 @@ from typing import Any
 
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import Param, dag, task
-from podtrain_airflow import chargeback, join_uri, multinode_pod, multinode_preflight, run_id, write_report
+from podtrain_airflow import multinode_pod, multinode_preflight
 from podtrain_airflow.settings import Settings
 
 SETTINGS = Settings.from_env()
@@ -36,15 +36,7 @@ def podtrain_multinode() -> None:
     preflight = multinode_preflight(**shared, **gang)
     train = multinode_pod(
         "train",
-        command=[
-            *SETTINGS.train_command,
-            "--steps",
-            "{{ params.steps }}",
-            "--lr",
-            "{{ params.lr }}",
-            "--checkpoint-every",
-            "{{ params.checkpoint_every }}",
-        ],
+        command=SETTINGS.training_command(),
         trial="train",
         data=SETTINGS.dataset,
         cpu=SETTINGS.cpu,
@@ -58,19 +50,7 @@ def podtrain_multinode() -> None:
     @task(trigger_rule="all_done")
     def report(**context: Any) -> dict[str, Any]:
         """GPU-seconds of the training run over every pod of every attempt (preempted ones too), as JSON and CSV."""
-        dag_run = context["dag_run"]
-        runs = [
-            {
-                "run_id": run_id(dag_run.dag_id, dag_run.run_id, "train"),
-                "trial": "train",
-                "team": SETTINGS.team,
-                "project": SETTINGS.project,
-            }
-        ]
-        result = chargeback(runs, join_uri(SETTINGS.base_uri, "artifacts"))
-        folder = join_uri(SETTINGS.base_uri, "reports", run_id(dag_run.dag_id, dag_run.run_id))
-        result["files"] = write_report(result, folder)
-        return result
+        return SETTINGS.report(context["dag_run"], ["train"])
 
     # The report runs whatever happened; the DAG run fails when training did (report alone would pass it).
     preflight >> train >> [report(), EmptyOperator(task_id="all_succeeded")]

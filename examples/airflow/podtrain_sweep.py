@@ -14,12 +14,10 @@ from airflow.sdk import Param, dag, task
 from podtrain_airflow import (
     PodtrainPodOperator,
     best_trial,
-    chargeback,
     join_uri,
     pod_kwargs,
     preflight_pod,
     run_id,
-    write_report,
 )
 from podtrain_airflow.settings import Settings
 from podtrain_airflow.sweep import trials
@@ -89,22 +87,7 @@ def podtrain_sweep() -> None:
     @task(trigger_rule="all_done")
     def report(planned: list[dict[str, Any]], **context: Any) -> dict[str, Any]:
         """GPU-seconds per team, project and trial (every attempt of every trial)."""
-        dag_run = context["dag_run"]
-        names = [t["trial"] for t in planned]
-        runs = [
-            {
-                "run_id": run_id(dag_run.dag_id, dag_run.run_id, n),
-                "trial": n,
-                "team": SETTINGS.team,
-                "project": SETTINGS.project,
-            }
-            for n in names
-        ]
-        result = chargeback(runs, join_uri(SETTINGS.base_uri, "artifacts"))
-        result["files"] = write_report(
-            result, join_uri(SETTINGS.base_uri, "reports", run_id(dag_run.dag_id, dag_run.run_id))
-        )
-        return result
+        return SETTINGS.report(context["dag_run"], [t["trial"] for t in planned])
 
     preflight >> planned
     # best and report run whatever the trials did; the DAG run fails when a trial did.

@@ -9,7 +9,7 @@ from typing import Any
 
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import Param, dag, task
-from podtrain_airflow import chargeback, join_uri, podtrain_pod, preflight_pod, run_id, write_report
+from podtrain_airflow import podtrain_pod, preflight_pod
 from podtrain_airflow.settings import Settings
 
 SETTINGS = Settings.from_env()
@@ -34,15 +34,7 @@ def podtrain_train() -> None:
     preflight = preflight_pod(**shared)
     train = podtrain_pod(
         "train",
-        command=[
-            *SETTINGS.train_command,
-            "--steps",
-            "{{ params.steps }}",
-            "--lr",
-            "{{ params.lr }}",
-            "--checkpoint-every",
-            "{{ params.checkpoint_every }}",
-        ],
+        command=SETTINGS.training_command(),
         trial="train",
         data=SETTINGS.dataset,
         cpu=SETTINGS.cpu,
@@ -54,20 +46,7 @@ def podtrain_train() -> None:
     @task(trigger_rule="all_done")
     def report(**context: Any) -> dict[str, Any]:
         """GPU-seconds of the training run (every attempt: failed and preempted ones too), as JSON and CSV."""
-        dag_run = context["dag_run"]
-        runs = [
-            {
-                "run_id": run_id(dag_run.dag_id, dag_run.run_id, trial),
-                "trial": trial,
-                "team": SETTINGS.team,
-                "project": SETTINGS.project,
-            }
-            for trial in ("train",)
-        ]
-        result = chargeback(runs, join_uri(SETTINGS.base_uri, "artifacts"))
-        folder = join_uri(SETTINGS.base_uri, "reports", run_id(dag_run.dag_id, dag_run.run_id))
-        result["files"] = write_report(result, folder)
-        return result
+        return SETTINGS.report(context["dag_run"], ["train"])
 
     # The reports run whatever happened; the DAG run fails when training did (report alone would pass it).
     preflight >> train >> [report(), EmptyOperator(task_id="all_succeeded")]

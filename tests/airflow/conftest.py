@@ -12,6 +12,8 @@ database; a test that runs a DAG creates it with ``airflow_db``.
   offline: a hand-made runtime context, the operator's own template rendering (for a mapped task, the
   MappedOperator's: it unmaps with the upstream XCom from ``xcoms``), then its ``build_pod_request_obj``.
 * ``airflow_db`` — ``airflow db migrate`` into this session's SQLite file, once.
+* ``s3`` — an S3 server on 127.0.0.1 per end-to-end module, run by the training environment (skipped, saying
+  why, without it); ``gang_ends`` — every gang task's end as ``gang_finished()`` judged it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ for name in [n for n in os.environ if n.startswith("PODTRAIN_DAG_")]:
 if str(DAGS) not in sys.path:
     sys.path.insert(0, str(DAGS))
 
+from e2e_support import TrainingS3Server, training_env_missing  # noqa: E402
 from kubeapi import KubeAPIServer  # noqa: E402
 from kubernetes import client as k8s  # noqa: E402
 from offline import render_and_build  # noqa: E402  (after the environment above)
@@ -81,3 +84,34 @@ def api(kube: KubeAPIServer) -> k8s.CoreV1Api:
     cfg = k8s.Configuration()
     cfg.host = kube.url
     return k8s.CoreV1Api(k8s.ApiClient(cfg))
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[TrainingS3Server]:
+    """An S3 server on 127.0.0.1 for one end-to-end module, run by the training environment."""
+    missing = training_env_missing()
+    if missing:
+        pytest.skip(missing)
+    with TrainingS3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def gang_ends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, BaseException | None]]:
+    """Every gang task's end as ``gang_finished()`` judged it: ``(task_id, verdict, exception raised)``."""
+    from podtrain_airflow.multinode import GangOperator
+
+    seen: list[tuple[str, Any, BaseException | None]] = []
+    original = GangOperator.gang_finished
+
+    def gang_finished(self: Any, context: Any, event: Any) -> Any:
+        try:
+            result = original(self, context, event)
+        except BaseException as exc:
+            seen.append((self.task_id, self.verdict, exc))
+            raise
+        seen.append((self.task_id, self.verdict, None))
+        return result
+
+    monkeypatch.setattr(GangOperator, "gang_finished", gang_finished)
+    return seen

@@ -6,6 +6,7 @@ The training side (torch, podtrain, moto) lives in ``.venv`` (``make venv``), ne
 S3 server and every pod run with ``.venv``'s Python; this process only speaks HTTP to them (s3fs, the
 ``kubernetes`` client). Without ``.venv`` the end-to-end tests are skipped with that reason.
 
+* :func:`free_port` — a free TCP port of 127.0.0.1 (a gang's torchrun master port).
 * :class:`TrainingS3Server` — ``tests/servers.py``'s moto server, started with ``.venv``'s Python.
 * :func:`stub_bin` — a folder for the pods' ``PATH`` with ``tini`` (runs what follows ``--``, as ``tini -g``
   does once the server gives every pod its own process group) and a ``nvidia-smi`` that prints a GPU table or
@@ -29,6 +30,19 @@ from typing import Any
 
 from kubeapi import KubeAPIServer
 
+__all__ = [
+    "IMAGE",
+    "REPO",
+    "Deployment",
+    "MotoS3Server",
+    "TrainingS3Server",
+    "deployment",
+    "free_port",
+    "stub_bin",
+    "training_env_missing",
+    "upload_dataset",
+]
+
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "examples" / "airflow"
 TRAINING_VENV = Path(os.environ.get("PODTRAIN_TRAINING_VENV", REPO / ".venv"))
@@ -39,7 +53,7 @@ STORAGE_SECRET = "podtrain-s3"
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
-from tests.servers import MotoS3Server  # noqa: E402  (standard library only)
+from tests.servers import MotoS3Server, free_port  # noqa: E402  (standard library only)
 
 
 def training_env_missing() -> str:

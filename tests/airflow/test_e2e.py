@@ -23,24 +23,13 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import MotoS3Server, TrainingS3Server, deployment, training_env_missing
+from e2e_support import MotoS3Server, deployment
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("airflow_db")]
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[MotoS3Server]:
-    """An S3 server on 127.0.0.1 for this module, run by the training environment."""
-    missing = training_env_missing()
-    if missing:
-        pytest.skip(missing)
-    with TrainingS3Server() as server:
-        yield server
 
 
 @pytest.fixture

@@ -15,14 +15,12 @@ both on 127.0.0.1 (``e2e_support.py``), as ``test_e2e_multinode.py`` does for th
 from __future__ import annotations
 
 import re
-import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import REPO, MotoS3Server, TrainingS3Server, deployment, training_env_missing
+from e2e_support import REPO, MotoS3Server, deployment, free_port
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("airflow_db")]
 
@@ -30,42 +28,6 @@ INDEX = "batch.kubernetes.io/job-completion-index"
 JOB_NAME = "batch.kubernetes.io/job-name"
 # e2e_support.deployment's TRAIN_COMMAND, with a model examples/train.py refuses (heads must divide d_model 64)
 BAD_TRAIN_COMMAND = f"python {REPO / 'examples' / 'train.py'} --device cpu --threads 1 --log-every 10 --heads 3"
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[MotoS3Server]:
-    missing = training_env_missing()
-    if missing:
-        pytest.skip(missing)
-    with TrainingS3Server() as server:
-        yield server
-
-
-@pytest.fixture
-def gang_ends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, BaseException | None]]:
-    """Every gang task's end as ``gang_finished()`` judged it: ``(task_id, verdict, exception raised)``."""
-    from podtrain_airflow.multinode import GangOperator
-
-    seen: list[tuple[str, Any, BaseException | None]] = []
-    original = GangOperator.gang_finished
-
-    def gang_finished(self: Any, context: Any, event: Any) -> Any:
-        try:
-            result = original(self, context, event)
-        except BaseException as exc:
-            seen.append((self.task_id, self.verdict, exc))
-            raise
-        seen.append((self.task_id, self.verdict, None))
-        return result
-
-    monkeypatch.setattr(GangOperator, "gang_finished", gang_finished)
-    return seen
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -83,7 +45,7 @@ def test_indexed_job_one_pod_preempted_the_job_fails_airflow_retries_it_resumes_
         "MULTINODE_BACKEND": "indexed_job",
         "NODES": "2",
         "PROCS_PER_NODE": "1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "POLL_SECONDS": "1",
     }
     with deployment(monkeypatch, s3, tmp_path, bucket="e2e-indexedjob", settings=settings) as dep:
@@ -160,7 +122,7 @@ def test_jobset_a_user_error_fails_the_jobset_at_once_and_the_task_without_a_ret
     settings = {
         "NODES": "2",
         "PROCS_PER_NODE": "1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "POLL_SECONDS": "1",
         "TRAIN_COMMAND": BAD_TRAIN_COMMAND,
     }

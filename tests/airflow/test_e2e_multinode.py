@@ -12,14 +12,12 @@ per pod per attempt and the chargeback sums all four.
 
 from __future__ import annotations
 
-import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import MotoS3Server, TrainingS3Server, deployment, training_env_missing
+from e2e_support import MotoS3Server, deployment, free_port
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("airflow_db")]
 
@@ -27,48 +25,12 @@ JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"
 INDEX = "batch.kubernetes.io/job-completion-index"
 
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[MotoS3Server]:
-    missing = training_env_missing()
-    if missing:
-        pytest.skip(missing)
-    with TrainingS3Server() as server:
-        yield server
-
-
-@pytest.fixture
-def gang_ends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, BaseException | None]]:
-    """Every gang task's end as ``gang_finished()`` judged it: ``(task_id, verdict, exception raised)``."""
-    from podtrain_airflow.multinode import GangOperator
-
-    seen: list[tuple[str, Any, BaseException | None]] = []
-    original = GangOperator.gang_finished
-
-    def gang_finished(self: Any, context: Any, event: Any) -> Any:
-        try:
-            result = original(self, context, event)
-        except BaseException as exc:
-            seen.append((self.task_id, self.verdict, exc))
-            raise
-        seen.append((self.task_id, self.verdict, None))
-        return result
-
-    monkeypatch.setattr(GangOperator, "gang_finished", gang_finished)
-    return seen
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_multinode_dag_one_pod_preempted_the_gang_restarts_in_the_cluster_resumes_and_is_charged(
     s3: MotoS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gang_ends: list[Any]
 ) -> None:
     from podtrain_airflow import run_id
 
-    settings = {"NODES": "2", "PROCS_PER_NODE": "1", "MASTER_PORT": str(_free_port()), "POLL_SECONDS": "1"}
+    settings = {"NODES": "2", "PROCS_PER_NODE": "1", "MASTER_PORT": str(free_port()), "POLL_SECONDS": "1"}
     with deployment(monkeypatch, s3, tmp_path, bucket="e2e-multinode", settings=settings) as dep:
         preempter = dep.kube.preempt_when(
             r"checkpoint\.started", label_selector=f"podtrain-trial=train,{INDEX}=1", count=1

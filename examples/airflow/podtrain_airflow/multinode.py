@@ -33,13 +33,7 @@ from podtrain_airflow.gang import COMPLETION_INDEX, gang_verdict
 from podtrain_airflow.gangpod import MASTER_PORT
 from podtrain_airflow.gangtrigger import GangTrigger, pod_selector
 from podtrain_airflow.naming import dns_label
-from podtrain_airflow.operator import (
-    PREFLIGHT_ENTRYPOINT,
-    PREFLIGHT_HINT,
-    PodtrainPodOperator,
-    pod_kwargs,
-    preflight_command,
-)
+from podtrain_airflow.operator import PodtrainPodOperator, pod_kwargs, preflight_kwargs
 
 __all__ = [
     "GangOperator",
@@ -385,19 +379,7 @@ def multinode_preflight(
     """The GPU preflight (``nvidia-smi`` and ``podtrain smoke``) on every one of ``nodes`` pods at once, with the
     training pods' GPU request, selector and tolerations: a gang that cannot be placed, or one bad node, fails in
     minutes. ``kwargs`` as for :func:`multinode_pod`."""
-    small = {
-        "command": preflight_command(kwargs.get("gpus", 1)),
-        "cmds": list(PREFLIGHT_ENTRYPOINT),
-        "preflight": True,
-        "trial": "preflight",
-        "cpu": "1",
-        "memory": "4Gi",
-        "shm_size": "1Gi",
-        "data_cache_size": "1Gi",
-        "retries": 2,
-        "failure_hint": PREFLIGHT_HINT,
-        "torchrun": False,
-    }
+    small = {**preflight_kwargs(kwargs.get("gpus", 1)), "torchrun": False}
     if backend == "jobset":
         small["max_restarts"] = 0  # a node that fails the preflight fails it; the task's retries decide
     return multinode_pod(task_id, nodes=nodes, backend=backend, **{**small, **kwargs})

@@ -25,6 +25,7 @@ __all__ = [
     "pod_kwargs",
     "podtrain_pod",
     "preflight_command",
+    "preflight_kwargs",
     "preflight_pod",
 ]
 
@@ -316,14 +317,11 @@ def podtrain_pod(task_id: str, **kwargs: Any) -> PodtrainPodOperator:
     return PodtrainPodOperator(task_id=task_id, **pod_kwargs(**kwargs))
 
 
-def preflight_pod(task_id: str = "gpu_preflight", **kwargs: Any) -> PodtrainPodOperator:
-    """A small pod with the training pods' GPU request, selector and tolerations that runs ``nvidia-smi`` and
-    ``podtrain smoke`` (torch sees the GPU, CUDA and driver versions, a matmul, NCCL): run it before training so a
-    wrong node pool fails in minutes, with a message naming the likely cause. It runs under ``tini`` alone (not
-    ``podtrain run``: smoke's termination message is the cause the classifier reports, and the preflight keeps no
-    run record). ``kwargs`` as for :func:`pod_kwargs` (the shared ones: image, base URI, GPUs, ...)."""
-    small = {
-        "command": preflight_command(kwargs.get("gpus", 1)),
+def preflight_kwargs(gpus: int) -> dict[str, Any]:
+    """What a preflight changes in :func:`pod_kwargs`' arguments: its command under ``tini`` alone, a small pod,
+    the preflight's classification and hint, fewer retries."""
+    return {
+        "command": preflight_command(gpus),
         "cmds": list(PREFLIGHT_ENTRYPOINT),
         "preflight": True,
         "trial": "preflight",
@@ -334,7 +332,15 @@ def preflight_pod(task_id: str = "gpu_preflight", **kwargs: Any) -> PodtrainPodO
         "retries": 2,
         "failure_hint": PREFLIGHT_HINT,
     }
-    return podtrain_pod(task_id, **{**small, **kwargs})
+
+
+def preflight_pod(task_id: str = "gpu_preflight", **kwargs: Any) -> PodtrainPodOperator:
+    """A small pod with the training pods' GPU request, selector and tolerations that runs ``nvidia-smi`` and
+    ``podtrain smoke`` (torch sees the GPU, CUDA and driver versions, a matmul, NCCL): run it before training so a
+    wrong node pool fails in minutes, with a message naming the likely cause. It runs under ``tini`` alone (not
+    ``podtrain run``: smoke's termination message is the cause the classifier reports, and the preflight keeps no
+    run record). ``kwargs`` as for :func:`pod_kwargs` (the shared ones: image, base URI, GPUs, ...)."""
+    return podtrain_pod(task_id, **{**preflight_kwargs(kwargs.get("gpus", 1)), **kwargs})
 
 
 def _env_list(env: Any) -> list[k8s.V1EnvVar]:

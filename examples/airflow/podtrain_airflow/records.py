@@ -17,9 +17,17 @@ from typing import Any
 
 import fsspec
 
-from podtrain_airflow.naming import join_uri
+from podtrain_airflow.naming import join_uri, run_id
 
-__all__ = ["CHARGEBACK_COLUMNS", "best_trial", "chargeback", "final_metrics", "read_record", "write_report"]
+__all__ = [
+    "CHARGEBACK_COLUMNS",
+    "best_trial",
+    "chargeback",
+    "chargeback_report",
+    "final_metrics",
+    "read_record",
+    "write_report",
+]
 
 CHARGEBACK_COLUMNS = (
     "team",
@@ -166,3 +174,18 @@ def write_report(report: Mapping[str, Any], folder: str, name: str = "chargeback
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path, text.encode())
     return urls
+
+
+def chargeback_report(
+    dag_id: str, dag_run_id: str, trials: Iterable[str], *, base_uri: str, team: str, project: str
+) -> dict[str, Any]:
+    """The chargeback of a DAG run's ``trials`` (each one run: ``run_id(dag_id, dag_run_id, trial)``), written to
+    ``<base>/reports/<dag run>/chargeback.json`` and ``.csv`` (their URLs in ``"files"``): what the DAGs' ``report``
+    task returns."""
+    runs = [
+        {"run_id": run_id(dag_id, dag_run_id, trial), "trial": trial, "team": team, "project": project}
+        for trial in trials
+    ]
+    result = chargeback(runs, join_uri(base_uri, "artifacts"))
+    result["files"] = write_report(result, join_uri(base_uri, "reports", run_id(dag_id, dag_run_id)))
+    return result

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.secret import Secret
+
+from podtrain_airflow.records import chargeback_report
 
 __all__ = ["Settings"]
 
@@ -93,6 +95,18 @@ class Settings:
             "retry_delay": timedelta(seconds=self.retry_delay_seconds),
             "startup_check_interval_seconds": self.startup_check_seconds,
         }
+
+    def training_command(self) -> list[str]:
+        """The training command with the DAGs' hyperparameters appended as flags, templated from ``params``."""
+        flags = ("steps", "lr", "checkpoint_every")
+        return [*self.train_command, *(x for f in flags for x in (f"--{f.replace('_', '-')}", f"{{{{ params.{f} }}}}"))]
+
+    def report(self, dag_run: Any, trials: Sequence[str]) -> dict[str, Any]:
+        """The chargeback report of ``trials`` in ``dag_run``, written under the base URI (see
+        :func:`~podtrain_airflow.records.chargeback_report`)."""
+        return chargeback_report(
+            dag_run.dag_id, dag_run.run_id, trials, base_uri=self.base_uri, team=self.team, project=self.project
+        )
 
     def gang(self) -> dict[str, Any]:
         """The arguments a multi-node task adds, for ``multinode_pod``/``multinode_preflight``."""
