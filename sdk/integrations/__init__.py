@@ -2,7 +2,7 @@
 
 Each framework is a submodule imported by name (``from sdk.integrations import transformers as podtrain_hf``) and
 nothing here imports one: ``import sdk`` and ``import sdk.integrations`` never load a framework, which is an
-optional extra (``pip install 'podtrain[transformers]'``).
+optional extra (``pip install 'podtrain[transformers]'``, ``'podtrain[lightning]'``).
 """
 
 from __future__ import annotations

@@ -9,92 +9,29 @@ signal lands mid-run. The references are the same Trainer run by Transformers al
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
 
-import torch
 from safetensors.torch import load_file
 
 from sdk.checkpoints.checkpointer import Checkpointer
+from tests.integrations._processes import REPO, STEPS, Worker, assert_equal, reports
 
-REPO = Path(__file__).resolve().parents[2]
-WORKER = str(Path(__file__).with_name("hf_worker.py"))
-STEPS = 60
-
-
-def _env(tmp: Path, run_id: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PODTRAIN_")}
-    return {
-        **env,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
-        "PODTRAIN_RUN_ID": run_id,
-        "PODTRAIN_CHECKPOINT_URI": (tmp / "ckpt").as_uri(),
-        "PODTRAIN_OUTPUT_DIR": str(tmp / "output"),
-        "PODTRAIN_ARTIFACT_URI": (tmp / "artifacts").as_uri(),
-        "PODTRAIN_GRACE_SECONDS": "30",
-        "PODTRAIN_TERMINATION_LOG": str(tmp / "termination-log"),
-        "PODTRAIN_LOG_LEVEL": "warning",
-    }
-
-
-def _worker(ranks: int, out: Path, *extra: str) -> list[str]:
-    head = [sys.executable]
-    if ranks > 1:
-        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    return [*head, WORKER, "--out", str(out), "--steps", str(STEPS), *extra]
-
-
-def _reference(tmp: Path, ranks: int) -> dict[str, torch.Tensor]:
-    """The final weights of the same Trainer, uninterrupted, Transformers alone, on ``ranks`` processes."""
-    out = tmp / "plain"
-    proc = subprocess.run(
-        _worker(ranks, out, "--plain"), env=_env(tmp, "plain"), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out / "final.pt", weights_only=True)
-
-
-def _preempted(tmp: Path, ranks: int) -> tuple[subprocess.Popen[str], str]:
-    """Attempt 1 under `podtrain run`, SIGTERM a few steps after its first commit: (process, stderr)."""
-    cmd = [sys.executable, "-m", "entrypoint", "run", "--", *_worker(ranks, tmp / "attempt-1", "--sleep", "0.05")]
-    proc = subprocess.Popen(
-        cmd, env=_env(tmp, "hf"), cwd=tmp, start_new_session=True, stderr=subprocess.PIPE, text=True
-    )
-    give_up = time.monotonic() + 240
-    while not list((tmp / "ckpt").glob("step-*/MANIFEST.json")):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < give_up, "no checkpoint within 240 s"
-        time.sleep(0.1)
-    time.sleep(0.4)  # a few steps past the first save (step 5)
-    os.kill(proc.pid, signal.SIGTERM)
-    sent = time.monotonic()
-    _, stderr = proc.communicate(timeout=120)
-    assert time.monotonic() - sent < 30, "the stop took longer than the grace period"
-    return proc, stderr
-
-
-def _resumed(tmp: Path, ranks: int) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "entrypoint", "run", "--", *_worker(ranks, tmp / "attempt-2")]
-    return subprocess.run(cmd, env=_env(tmp, "hf"), cwd=tmp, capture_output=True, text=True, timeout=300)
-
-
-def _reports(out: Path, ranks: int) -> list[dict[str, object]]:
-    return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(ranks)]
-
-
-def _assert_equal(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == ref.keys()
-    diverged = [k for k in ref if not torch.equal(got[k], ref[k])]
-    assert not diverged, f"{len(diverged)} tensors differ from the uninterrupted run, e.g. {diverged[0]}"
+WORKER = Worker("hf_worker.py", run_id="hf", framework="Transformers")
+_env, _worker, _reference, _preempted, _resumed = (
+    WORKER.env,
+    WORKER.argv,
+    WORKER.reference,
+    WORKER.preempted,
+    WORKER.resumed,
+)
+_reports, _assert_equal = reports, assert_equal
 
 
 def test_sigterm_under_podtrain_run_exits_75_and_a_fresh_process_ends_bitwise_equal(tmp_path: Path) -> None:
