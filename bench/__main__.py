@@ -25,6 +25,7 @@ SUITES = {
     "sharded": sharded.main,
     "multinode": multinode.main,
 }
+S3_SUITES = {"checkpoint", "stall", "transfer", "sharded"}  # those that start an S3 server
 DEFAULT_REPEAT = {  # stall: ~2 min/rep at 1 GiB; transfer: ~2.5 min/rep at 1.5 GiB; sharded: see bench/README.md
     "checkpoint": 3,
     "stall": stall.DEFAULT_REPEAT,
@@ -53,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         "multinode 1)",
     )
     parser.add_argument("--only", choices=sorted(SUITES), help="run one suite (default: all, in turn)")
+    parser.add_argument(
+        "--s3-server",
+        choices=checkpoint.S3_SERVERS,
+        default="moto",
+        help="the S3 server the checkpoint, stall, transfer and sharded suites use (default moto; seaweedfs: a real "
+        "object store, whose ranged GETs read only the range)",
+    )
     args = parser.parse_args(argv)
     if args.size_mib < 1 or (args.repeat is not None and args.repeat < 1):
         parser.error("--size-mib and --repeat must be at least 1")
@@ -60,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, suite in SUITES.items():
         if args.only in (None, name):
             repeat = DEFAULT_REPEAT[name] if args.repeat is None else args.repeat
-            status = suite(["--size-mib", str(args.size_mib), "--repeat", str(repeat)]) or status
+            server = ["--s3-server", args.s3_server] if name in S3_SUITES else []
+            status = suite(["--size-mib", str(args.size_mib), "--repeat", str(repeat), *server]) or status
             print(flush=True)
     return status
 

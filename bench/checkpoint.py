@@ -1,8 +1,9 @@
 """Checkpoint save and resume through podtrain, against plain boto3 on the same S3 server, as ratios.
 
-One moto S3 server is started on 127.0.0.1 and both clients talk to it (``AWS_ENDPOINT_URL`` and fake
-credentials in the environment). The state is a model shaped like a real one: a few large float32 matrices
-(an embedding and two per block) and many small vectors (biases, norms), ``--size-mib`` in all.
+One S3 server is started on 127.0.0.1 (moto; ``--s3-server seaweedfs``: SeaweedFS) and both clients talk to it
+(``AWS_ENDPOINT_URL`` and test credentials in the environment). The state is a model shaped like a real one: a
+few large float32 matrices (an embedding and two per block) and many small vectors (biases, norms),
+``--size-mib`` in all.
 
 * **save**: ``Checkpointer(s3://…).save(step, {"model": model})`` — serialize, checksum, upload, commit —
   against boto3 ``upload_file`` (default ``TransferConfig``) of a file of the same size.
@@ -117,16 +118,22 @@ def alternate(rep: int, podtrain: Callable[[], float], baseline: Callable[[], fl
     return podtrain(), b
 
 
+S3_SERVERS = ("moto", "seaweedfs")
+S3_SERVER = "moto"  # the server every S3 suite starts; ``--s3-server`` (suite_args) sets it
+
+
 @contextmanager
 def s3_server(while_starting: Callable[[], Any] = lambda: None) -> Iterator[Any]:
-    """moto's S3 server on 127.0.0.1, with the client environment set for this process.
+    """The S3 server :data:`S3_SERVER` on 127.0.0.1 (moto, or SeaweedFS: a real store, whose ranged GETs read
+    only the range), with the client environment set for this process.
 
     ``while_starting`` runs in a thread while the server boots (seconds of imports), so the two overlap. The
     server itself is started from this thread: it is killed when the thread that started it ends.
     """
-    from tests.servers import MotoS3Server
+    from tests.servers import SeaweedFSServer, s3_server_class
 
-    server = MotoS3Server()
+    # SeaweedFS without the tests' heap limit: its garbage collector would slow heavy parallel uploads (~2x).
+    server = SeaweedFSServer(heap_limit=None) if S3_SERVER == "seaweedfs" else s3_server_class(S3_SERVER)()
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-build") as pool:
             building = pool.submit(while_starting)
@@ -249,10 +256,10 @@ class Bench:
 
 
 def run(size_mib: int, repeat: int, workdir: Path, say: Callable[[str], None]) -> list[Row]:
-    """Start moto, run both cases, clean up; the cases come back with every repetition's seconds."""
+    """Start the S3 server, run both cases, clean up; the cases come back with every repetition's seconds."""
     built: list[Bench] = []
     with s3_server(lambda: built.append(Bench(size_mib, workdir, say))) as server:
-        say(f"moto S3 server at {server.endpoint}")
+        say(f"{server.name} S3 server at {server.endpoint}")
         bench = built[0]
         bench.connect()
         cases = [bench.save(repeat), bench.resume(repeat)]
@@ -287,12 +294,17 @@ def table(cases: list[Row], size_mib: int, repeat: int) -> str:
 def suite_args(
     argv: list[str] | None, *, prog: str, doc: str, default_repeat: int, size_help: str = "size of the model state"
 ) -> argparse.Namespace:
-    """``--size-mib`` and ``--repeat``, as every suite takes them (both at least 1)."""
+    """``--size-mib``, ``--repeat`` (both at least 1) and ``--s3-server``, as every S3 suite takes them."""
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--size-mib", type=int, default=1024, help=f"{size_help} (default 1024)")
     repeat_help = f"repetitions of each case; median (default {default_repeat})"
     parser.add_argument("--repeat", type=int, default=default_repeat, help=repeat_help)
+    parser.add_argument(
+        "--s3-server", choices=S3_SERVERS, default="moto", help="the S3 server on 127.0.0.1 (default moto)"
+    )
     args = parser.parse_args(argv)
+    global S3_SERVER  # noqa: PLW0603 - one server per process, chosen once from the command line
+    S3_SERVER = args.s3_server
     if args.size_mib < 1 or args.repeat < 1:
         parser.error("--size-mib and --repeat must be at least 1")
     return args

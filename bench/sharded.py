@@ -282,13 +282,14 @@ def table(lines: list[Line], skipped: list[str], notes: list[str], size_mib: int
 def run(
     size_mib: int, repeat: int, workdir: Path, say: Callable[[str], None]
 ) -> tuple[list[Line], list[str], list[str]]:
-    """Start moto, run the 4-rank job, then the 2-rank one; the rows, the skipped cases, the stall's details."""
+    """Start the S3 server, run the 4-rank job, then the 2-rank one; the rows, the skipped cases, the stall's
+    details."""
     skipped: list[str] = []
     python, why = s3fs_python(say)
     say(f"s3fs environment: {why}")
     with s3_server() as server:
         server.create_bucket(BUCKET)
-        say(f"moto S3 server at {server.endpoint}")
+        say(f"{server.name} S3 server at {server.endpoint}")
         stores = [{"name": "file", "podtrain": str(workdir / "podtrain-save"), "dcp": str(workdir / "dcp-save")}]
         if python is not None:
             stores.append({"name": "s3", "podtrain": f"s3://{BUCKET}/podtrain-save", "dcp": f"s3://{BUCKET}/dcp-save"})

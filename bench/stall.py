@@ -525,10 +525,10 @@ class StallBench:
 
 
 def run(size_mib: int, repeat: int, workdir: Path, say: Callable[[str], None]) -> tuple[list[Row], list[str]]:
-    """Start moto, run every section; the rows, and the lines of sections that were skipped."""
+    """Start the S3 server, run every section; the rows, and the lines of sections that were skipped."""
     built: list[StallBench] = []
     with s3_server(lambda: built.append(StallBench(size_mib, workdir, say))) as server:
-        say(f"moto S3 server at {server.endpoint}")
+        say(f"{server.name} S3 server at {server.endpoint}")
         bench = built[0]
         bench.connect()
         rows: list[Row] = []

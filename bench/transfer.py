@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import checkpoint
 from bench.checkpoint import BUCKET, MIB, Row, delete_prefix, s3_server, suite_args, timed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,8 +244,8 @@ class TransferBench:
         case.aws.append(a)
         run = f"{rep + 1}" if sample is None else f"{rep + 1}.{sample + 1}"
         self.say(
-            f"  {case.name:<16} #{run}: podtrain {p.wall:7.2f} s (cpu {p.cpu:6.2f}, moto {p.server:6.2f}, "
-            f"{p.files} files) | aws {a.wall:7.2f} s (cpu {a.cpu:6.2f}, moto {a.server:6.2f}, {a.files} files)"
+            f"  {case.name:<16} #{run}: podtrain {p.wall:7.2f} s (cpu {p.cpu:6.2f}, server {p.server:6.2f}, "
+            f"{p.files} files) | aws {a.wall:7.2f} s (cpu {a.cpu:6.2f}, server {a.server:6.2f}, {a.files} files)"
         )
 
     def pulls(self, repeat: int) -> list[Case]:
@@ -297,7 +298,7 @@ def run(size_mib: int, repeat: int, workdir: Path, say: Callable[[str], None]) -
     files = dataset(size_mib)
     source = workdir / "source"
     with s3_server(lambda: write_dataset(files, source, say)) as server:
-        say(f"moto S3 server at {server.endpoint}")
+        say(f"{server.name} S3 server at {server.endpoint}")
         bench = TransferBench(files, aws, workdir, server, say)
         bench.upload_dataset()
         cases = bench.pulls(repeat) + bench.pushes(repeat)
@@ -361,14 +362,17 @@ def table(cases: list[Case], files: dict[str, int], repeat: int) -> str:
         f"{median(hand.podtrain, 'files'):.0f} files ({median(hand.podtrain, 'nbytes') / MIB:.1f} MiB), "
         f"aws s3 sync {median(hand.aws, 'files'):.0f} files ({median(hand.aws, 'nbytes') / MIB:.1f} MiB)"
     ]
-    out += ["", "client CPU seconds (user+sys of the client process) and moto's CPU seconds during each case"]
+    name = checkpoint.S3_SERVER
+    out += ["", f"client CPU seconds (user+sys of the client process) and {name}'s CPU seconds during each case"]
     out += render(
-        ("case", "podtrain cpu s", "aws cpu s", "ratio", "goal", "met?", "moto s (podtrain)", "moto s (aws)"), cpu
+        ("case", "podtrain cpu s", "aws cpu s", "ratio", "goal", "met?", f"{name} s (podtrain)", f"{name} s (aws)"),
+        cpu,
     )
-    out += [
-        "  moto answers each ranged GET by reading the whole object: every 8 MiB range the CLI reads of a large",
-        "  object costs the server a full read of it, which real S3 does not charge (nor would it for podtrain's)",
-    ]
+    if name == "moto":
+        out += [
+            "  moto answers each ranged GET by reading the whole object: every 8 MiB range the CLI reads of a large",
+            "  object costs the server a full read of it, which real S3 does not charge (nor would it for podtrain's)",
+        ]
     return "\n".join(out)
 
 

@@ -2,6 +2,7 @@
 
     make demo           # a file:// "bucket" in .demo/bucket stands in for object storage
     make demo S3=1      # the same against an S3 server (moto) on 127.0.0.1
+    make demo S3=seaweedfs   # ... against SeaweedFS, a real object store (signatures and checksums checked)
 
 What happens, each step a real process as in a pod:
 
@@ -38,7 +39,13 @@ BUCKET = "podtrain-demo"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="where everything goes (default .demo)")
-    parser.add_argument("--s3", action="store_true", help="use an S3 server on 127.0.0.1 instead of a folder")
+    parser.add_argument(
+        "--s3",
+        nargs="?",
+        const="moto",
+        choices=["moto", "seaweedfs"],
+        help="use an S3 server on 127.0.0.1 instead of a folder: moto (the default) or seaweedfs",
+    )
     parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     parser.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints (default 25)")
     parser.add_argument("--stop-at", type=float, default=0.5, help="SIGTERM once this fraction of steps is done")
@@ -47,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     began = time.monotonic()
-    server = _start_s3(workdir) if args.s3 else None
+    server = (_SeaweedFS(workdir) if args.s3 == "seaweedfs" else _start_s3(workdir)) if args.s3 else None
     try:
         demo = Demo(workdir, args, server)
         return demo.run(began)
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class Demo:
-    def __init__(self, workdir: Path, args: argparse.Namespace, server: subprocess.Popen[bytes] | None) -> None:
+    def __init__(self, workdir: Path, args: argparse.Namespace, server: Any) -> None:
         self.workdir, self.args = workdir, args
         bin_dir = Path(sys.executable).parent
         self.podtrain = (
@@ -67,7 +74,7 @@ class Demo:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PODTRAIN_", "AWS_"))}
         self.env.update(PODTRAIN_LOG_FORMAT="json", PODTRAIN_GRACE_SECONDS="20", PYTHONUNBUFFERED="1")
         if server is not None:
-            self.env.update(server.env)  # type: ignore[attr-defined]
+            self.env.update(server.env)
             self.base = f"s3://{BUCKET}"
         else:
             (workdir / "bucket").mkdir()
@@ -76,6 +83,8 @@ class Demo:
     # -- the flow -----------------------------------------------------------------------------------------
     def run(self, began: float) -> int:
         where = "an S3 server on " + self.env["AWS_ENDPOINT_URL"] if self.base.startswith("s3") else "a local folder"
+        if self.base.startswith("s3"):
+            where += ", SeaweedFS" if self.args.s3 == "seaweedfs" else ", moto"
         print(f"podtrain demo: the bucket is {self.base} ({where})\n")
         self.dataset()
         stop_at = max(1, int(self.args.steps * self.args.stop_at))
@@ -243,6 +252,34 @@ def _same_weights(a: Path, b: Path) -> bool:
 
     left, right = load_file(str(a)), load_file(str(b))
     return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+class _SeaweedFS:
+    """SeaweedFS set up as the test suite sets it up (``tests/servers.py``), with one bucket; what ``main`` needs of
+    a server: ``env``, ``terminate()``, ``wait()``."""
+
+    def __init__(self, workdir: Path) -> None:
+        sys.path.insert(0, str(HERE.parent))
+        from tests.servers import SeaweedFSServer
+
+        self.server = SeaweedFSServer()
+        try:
+            self.server.start()
+        except RuntimeError as e:
+            raise SystemExit(f"the S3 server (SeaweedFS) did not start: {e}") from None
+        self.server.create_bucket(BUCKET)
+        self.env = {
+            **self.server.env(),
+            "AWS_CONFIG_FILE": str(workdir / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(workdir / "no-aws-credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def terminate(self) -> None:
+        self.server.stop()
+
+    def wait(self, timeout: float) -> None:
+        """Stopped already by ``terminate()``."""
 
 
 def _start_s3(workdir: Path) -> subprocess.Popen[bytes]:

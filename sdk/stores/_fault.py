@@ -60,7 +60,10 @@ _TRANSIENT_NAMES = {
     "ChecksumError",
     "ContentLengthError",
 }
-_TRANSIENT_TEXT = ("ServiceUnavailable", "InternalError")
+# A body the store refused because its checksum did not match what was sent with it (S3's BadDigest; a SigV4
+# payload hash mismatch): damaged on the way, so sending it again from its source is the cure. A malformed digest
+# header (InvalidDigest) is a client bug and stays permanent.
+_TRANSIENT_TEXT = ("ServiceUnavailable", "InternalError", "BadDigest", "XAmzContentSHA256Mismatch")
 # DNS says the endpoint's host does not exist (a misspelt endpoint): a setting to fix. EAI_AGAIN stays transient.
 _NO_SUCH_HOST = {getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name)}
 # No credentials anywhere in the cloud's chain (botocore; google-auth): a setting to fix, never worth a retry.

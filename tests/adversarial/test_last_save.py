@@ -249,8 +249,9 @@ def test_two_ranks_agree_to_commit_the_last_step_when_the_block_ends(tmp_path: P
     assert done.returncode == 0, done.stderr[-4000:]
     found = Checkpointer(url, attempt=99, world_size=2).list()
     steps = [c.step for c in found]
-    # Step 10 is committed at 10, or at 11 or 12 when a loaded machine keeps step 5's save in flight past it.
-    assert steps[0] == 13 and steps[-1] == 5 and len(steps) == 3 and 10 <= steps[1] <= 12, steps
+    # Step 10's save is committed at 10, or deferred to 11 or 12 while a loaded machine keeps step 5's in flight,
+    # or folded into the end's save of 13 when step 5's is still in flight at 12 (seen on a 2-core CI machine).
+    assert steps[0] == 13 and steps[-1] == 5 and all(10 <= s <= 12 for s in steps[1:-1]) and len(steps) <= 3, steps
     assert found[0].manifest.world_size == 2 and found[0].manifest.meta == {"final": True}
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank-{rank}.json").read_text())["done"] == 13

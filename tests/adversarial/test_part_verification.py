@@ -1,8 +1,8 @@
 """Every object that carries any checksum is checked end to end, multipart ones by their part layout; objects
 with none are counted as unverified, and ``--require-checksums`` refuses them.
 
-Real moto S3 behind the fault proxy (a byte flipped in one answer), objects written by boto3's own multipart
-upload (its default CRC32, CRC32C, and no checksum at all: only the multipart MD5 ETag), the real
+Real S3 (moto and SeaweedFS) behind the fault proxy (a byte flipped in one answer), objects written by boto3's own
+multipart upload (its default CRC32, CRC32C, and no checksum at all: only the multipart MD5 ETag), the real
 ``podtrain pull`` command for the summary and the exit code.
 """
 
@@ -34,9 +34,11 @@ DATA = os.urandom(2 * PART + 3 * MIB + 7)  # three parts: 5 MiB, 5 MiB, 3 MiB + 
 PIECE = 2 * MIB  # pieces straddle part boundaries
 RETRY = RetryPolicy(attempts=3, timeout=10)
 
+pytestmark = pytest.mark.s3_servers  # the S3 tests run on moto and on SeaweedFS
+
 
 def _client(*, checksums: bool = True) -> Any:
-    """boto3 straight to moto (not through the proxy); ``checksums=False``: boto3 sends none (only the ETag)."""
+    """boto3 straight to the S3 server, not through the proxy; ``checksums=False``: boto3 sends none (only the ETag)."""
     import boto3
     from botocore.config import Config
 
@@ -182,6 +184,7 @@ def test_a_part_damaged_in_every_read_fails_after_three_reads_and_lands_nothing(
     assert not list((tmp_path / "d").rglob(f"*{PARTIAL_SUFFIX}"))
 
 
+@pytest.mark.s3_servers("moto", reason="SeaweedFS without a KMS answers 500 InternalError to SSE-KMS uploads")
 def test_objects_without_any_checksum_are_counted_unverified_and_refused_when_checksums_are_required(
     s3_url: str, tmp_path: Path
 ) -> None:

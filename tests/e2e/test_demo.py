@@ -55,6 +55,15 @@ def test_demo_runs_the_same_flow_against_s3_on_loopback(tmp_path: Path) -> None:
     _check_summary(text, 60)
 
 
+@pytest.mark.slow  # ~40 s; the S3 contract suites run on SeaweedFS in make test
+def test_demo_runs_the_same_flow_against_seaweedfs(tmp_path: Path) -> None:
+    """`make demo S3=seaweedfs`: the same flow on SeaweedFS, a real object store that checks signatures and each
+    body's CRC32C."""
+    text = _demo(tmp_path, "--s3", "seaweedfs", "--steps", "60", "--checkpoint-every", "10")
+    assert "the bucket is s3://podtrain-demo (an S3 server on http://127.0.0.1:" in text and ", SeaweedFS)" in text
+    _check_summary(text, 60)
+
+
 def test_readme_quick_start_names_the_two_commands_and_make_runs_the_demo() -> None:
     """The README's quick start is `make demo` and `make test`; `make demo` runs examples/demo.py, S3=1 adds --s3."""
     readme = (ROOT / "README.md").read_text()

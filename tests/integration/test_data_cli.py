@@ -14,10 +14,12 @@ import pytest
 import trustme
 
 from sdk.stores.store import open_store
-from tests.conftest import MotoS3Server
 from tests.faultproxy import FaultProxy
+from tests.servers import Server
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))
+
+pytestmark = pytest.mark.s3_servers  # the S3 tests run on moto and on SeaweedFS
 
 
 def _podtrain(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -125,8 +127,8 @@ def test_each_data_command_has_help_with_examples(command: str, options: list[st
 
 
 @pytest.fixture
-def https_s3(s3_url: str, s3_server: MotoS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """moto behind a TLS proxy whose certificate a test CA signed; AWS_ENDPOINT_URL is the https:// proxy and
+def https_s3(s3_url: str, s3_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The S3 server behind a TLS proxy whose certificate a test CA signed; AWS_ENDPOINT_URL is the https:// proxy and
     AWS_CA_BUNDLE that CA. Yields the proxy (its ``requests`` are what came over TLS)."""
     _bucket(s3_url)
     ca = trustme.CA()

@@ -1,4 +1,4 @@
-"""Pulling a dataset (sdk.data.pull) from file://, S3 (moto) and GCS (fake-gcs-server) on 127.0.0.1."""
+"""Pulling a dataset (sdk.data.pull) from file://, S3 (moto and SeaweedFS) and GCS (fake-gcs-server) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def test_not_enough_disk_fails_before_fetching(
     assert gets == []
 
 
-@pytest.mark.parametrize("backend", ["s3", "gcs"])
+@pytest.mark.parametrize("backend", ["s3", "seaweedfs", "gcs"])
 def test_a_corrupted_transfer_is_read_again_and_access_denied_fails_fast(
     backend: str, tmp_path: Path, fault_proxy: Callable[[str], FaultProxy], request: Any
 ) -> None:
@@ -193,7 +193,7 @@ def test_a_large_object_comes_in_parallel_byte_ranges_no_larger_than_a_piece(
     assert [(rel, start) for rel, start, _ in reads if rel == "small.txt"] == [("small.txt", None)]
 
 
-@pytest.mark.parametrize("backend", ["s3", "gcs"])
+@pytest.mark.parametrize("backend", ["s3", "seaweedfs", "gcs"])
 @pytest.mark.parametrize("fault", ["flip", "truncate"])
 def test_a_damaged_byte_range_is_caught_and_fetched_again(
     backend: str, fault: str, tmp_path: Path, fault_proxy: Callable[[str], FaultProxy], request: Any
@@ -210,7 +210,7 @@ def test_a_damaged_byte_range_is_caught_and_fetched_again(
     assert not list((tmp_path / "d").rglob(f"*{PARTIAL_SUFFIX}"))
 
 
-@pytest.mark.parametrize("backend", ["s3", "gcs"])
+@pytest.mark.parametrize("backend", ["s3", "seaweedfs", "gcs"])
 def test_a_stalled_transfer_is_cut_after_stall_seconds_and_retried(
     backend: str, tmp_path: Path, fault_proxy: Callable[[str], FaultProxy], request: Any
 ) -> None:
@@ -227,7 +227,7 @@ def test_a_stalled_transfer_is_cut_after_stall_seconds_and_retried(
     assert time.monotonic() - started < 20, "the stalled read was waited out instead of cut"
 
 
-@pytest.mark.parametrize("backend", ["s3", "gcs"])
+@pytest.mark.parametrize("backend", ["s3", "seaweedfs", "gcs"])
 def test_files_already_on_disk_without_a_record_are_adopted_not_downloaded(
     backend: str, tmp_path: Path, request: Any, gets: list[str]
 ) -> None:

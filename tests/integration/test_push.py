@@ -17,6 +17,8 @@ from sdk.stores.store import Store, open_store
 
 PODTRAIN = str(Path(sys.executable).with_name("podtrain"))
 
+pytestmark = pytest.mark.s3_servers  # the S3 tests run on moto and on SeaweedFS
+
 
 def _outputs(folder: Path) -> dict[str, bytes]:
     files = {"metrics.jsonl": b'{"step": 1}\n', "logs/train.log": b"hello\n", "model.safetensors": os.urandom(50_000)}

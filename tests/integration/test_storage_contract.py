@@ -1,8 +1,8 @@
 """The storage contract, one suite for every backend: ``StoreContract`` subclassed per store.
 
 A subclass provides the ``url`` fixture (a fresh, empty location) and says what its store offers. The S3 and
-GCS runs talk to real servers on 127.0.0.1 (moto, fake-gcs-server); access denied comes from the fault proxy,
-since neither emulator enforces permissions by default.
+GCS runs talk to real servers on 127.0.0.1 (moto and SeaweedFS, each S3 test on both; fake-gcs-server); access
+denied comes from the fault proxy, since the emulators enforce no permissions by default.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from sdk.stores.store import Store, open_store, split_url
 if TYPE_CHECKING:
     from tests.conftest import RecordedSleep
     from tests.faultproxy import FaultProxy
+
+pytestmark = pytest.mark.s3_servers  # the S3 tests run on moto and on SeaweedFS
 
 
 def _blob(size: int, seed: int = 0) -> bytes:

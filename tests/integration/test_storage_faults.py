@@ -25,15 +25,17 @@ from tests.faultproxy import FaultProxy
 if TYPE_CHECKING:
     from tests.conftest import CapturedLog, RecordedSleep
 
-UPLOAD = {"s3": "PUT", "gcs": "POST"}  # the request that carries an object's bytes
+UPLOAD = {"s3": "PUT", "seaweedfs": "PUT", "gcs": "POST"}  # the request that carries an object's bytes
 DOWNLOAD_PATH = {"s3": r"^/podtrain-test/root/", "gcs": r"^/download/"}  # GETs of object bodies
+DOWNLOAD_PATH["seaweedfs"] = DOWNLOAD_PATH["s3"]
 DATA = os.urandom(512 * 1024)
 _TRIES = {"s3": 1, "gcs": GCSFileSystem.retries}  # requests per attempt of ours: gcsfs retries inside it
 
 
-@pytest.fixture(params=["s3", "s3-botocore", "gcs"])
+@pytest.fixture(params=["s3", "s3-botocore", "seaweedfs", "gcs"])
 def path(request: pytest.FixtureRequest) -> str:
-    """The store and, for S3, which of its two request paths (the lean client, or botocore's client)."""
+    """The store and, for S3 (moto), which of its two request paths (the lean client, or botocore's client);
+    ``seaweedfs`` is S3 on SeaweedFS through the lean client."""
     return str(request.param)
 
 
@@ -67,7 +69,7 @@ def _verify(store: Store, rel: str) -> None:
 def test_put_and_get_survive_throttling(url: str, backend: str, proxy: FaultProxy, no_sleep: RecordedSleep) -> None:
     """503 SlowDown on the first upload tries and the first download try: both succeed, the data verifies."""
     store = _store(url, no_sleep)
-    tries = 2 if backend == "s3" else 1
+    tries = 1 if backend == "gcs" else 2
     upload_fault = proxy.fail(503, method=UPLOAD[backend], times=tries)
     download_fault = proxy.fail(503, method="GET", path=DOWNLOAD_PATH[backend], times=1)
     assert store.put("obj", DATA) is True

@@ -72,6 +72,12 @@ TRANSIENT = [
     pytest.param(ReadTimeoutError("read timed out"), id="urllib3 ReadTimeoutError by name"),
     pytest.param(IncompleteRead("3 bytes read"), id="http.client IncompleteRead by name"),
     pytest.param(RuntimeError("ServiceUnavailable: try again"), id="ServiceUnavailable in the text"),
+    pytest.param(
+        S3Error(400, "BadDigest", "The Content-MD5 you specified did not match what we received. (PUT u)"),
+        id="s3http 400 BadDigest (a body damaged on the way)",
+    ),
+    pytest.param(_client_error("BadDigest", 400), id="botocore 400 BadDigest"),
+    pytest.param(_client_error("XAmzContentSHA256Mismatch", 400), id="botocore 400 payload hash mismatch"),
 ]
 
 NOT_FOUND = [
@@ -92,6 +98,7 @@ PERMANENT = [
     pytest.param(FileExistsError("bucket/key"), id="FileExistsError (precondition failed)"),
     pytest.param(ValueError("Bad Request: invalid bucket name"), id="ValueError"),
     pytest.param(_client_error("InvalidRequest", 400), id="botocore 400"),
+    pytest.param(_client_error("InvalidDigest", 400), id="botocore 400 InvalidDigest (a malformed header)"),
     pytest.param(HttpError({"code": 400, "message": "Invalid argument"}), id="gcsfs 400"),
     pytest.param(OSError(errno.ENOSPC, "No space left on device"), id="ENOSPC"),
     pytest.param(OSError(errno.EROFS, "Read-only file system"), id="EROFS"),
