@@ -118,3 +118,5 @@ def test_on_kill_deletes_the_jobset_with_its_pods(kube: KubeAPIServer, tmp_path:
     kube.wait_for(lambda: len([p for p in kube.cluster.pods.values() if p.started]) == 2, 60, "both pods running")
     asyncio.run(_trigger(kubeconfig, "long", grace_seconds=1).on_kill())
     kube.wait_for(lambda: not kube.cluster.pods and not kube.jobsets(), 60, "the JobSet gone with its pods")
+    assert not kube.jobsets() and not kube.pods()
+    assert [js["metadata"]["name"] for js in kube.jobsets(deleted=True)] == ["long"], "it was this JobSet, deleted"
