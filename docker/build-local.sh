@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build docker/Dockerfile without a Docker daemon: buildah (vfs storage, chroot isolation) on a local Debian base
-# made with debootstrap, with the CPU build of torch. The same Dockerfile a user builds on the CUDA base; only
+# Build docker/Dockerfile without a Docker daemon: buildah (overlay storage, or vfs where the kernel has no
+# overlay; chroot isolation) on a local Debian base made with debootstrap, with the CPU build of torch. The same Dockerfile a user builds on the CUDA base; only
 # the build arguments differ:
 #   BASE_IMAGE       a Debian minbase image committed from a debootstrap root filesystem (no registry needed)
 #   TORCH_VERSION    2.13.0+cpu
@@ -25,15 +25,36 @@ VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$ROOT/pyproject.toml" | head -n
 IMAGE=${IMAGE:-localhost/podtrain:$VERSION-cpu}
 EXAMPLE_IMAGE=${EXAMPLE_IMAGE:-localhost/podtrain-example:$VERSION-cpu}
 SMOKE=${SMOKE:-1}
-STORAGE=(--storage-driver vfs)
+# overlay where this kernel mounts it (a layer costs its own bytes only, and a container starts without copying
+# the image), else vfs (every layer and every container a full copy of the root filesystem).
+STORAGE_DRIVER=${STORAGE_DRIVER:-auto}
 
 log() { printf '[build-local %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-bh() { buildah "${STORAGE[@]}" "$@"; }
+bh() { buildah --storage-driver "$STORAGE_DRIVER" "$@"; }
+
+storage_driver() {
+    [[ $STORAGE_DRIVER != auto ]] && return 0
+    local probe
+    probe=$(mktemp -d)
+    mkdir "$probe"/{lower,upper,work,merged}
+    if mount -t overlay overlay -o "lowerdir=$probe/lower,upperdir=$probe/upper,workdir=$probe/work" \
+        "$probe/merged" 2>/dev/null; then
+        umount "$probe/merged"
+        STORAGE_DRIVER=overlay
+    else
+        STORAGE_DRIVER=vfs
+    fi
+    rm -rf "$probe"
+    log "storage driver: $STORAGE_DRIVER"
+}
 
 need() {
     local missing=()
     command -v buildah >/dev/null || missing+=(buildah)
     command -v debootstrap >/dev/null || missing+=(debootstrap)
+    # podman and runc run the built image in the image tests (make image-test); not needed to build it.
+    command -v podman >/dev/null || missing+=(podman)
+    command -v runc >/dev/null || missing+=(runc)
     if ((${#missing[@]})); then
         log "installing ${missing[*]} (apt)"
         apt-get update -q >/dev/null
@@ -123,8 +144,9 @@ torch_index() {
 
 main() {
     local start=$SECONDS t
-    [[ $(id -u) == 0 ]] || { log "run as root (buildah's chroot isolation and vfs storage need it)"; exit 1; }
+    [[ $(id -u) == 0 ]] || { log "run as root (buildah's chroot isolation and its storage need it)"; exit 1; }
     need
+    storage_driver
     base_image
     torch_index
     log "buildah bud -f docker/Dockerfile -t $IMAGE (base $BASE_IMAGE, torch $TORCH_VERSION)"

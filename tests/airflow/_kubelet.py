@@ -73,7 +73,7 @@ class Kubelet:
             pod.kill_requested.set()
             proc = pod.proc
             if proc is not None and proc.poll() is None:
-                _killpg(proc, signal.SIGKILL)
+                self._signal(pod, proc, signal.SIGKILL)
         for pod in pods:
             proc = pod.proc
             if proc is not None:
@@ -86,7 +86,7 @@ class Kubelet:
         with cluster.cond:
             if pod.terminating or pod.finished:
                 if grace == 0 and pod.proc is not None and pod.proc.poll() is None:
-                    _killpg(pod.proc, signal.SIGKILL)
+                    self._signal(pod, pod.proc, signal.SIGKILL)
                 return
             pod.terminating = True
             cluster.event(pod, "Killing", f"Stopping container {pod.container['name']}")
@@ -102,16 +102,26 @@ class Kubelet:
             if proc is None:
                 return
             if grace > 0:
-                _killpg(proc, signal.SIGTERM)
+                self._signal(pod, proc, signal.SIGTERM)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=grace)
             if proc.poll() is None:
-                _killpg(proc, signal.SIGKILL)
+                self._signal(pod, proc, signal.SIGKILL)
 
         pod.killer = threading.Thread(target=kill, name=f"kill-{pod.key[1]}", daemon=True)
         pod.killer.start()
 
     # ------------------------------------------------------------------------------------- running
+
+    def _signal(self, pod: Pod, proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        """``sig`` to the container: its process group, or through the node's container runtime to its PID 1."""
+        runtime = self.cluster.node.runtime
+        if runtime is None:
+            _killpg(proc, sig)
+            return
+        runtime.signal(pod, sig)
+        if sig == signal.SIGKILL:
+            _killpg(proc, sig)  # and the runtime's client
 
     def _run(self, pod: Pod) -> None:
         cluster = self.cluster
@@ -122,7 +132,8 @@ class Kubelet:
                 self._finish_unstarted(pod)
                 return
             try:
-                argv, env, cwd, term_file = prepare(cluster, pod)
+                runtime = cluster.node.runtime
+                argv, env, cwd, term_file = (runtime.prepare if runtime else prepare)(cluster, pod)
             except ContainerWaiting as w:
                 pod.stuck = True
                 self._waiting(pod, w.reason, w.message)
@@ -165,6 +176,8 @@ class Kubelet:
         reader.start()
         code = proc.wait()
         _killpg(proc, signal.SIGKILL)  # what is left of the container's processes goes with it
+        if cluster.node.runtime is not None:
+            cluster.node.runtime.remove(pod)
         reader.join(timeout=5)
         exit_code = code if code >= 0 else 128 - code
         with cluster.cond:

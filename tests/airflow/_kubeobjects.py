@@ -170,6 +170,9 @@ class Node:
     start_delay: float = 0.0
     allocatable: dict[str, int | str] | None = None
     node_labels: dict[str, str] | None = None
+    # A container runtime (``_kubepodman.Podman``: prepare, signal, remove) that runs pods in real images; None runs
+    # each container as a local process (``_kubecontainer.py``).
+    runtime: Any = None
 
 
 class Pod:

@@ -19,6 +19,7 @@ S3 server and every pod run with ``.venv``'s Python; this process only speaks HT
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -159,10 +160,14 @@ def deployment(
     bucket: str,
     settings: Mapping[str, str] | None = None,
     nvidia_smi_exit: int = 0,
+    runtime: Any = None,
 ) -> Iterator[Deployment]:
     """The template deployed against ``s3`` (a fresh bucket) and a fresh API server: pods run ``podtrain run --``
     from the training environment, get the bucket's credentials from the storage Secret and see one GPU
-    (``NVIDIA_VISIBLE_DEVICES=0``, so GPU-seconds count their wall time) though they train on the CPU."""
+    (``NVIDIA_VISIBLE_DEVICES=0``, so GPU-seconds count their wall time) though they train on the CPU.
+
+    With a container ``runtime`` (``_kubepodman.Podman`` mapping ``podtrain:test`` to a built image) the pods run
+    in that image instead: its ENTRYPOINT, its ``/app/train.py``, the stub ``nvidia-smi`` injected."""
     import s3fs
 
     # The report tasks read the bucket through fsspec's cached file systems, keyed by their options (the endpoint
@@ -173,6 +178,14 @@ def deployment(
     upload_dataset(s3, f"{base_uri}/datasets/tiny", work)
     stubs = stub_bin(work / "bin", nvidia_smi_exit=nvidia_smi_exit)
     path = os.pathsep.join([str(stubs), str(TRAINING_VENV / "bin"), os.environ.get("PATH", "/usr/bin:/bin")])
+    script = REPO / "examples" / "train.py"
+    if runtime is not None:
+        runtime = dataclasses.replace(
+            runtime,
+            env={"NVIDIA_VISIBLE_DEVICES": "0", **runtime.env},
+            inject={"/usr/local/bin/nvidia-smi": str(stubs / "nvidia-smi"), **runtime.inject},
+        )
+        script = Path("/app/train.py")  # docker/Dockerfile.example's
     kube = KubeAPIServer(
         images={IMAGE: [str(TRAINING_PYTHON), "-m", "entrypoint", "run", "--"]},
         extra_env={
@@ -181,6 +194,7 @@ def deployment(
             "NVIDIA_VISIBLE_DEVICES": "0",
         },
         directory=work / "kube",
+        runtime=runtime,
     )
     with kube:
         kube.add_secret("default", STORAGE_SECRET, s3.env())
@@ -196,7 +210,7 @@ def deployment(
             "GPUS": "0",
             "CPU": "1",
             "MEMORY": "2Gi",
-            "TRAIN_COMMAND": f"python {REPO / 'examples' / 'train.py'} --device cpu --threads 1 --log-every 10",
+            "TRAIN_COMMAND": f"python {script} --device cpu --threads 1 --log-every 10",
             "RETRY_DELAY_SECONDS": "0",
             "STARTUP_CHECK_SECONDS": "1",
             "GRACE_SECONDS": "20",

@@ -118,6 +118,8 @@ class KubeAPIServer(JobSetsAPI, JobsAPI, ServicesAPI):
         ``Unschedulable``, with a ``FailedScheduling`` event. Default: any request fits.
     :param node_labels: the node's labels; when given, a pod whose ``nodeSelector`` does not match them is
         unschedulable in the same way. Default: any selector matches.
+    :param runtime: a container runtime that runs each pod in its real image (``_kubepodman.Podman``); default
+        each container is a local process.
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class KubeAPIServer(JobSetsAPI, JobsAPI, ServicesAPI):
         directory: str | os.PathLike[str] | None = None,
         allocatable: Mapping[str, int | str] | None = None,
         node_labels: Mapping[str, str] | None = None,
+        runtime: Any = None,
     ):
         self._own_dir = directory is None
         node = Node(
@@ -148,6 +151,7 @@ class KubeAPIServer(JobSetsAPI, JobsAPI, ServicesAPI):
             start_delay=start_delay,
             allocatable=dict(allocatable) if allocatable is not None else None,
             node_labels=dict(node_labels) if node_labels is not None else None,
+            runtime=runtime,
         )
         self.cluster = Cluster(node)
         self.kubelet = Kubelet(self.cluster)

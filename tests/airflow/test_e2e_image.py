@@ -1,0 +1,289 @@
+"""The image, run for real: ``make image`` builds ``docker/Dockerfile`` and ``docker/Dockerfile.example`` with
+buildah (``docker/build-local.sh``); these tests run them with podman (root, ``--network host``), as a node's
+container runtime would, and rebuild the example to show what a change to ``train.py`` costs.
+
+* the image's own contract: its non-root ``USER``, its ENTRYPOINT, ``podtrain --help`` and ``podtrain smoke``;
+* a pod's life with a file:// bucket (a bind-mounted folder), with the root filesystem read-only: SIGTERM to PID 1
+  (tini) reaches the supervisor and the training process, the run exits 75 inside the grace period, the
+  termination message lands at ``/dev/termination-log``; a second run, its message at a configured path, resumes
+  from that checkpoint and finishes;
+* ``podtrain_train`` from the DAGs folder with every pod in the image (``_kubepodman.Podman`` as the test kubelet's
+  runtime) against moto on 127.0.0.1: preempted once, retried, resumed, finished, charged;
+* changing ``examples/train.py`` rebuilds only the example image's last layer.
+
+Marked ``image``: ``make image-test`` (as root) runs them after building the image, and CI calls it after
+``make test``. Without the image or podman they fail, never skip: ``make image-test`` builds the image first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _kubepodman import Podman
+from e2e_support import IMAGE, REPO, TRAINING_PYTHON, MotoS3Server, deployment
+
+pytestmark = [pytest.mark.image, pytest.mark.timeout(900)]
+
+VERSION = next(
+    line.split('"')[1] for line in (REPO / "pyproject.toml").read_text().splitlines() if line.startswith("version")
+)
+BASE = os.environ.get("PODTRAIN_TEST_IMAGE", f"localhost/podtrain:{VERSION}-cpu")
+EXAMPLE = os.environ.get("PODTRAIN_TEST_EXAMPLE_IMAGE", f"localhost/podtrain-example:{VERSION}-cpu")
+ENTRYPOINT = ["tini", "-g", "--", "podtrain", "run", "--"]
+GRACE = 20  # seconds, the pod's terminationGracePeriodSeconds and PODTRAIN_GRACE_SECONDS
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
+    """podman on the storage ``make image`` built into (overlay, else vfs), with this machine's limits.
+
+    This machine gives root no CAP_SYS_RESOURCE, so a container may not raise a limit: its open files are this
+    process's limit and its processes 4096 (podman's defaults ask for more and the runtime is refused); and its
+    cgroups are a v1/v2 hybrid, which crun refuses, so runc runs the containers."""
+    assert os.geteuid() == 0, "the image tests run as root (buildah and podman's storage): make image-test"
+    assert shutil.which("podman") and shutil.which("runc"), "podman and runc are missing: make image-test installs them"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    conf = tmp_path_factory.mktemp("podman") / "containers.conf"
+    conf.write_text(
+        f'[containers]\ndefault_ulimits = ["nofile={soft}:{hard}", "nproc=4096:4096"]\n[engine]\nruntime = "runc"\n'
+    )
+    for driver in ("overlay", "vfs"):
+        runtime = Podman(images={IMAGE: EXAMPLE}, storage_driver=driver, containers_conf=conf)
+        if all(runtime.run("image", "exists", ref, check=False).returncode == 0 for ref in (BASE, EXAMPLE)):
+            return runtime
+    pytest.fail(f"{BASE} and {EXAMPLE} are not built: run make image-test (or make image) as root")
+
+
+def inspect(podman: Podman, ref: str) -> dict[str, Any]:
+    return json.loads(podman.run("image", "inspect", ref).stdout)[0]
+
+
+def test_image_runs_as_its_non_root_user_with_tini_in_front_of_podtrain_run(podman: Podman) -> None:
+    """The base image's contract with a pod: numeric non-root USER (runAsNonRoot can check it), ENTRYPOINT
+    ``tini -g -- podtrain run --``, the example's CMD ``python /app/train.py``; ``--help`` and smoke run in it."""
+    base, example = inspect(podman, BASE)["Config"], inspect(podman, EXAMPLE)["Config"]
+    assert base["User"] == "1000:1000" and base["Entrypoint"] == ENTRYPOINT and base["WorkingDir"] == "/workspace"
+    assert example["Entrypoint"] == ENTRYPOINT and example["Cmd"] == ["python", "/app/train.py"]
+
+    helped = podman.run("run", "--rm", "--entrypoint", "podtrain", BASE, "--help")
+    assert helped.stdout.startswith("usage: podtrain") and "{run,push,pull,record,smoke,checkpoints}" in helped.stdout
+    smoke = podman.run("run", "--rm", "--entrypoint", '["tini", "-g", "--", "podtrain", "smoke", "--allow-cpu"]', BASE)
+    assert "smoke passed" in smoke.stdout + smoke.stderr, smoke.stdout + smoke.stderr
+    who = podman.run("run", "--rm", "--entrypoint", "id", BASE)
+    assert who.stdout.startswith("uid=1000(podtrain) gid=1000(podtrain)"), who.stdout
+
+
+class Container:
+    """One ``podman run`` of the example image as a pod would run it, its log read as it comes."""
+
+    def __init__(self, podman: Podman, name: str, flags: list[str], args: list[str]):
+        self.podman, self.name = podman, name
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        argv = podman.command("run", "--name", name, "--rm", "--network", "host", *flags, EXAMPLE, *args)
+        self.proc = subprocess.Popen(
+            argv, env=podman.process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+
+    def wait_for(self, event: str, timeout: float) -> dict[str, Any]:
+        with self.cond:
+            found = self.cond.wait_for(lambda: self.proc.poll() is not None or self.events(event), timeout)
+            assert found and self.events(event), f"no {event} in {timeout} s:\n{self.log()[-3000:]}"
+            return self.events(event)[-1]
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        out = []
+        for line in self.lines:
+            if line.startswith("{") and f'"{event}"' in line:
+                record = json.loads(line)
+                if record.get("event") == event:
+                    out.append(record)
+        return out
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture
+def containers(podman: Podman) -> Iterator[list[Container]]:
+    started: list[Container] = []
+    yield started
+    for c in started:
+        podman.run("rm", "--force", "--time", "0", "--ignore", c.name, check=False)
+        c.proc.kill()
+        c.proc.wait()
+
+
+def test_file_bucket_sigterm_to_pid1_exits_75_in_the_grace_period_and_the_next_run_resumes(
+    podman: Podman, containers: list[Container], tmp_path: Path
+) -> None:
+    """A read-only root filesystem, uid 1000, no capabilities, the bucket a bind-mounted folder (file://):
+    ``podman kill --signal TERM`` (the runtime's StopContainer) reaches tini, the supervisor and train.py; exit 75
+    well inside the grace period, the termination message says preempted at the committed step; a second run
+    resumes from that step, finishes, and writes its message where PODTRAIN_TERMINATION_LOG says."""
+    bucket = tmp_path / "bucket"
+    subprocess.run(
+        [str(TRAINING_PYTHON), str(REPO / "examples" / "dataset.py"), "--out", str(bucket / "data"), "--mib", "0.25"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    volumes = {name: tmp_path / name for name in ("data", "output", "cache", "tmp", "term")}
+    for path in [bucket, *volumes.values()]:
+        path.mkdir(exist_ok=True)
+        path.chmod(0o777)  # an emptyDir's mode
+    term = volumes["term"] / "termination-log"
+    term.write_text("")
+    term.chmod(0o666)
+
+    def flags(*extra: str) -> list[str]:
+        mounts = [f"{bucket}:/bucket", *(f"{volumes[n]}:/{n}" for n in ("data", "output", "cache", "tmp"))]
+        env = {
+            "PODTRAIN_RUN_ID": "image-file",
+            "PODTRAIN_DATA_URI": "file:///bucket/data",
+            "PODTRAIN_CHECKPOINT_URI": "file:///bucket/checkpoints",
+            "PODTRAIN_ARTIFACT_URI": "file:///bucket/artifacts",
+            "PODTRAIN_GRACE_SECONDS": str(GRACE),
+        }
+        return [
+            "--read-only",
+            "--read-only-tmpfs=false",
+            "--cap-drop=ALL",
+            "--security-opt=no-new-privileges",
+            *(f"--volume={m}" for m in mounts),
+            *(f"--env={k}={v}" for k, v in env.items()),
+            *extra,
+        ]
+
+    args = ["python", "/app/train.py", "--steps", "400", "--checkpoint-every", "10", "--log-every", "10"]
+    args += ["--device", "cpu", "--threads", "1"]
+    first = Container(podman, "podtrain-test-first", flags(f"--volume={term}:/dev/termination-log"), args)
+    containers.append(first)
+    committed = first.wait_for("checkpoint.committed", timeout=300)
+    pid1 = podman.run("exec", first.name, "cat", "/proc/1/cmdline").stdout.split("\0")
+    assert pid1[:6] == ENTRYPOINT, pid1
+    killed = time.monotonic()
+    podman.run("kill", "--signal", "TERM", first.name)
+    code = first.wait(timeout=GRACE + 30)
+    seconds = time.monotonic() - killed
+    log = first.log()
+    assert code == 75, log[-3000:]
+    assert seconds < GRACE, f"exited {seconds:.1f} s after SIGTERM, grace {GRACE} s"
+    assert first.events("supervisor.sigterm") and first.events("supervisor.forwarded"), log[-3000:]
+    preempted = first.events("run.preempted")
+    assert preempted, f"train.py never saw the signal:\n{log[-3000:]}"
+    message = json.loads(term.read_text())
+    assert (message["outcome"], message["exit_code"]) == ("preempted", 75), message
+    assert message["step"] == preempted[-1]["checkpoint"] >= committed["step"], (message, committed)
+    assert any(volumes["data"].iterdir()), "the supervisor pulled the dataset into the /data volume"
+
+    custom = volumes["term"] / "message"
+    custom.write_text("")
+    custom.chmod(0o666)
+    second = Container(
+        podman,
+        "podtrain-test-second",
+        flags(f"--volume={custom}:/run/podtrain/message", "--env=PODTRAIN_TERMINATION_LOG=/run/podtrain/message"),
+        args,
+    )
+    containers.append(second)
+    assert second.wait(timeout=300) == 0, second.log()[-3000:]
+    (resumed,) = second.events("checkpoint.resumed")
+    assert resumed["step"] == message["step"], resumed
+    done = json.loads(custom.read_text())
+    assert (done["outcome"], done["exit_code"], done["step"]) == ("succeeded", 0, 400), done
+    (record,) = (bucket / "artifacts").rglob("run.json")
+    run = json.loads(record.read_text())
+    assert [a["outcome"] for a in run["attempts"]] == ["preempted", "succeeded"], run
+    print(f"SIGTERM to exit 75 in the image: {seconds:.2f} s")
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_train_dag_in_the_image_is_preempted_retried_resumed_and_charged(
+    podman: Podman, s3: MotoS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """podtrain_train with every pod in the example image (the test kubelet's podman runtime): the preflight's
+    smoke, training preempted once after a checkpoint (SIGTERM to the container's PID 1), retried by Airflow,
+    resumed, finished and pushed; the run record has both attempts, the chargeback report charges both."""
+    from podtrain_airflow import run_id
+
+    with deployment(monkeypatch, s3, tmp_path, bucket="e2e-image", runtime=podman) as dep:
+        preempter = dep.kube.preempt_when("checkpoint.committed", label_selector="task_id=train")
+        dag = dep.dag("podtrain_train")
+        started = time.monotonic()
+        dag_run = dag.test(run_conf={"steps": 40, "checkpoint_every": 10})
+        seconds = time.monotonic() - started
+        preempter.join(timeout=30)
+
+        states = {(ti.task_id, ti.map_index): (ti.state, ti.try_number) for ti in dag_run.get_task_instances()}
+        assert preempter.error is None and len(preempter.preempted) == 1, preempter.error
+        assert dag_run.state == "success", states
+        assert states[("gpu_preflight", -1)] == ("success", 1)
+        assert states[("train", -1)] == ("success", 2)
+        rid = run_id(dag.dag_id, dag_run.run_id, "train")
+        first, second = dep.read_json(f"{dep.base_uri}/artifacts/{rid}/run.json")["attempts"]
+        assert (first["outcome"], first["exit_code"], second["outcome"]) == ("preempted", 75, "succeeded")
+        assert first["checkpoint_step"] and second["resumed_from"] == first["checkpoint_step"]
+        assert second["last_step"] == 40
+        report = dep.read_json(f"{dep.base_uri}/reports/{run_id(dag.dag_id, dag_run.run_id)}/chargeback.json")
+        (row,) = report["rows"]
+        assert (row["attempts"], row["preemptions"], row["outcome"]) == (2, 1, "succeeded")
+        leftover = podman.run("ps", "--all", "--format", "{{.Names}}").stdout.split()
+        assert not [n for n in leftover if n.startswith("k8s_")], leftover
+    print(f"podtrain_train in the image: {seconds:.1f} s")
+
+
+def test_changing_train_py_rebuilds_only_the_last_layer(podman: Podman, tmp_path: Path) -> None:
+    """docker/Dockerfile.example rebuilt with a changed train.py: every layer of the base image is reused and
+    exactly one new layer, train.py's, is written. Prints the rebuild's seconds and the new layer's bytes."""
+    context = tmp_path / "context"
+    (context / "examples").mkdir(parents=True)
+    (context / "examples" / "train.py").write_text(
+        (REPO / "examples" / "train.py").read_text() + f"\n# changed at {time.time_ns()}\n"
+    )
+    tag = f"{EXAMPLE}-rebuild"
+    started = time.monotonic()
+    subprocess.run(
+        [
+            *("buildah", "--storage-driver", podman.storage_driver, "bud", "--isolation", "chroot", "--layers"),
+            *("--pull=never", "-f", str(REPO / "docker" / "Dockerfile.example"), "--build-arg", f"BASE_IMAGE={BASE}"),
+            *("-t", tag, str(context)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    seconds = time.monotonic() - started
+    try:
+        base_layers = inspect(podman, BASE)["RootFS"]["Layers"]
+        new_layers = inspect(podman, tag)["RootFS"]["Layers"]
+        assert new_layers[: len(base_layers)] == base_layers
+        assert len(new_layers) == len(base_layers) + 1, "a train.py change wrote more than one layer"
+        history = json.loads(podman.run("history", "--format", "json", tag).stdout)
+        changed = next(h for h in history if "COPY" in h.get("CreatedBy", h.get("createdBy", "")).upper())
+        size = int(changed.get("size", changed.get("Size", 0)))
+        assert 0 < size < 200_000, changed
+    finally:
+        podman.run("rmi", "--force", tag, check=False)
+    print(f"train.py changed: rebuilt in {seconds:.1f} s, one new layer of {size} bytes")
