@@ -58,6 +58,7 @@ class Podman:
     containers_conf: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     inject: Mapping[str, str] = field(default_factory=dict)  # container path -> host file, read-only
+    launched: list[list[str]] = field(default_factory=list)  # the argv of every container run, in order
 
     def command(self, *args: str) -> list[str]:
         return ["podman", "--storage-driver", self.storage_driver, *args]
@@ -107,7 +108,9 @@ class Podman:
         if command:
             flags += ["--entrypoint", command[0]]
             args = command[1:] + args
-        return self.command(*flags, image, *args), self.process_env() | container_env, str(pod.dir), term_file
+        argv = self.command(*flags, image, *args)
+        self.launched.append(argv)
+        return argv, self.process_env() | container_env, str(pod.dir), term_file
 
     def _security(self, spec: Mapping[str, Any], c: Mapping[str, Any], image: str) -> list[str]:
         psc, csc = spec.get("securityContext") or {}, c.get("securityContext") or {}

@@ -191,6 +191,34 @@ def test_security_context_is_restricted(pods: list[tuple[str, Any, Any]]) -> Non
         assert container["allowPrivilegeEscalation"] is False
         assert container["capabilities"] == {"drop": ["ALL"]}
         assert container["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert "readOnlyRootFilesystem" not in container, "read-only root is a deployment's choice (off)"
+
+
+def test_read_only_root_setting_makes_the_root_read_only_and_output_cache_tmp_writable(
+    monkeypatch: pytest.MonkeyPatch, render_pod: Any
+) -> None:
+    """PODTRAIN_DAG_READ_ONLY_ROOT=1: readOnlyRootFilesystem, and emptyDirs at /output, /cache and /tmp (what the
+    image writes besides /data), never at /workspace (a training image's code may live there); off by default; a
+    value that is not a yes or a no fails at parse time."""
+    from airflow.sdk import DAG
+    from podtrain_airflow import podtrain_pod
+    from podtrain_airflow.settings import Settings
+
+    assert Settings.from_env({}).read_only_root is False
+    monkeypatch.setenv("PODTRAIN_DAG_READ_ONLY_ROOT", "true")
+    with DAG("read_only_check", schedule=None):
+        task = podtrain_pod("train", command=["python", "t.py"], **Settings.from_env().pod())
+    _, pod, _ = render_pod(task)
+    body = ApiClient().sanitize_for_serialization(pod)
+    kubernetes_validate.validate(body, K8S_VERSION, strict=True)
+    container = body["spec"]["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in body["spec"]["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert set(mounts) == {"/data", "/dev/shm", "/output", "/cache", "/tmp"}
+    assert all("emptyDir" in mounts[path] for path in ("/output", "/cache", "/tmp"))
+    with pytest.raises(ValueError, match="PODTRAIN_DAG_READ_ONLY_ROOT must be"):
+        Settings.from_env({"PODTRAIN_DAG_READ_ONLY_ROOT": "sometimes"})
 
 
 def test_env_contract(pods: list[tuple[str, Any, Any]]) -> None:

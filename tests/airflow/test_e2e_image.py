@@ -1,15 +1,17 @@
 """The image, run for real: ``make image`` builds ``docker/Dockerfile`` and ``docker/Dockerfile.example`` with
 buildah (``docker/build-local.sh``); these tests run them with podman (root, ``--network host``), as a node's
-container runtime would, and rebuild the example to show what a change to ``train.py`` costs.
+container runtime would, and rebuild both to show what a change to ``train.py`` or to podtrain costs.
 
-* the image's own contract: its non-root ``USER``, its ENTRYPOINT, ``podtrain --help`` and ``podtrain smoke``;
+* the image's own contract: its non-root ``USER``, its ENTRYPOINT, ``podtrain --help`` and ``podtrain smoke``; an
+  orphan the training command leaves is reaped;
 * a pod's life with a file:// bucket (a bind-mounted folder), with the root filesystem read-only: SIGTERM to PID 1
   (tini) reaches the supervisor and the training process, the run exits 75 inside the grace period, the
   termination message lands at ``/dev/termination-log``; a second run, its message at a configured path, resumes
   from that checkpoint and finishes;
 * ``podtrain_train`` from the DAGs folder with every pod in the image (``_kubepodman.Podman`` as the test kubelet's
   runtime) against moto on 127.0.0.1: preempted once, retried, resumed, finished, charged;
-* changing ``examples/train.py`` rebuilds only the example image's last layer.
+* changing ``examples/train.py`` rebuilds only the example image's last layer; changing podtrain's code rebuilds
+  only the base image's small podtrain layer, never the venv's.
 
 Marked ``image``: ``make image-test`` (as root) runs them after building the image, and CI calls it after
 ``make test``. Without the image or podman they fail, never skip: ``make image-test`` builds the image first.
@@ -81,6 +83,15 @@ def test_image_runs_as_its_non_root_user_with_tini_in_front_of_podtrain_run(podm
     assert "smoke passed" in smoke.stdout + smoke.stderr, smoke.stdout + smoke.stderr
     who = podman.run("run", "--rm", "--entrypoint", "id", BASE)
     assert who.stdout.startswith("uid=1000(podtrain) gid=1000(podtrain)"), who.stdout
+
+
+def test_an_orphan_the_training_command_leaves_is_reaped_not_left_a_zombie(podman: Podman) -> None:
+    """The image's ENTRYPOINT in front of a command that orphans a child: the orphan, reparented to tini (PID 1)
+    or to the supervisor, is reaped when it exits; no zombie is left in the container."""
+    script = '(sleep 0.3 &); sleep 2; grep -l "^State:.*Z" /proc/[0-9]*/status; echo "zombies checked"'
+    ran = podman.run("run", "--rm", "--network", "host", EXAMPLE, "sh", "-c", script)
+    lines = [line for line in ran.stdout.splitlines() if not line.startswith("{")]
+    assert lines == ["zombies checked"], ran.stdout + ran.stderr
 
 
 class Container:
@@ -223,12 +234,14 @@ def test_file_bucket_sigterm_to_pid1_exits_75_in_the_grace_period_and_the_next_r
 def test_train_dag_in_the_image_is_preempted_retried_resumed_and_charged(
     podman: Podman, s3: MotoS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """podtrain_train with every pod in the example image (the test kubelet's podman runtime): the preflight's
-    smoke, training preempted once after a checkpoint (SIGTERM to the container's PID 1), retried by Airflow,
-    resumed, finished and pushed; the run record has both attempts, the chargeback report charges both."""
+    """podtrain_train with every pod in the example image (the test kubelet's podman runtime) and the template's
+    read-only root filesystem: the preflight's smoke, training preempted once after a checkpoint (SIGTERM to the
+    container's PID 1), retried by Airflow, resumed, finished and pushed; the run record has both attempts, the
+    chargeback report charges both."""
     from podtrain_airflow import run_id
 
-    with deployment(monkeypatch, s3, tmp_path, bucket="e2e-image", runtime=podman) as dep:
+    settings = {"READ_ONLY_ROOT": "1"}
+    with deployment(monkeypatch, s3, tmp_path, bucket="e2e-image", runtime=podman, settings=settings) as dep:
         preempter = dep.kube.preempt_when("checkpoint.committed", label_selector="task_id=train")
         dag = dep.dag("podtrain_train")
         started = time.monotonic()
@@ -249,9 +262,51 @@ def test_train_dag_in_the_image_is_preempted_retried_resumed_and_charged(
         report = dep.read_json(f"{dep.base_uri}/reports/{run_id(dag.dag_id, dag_run.run_id)}/chargeback.json")
         (row,) = report["rows"]
         assert (row["attempts"], row["preemptions"], row["outcome"]) == (2, 1, "succeeded")
+        launched = podman.launched[-3:]  # the preflight, two training attempts
+        assert len(launched) == 3 and all(EXAMPLE in argv for argv in launched), launched
+        for argv in launched:
+            assert "--read-only" in argv and "--user" in argv and "--cap-drop=ALL" in argv, argv
+            assert [a for a in argv if a.endswith((":/output", ":/cache", ":/tmp"))], argv
+        assert [argv[argv.index(EXAMPLE) + 1 :][:2] for argv in launched[1:]] == [["python", "/app/train.py"]] * 2
         leftover = podman.run("ps", "--all", "--format", "{{.Names}}").stdout.split()
         assert not [n for n in leftover if n.startswith("k8s_")], leftover
     print(f"podtrain_train in the image: {seconds:.1f} s")
+
+
+def rebuild(podman: Podman, dockerfile: str, context: Path, tag: str, **build_args: str) -> float:
+    """``buildah bud --layers`` of ``docker/<dockerfile>`` on ``context`` as ``tag``; the seconds it took."""
+    args = [x for k, v in build_args.items() for x in ("--build-arg", f"{k}={v}")]
+    started = time.monotonic()
+    built = subprocess.run(
+        [
+            *("buildah", "--storage-driver", podman.storage_driver, "bud", "--isolation", "chroot", "--layers"),
+            *("--pull=never", "-f", str(REPO / "docker" / dockerfile), *args, "-t", tag, str(context)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    return time.monotonic() - started
+
+
+def changed_layers(podman: Podman, old: str, new: str) -> list[int]:
+    """The indexes of ``new``'s layers that ``old`` does not have at the same place."""
+    a, b = inspect(podman, old)["RootFS"]["Layers"], inspect(podman, new)["RootFS"]["Layers"]
+    return [n for n in range(max(len(a), len(b))) if n >= len(a) or n >= len(b) or a[n] != b[n]]
+
+
+def layer_bytes(podman: Podman, tag: str) -> list[int]:
+    """The size of each of ``tag``'s layers, bottom first (its manifest's, uncompressed in local storage)."""
+    out = subprocess.run(
+        ["buildah", "--storage-driver", podman.storage_driver, "inspect", "--type", "image", tag],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return [int(layer["size"]) for layer in json.loads(json.loads(out.stdout)["Manifest"])["layers"]]
 
 
 def test_changing_train_py_rebuilds_only_the_last_layer(podman: Podman, tmp_path: Path) -> None:
@@ -263,27 +318,48 @@ def test_changing_train_py_rebuilds_only_the_last_layer(podman: Podman, tmp_path
         (REPO / "examples" / "train.py").read_text() + f"\n# changed at {time.time_ns()}\n"
     )
     tag = f"{EXAMPLE}-rebuild"
-    started = time.monotonic()
-    subprocess.run(
-        [
-            *("buildah", "--storage-driver", podman.storage_driver, "bud", "--isolation", "chroot", "--layers"),
-            *("--pull=never", "-f", str(REPO / "docker" / "Dockerfile.example"), "--build-arg", f"BASE_IMAGE={BASE}"),
-            *("-t", tag, str(context)),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    seconds = time.monotonic() - started
+    seconds = rebuild(podman, "Dockerfile.example", context, tag, BASE_IMAGE=BASE)
     try:
-        base_layers = inspect(podman, BASE)["RootFS"]["Layers"]
-        new_layers = inspect(podman, tag)["RootFS"]["Layers"]
-        assert new_layers[: len(base_layers)] == base_layers
-        assert len(new_layers) == len(base_layers) + 1, "a train.py change wrote more than one layer"
-        history = json.loads(podman.run("history", "--format", "json", tag).stdout)
-        changed = next(h for h in history if "COPY" in h.get("CreatedBy", h.get("createdBy", "")).upper())
-        size = int(changed.get("size", changed.get("Size", 0)))
-        assert 0 < size < 200_000, changed
+        base_layers = len(inspect(podman, BASE)["RootFS"]["Layers"])
+        assert changed_layers(podman, BASE, tag) == [base_layers], "the base image's layers are all reused"
+        assert changed_layers(podman, EXAMPLE, tag) == [base_layers], "one layer differs: train.py's"
+        size = layer_bytes(podman, tag)[base_layers]
+        assert 0 < size < 200_000, size
     finally:
         podman.run("rmi", "--force", tag, check=False)
     print(f"train.py changed: rebuilt in {seconds:.1f} s, one new layer of {size} bytes")
+
+
+def test_changing_podtrain_rebuilds_a_small_layer_not_the_venv(podman: Podman, tmp_path: Path) -> None:
+    """docker/Dockerfile rebuilt with a change to podtrain's code (the build arguments make image used, so every
+    step before it is cached): the venv layer and everything under it are reused, and the two new layers, the
+    wheel copied and installed, are together far smaller than the venv."""
+    context = tmp_path / "context"
+    for name in ("pyproject.toml", "README.md", "requirements/image.txt", ".dockerignore"):
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, context / name)
+    for package in ("sdk", "entrypoint"):
+        shutil.copytree(REPO / package, context / package, ignore=shutil.ignore_patterns("__pycache__"))
+    with (context / "sdk" / "__init__.py").open("a") as f:
+        f.write(f"\n# changed at {time.time_ns()}\n")
+    config = inspect(podman, BASE)["Config"]["Labels"]
+    tag = f"{BASE}-rebuild"
+    seconds = rebuild(
+        podman,
+        "Dockerfile",
+        context,
+        tag,
+        BASE_IMAGE=config["org.opencontainers.image.base.name"],
+        TORCH_VERSION=os.environ.get("TORCH_VERSION", "2.13.0+cpu"),  # docker/build-local.sh's defaults
+        TORCH_INDEX_URL=f"http://127.0.0.1:{os.environ.get('TORCH_INDEX_PORT', '8765')}/simple",
+    )
+    try:
+        changed = changed_layers(podman, BASE, tag)
+        top = len(inspect(podman, BASE)["RootFS"]["Layers"])  # the wheel's COPY and its install are the last two
+        assert changed == [top - 2, top - 1], f"layers {changed} differ, not only podtrain's two"
+        sizes = layer_bytes(podman, tag)
+        size, venv = sizes[top - 2] + sizes[top - 1], max(sizes)
+        assert 0 < size < 10_000_000 and size * 100 < venv, (sizes, changed)
+    finally:
+        podman.run("rmi", "--force", tag, check=False)
+    print(f"podtrain changed: rebuilt in {seconds:.1f} s, two new layers of {size} bytes (the venv: {venv} bytes)")

@@ -115,6 +115,7 @@ def main() -> None:
         trainer.train()
         if trainer.args.process_index == 0:
             torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, args.out / "final.pt")
+        _leave_the_group()
         return
 
     import sdk
@@ -132,6 +133,14 @@ def _report(out: Path, rank: int, report: dict[str, Any]) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(report))
     tmp.replace(path)
+
+
+def _leave_the_group() -> None:
+    """As a careful script ends: every rank past the save, then the process group torn down, not left to the
+    interpreter's exit (where gloo's threads may abort a rank: "terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -139,6 +139,7 @@ def main() -> None:
         trainer.fit(model, datamodule=data)
         if trainer.global_rank == 0:
             torch.save({k: v.clone() for k, v in model.state_dict().items()}, args.out / "final.pt")
+        _leave_the_group()
         return
 
     import sdk
@@ -155,6 +156,14 @@ def _report(out: Path, rank: int, report: dict[str, Any]) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(report))
     tmp.replace(path)
+
+
+def _leave_the_group() -> None:
+    """As a careful script ends: every rank past the save, then the process group torn down, not left to the
+    interpreter's exit (where gloo's threads may abort a rank: "terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -472,7 +472,7 @@ def test_image_requirements_pass_pip_install_dry_run_for_python_312(tmp_path: Pa
 
 def test_torch_pin_is_the_cuda_build_matching_the_base_image(image: Dockerfile, project: dict) -> None:
     """torch is the tested version's CUDA build from the PyTorch index for the base image's CUDA major.minor."""
-    args = {**image.global_args, **image.stage("builder").args()}
+    args = {**image.global_args, **image.stage("deps").args()}
     torch_version, _, cuda_tag = args["TORCH_VERSION"].partition("+")
     assert re.fullmatch(r"cu\d{3}", cuda_tag), f"TORCH_VERSION={args['TORCH_VERSION']!r}: pin a +cuXYZ build"
     assert args["TORCH_INDEX_URL"] == TORCH_INDEX + cuda_tag
@@ -485,8 +485,10 @@ def test_torch_pin_is_the_cuda_build_matching_the_base_image(image: Dockerfile, 
     )
     assert cuda, f"base {image.final.base!r}: a pinned nvidia/cuda X.Y.Z-cudnn-runtime tag"
     assert cuda_tag == f"cu{cuda.group(1)}{cuda.group(2)}", "torch's CUDA build and the base image's CUDA differ"
-    install = next(c for c in _pip_installs(image.stage("builder")) if "torch==" in c)
+    install = next(c for c in _pip_installs(image.stage("deps")) if "torch==" in c)
     assert '--index-url "${TORCH_INDEX_URL}"' in install and '"torch==${TORCH_VERSION}"' in install
+    torch_run = next(r.args for r in image.stage("deps").all("RUN") if "torch==" in r.args)
+    assert "torch.version.cuda" in torch_run, "the torch layer checks the CUDA build it installed"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -555,30 +557,47 @@ def test_every_pip_install_skips_the_cache(image: Dockerfile, example: Dockerfil
     assert image.final.env().get("PIP_NO_CACHE_DIR") == "1"
 
 
-def test_final_stage_has_no_build_tools_and_takes_the_venv_from_the_builder(image: Dockerfile) -> None:
-    """Multi-stage: the final stage installs only python3, tini and CA certificates and copies the builder's venv."""
-    assert len(image.stages) >= 2 and image.stages[0].name == "builder"
+def test_final_stage_has_no_build_tools_and_takes_the_venv_from_deps_and_podtrain_from_the_builder(
+    image: Dockerfile,
+) -> None:
+    """Three stages: deps (torch and the pinned requirements in /opt/venv), builder FROM deps (podtrain's wheel), the
+    final one: python3, tini and CA certificates from apt, deps' venv as one COPY, then podtrain's wheel alone,
+    copied from the builder and installed --no-deps --no-index (a new podtrain is small layers, never the venv)."""
+    assert [s.name for s in image.stages[:2]] == ["deps", "builder"] and len(image.stages) == 3
+    assert image.stage("builder").base == "deps"
     packages = _apt_packages(image.final)
     assert sorted(packages) == ["ca-certificates", "python3", "tini"]
     assert not [p for p in packages if BUILD_TOOLS.match(p)]
-    assert not _pip_installs(image.final), "nothing is installed with pip in the final stage"
+    (install,) = _pip_installs(image.final)
+    assert "--no-deps" in install and "--no-index" in install and "--no-cache-dir" in install
+    assert '"/tmp/wheels/podtrain-${VERSION}-py3-none-any.whl"' in install
+    (run,) = [r.args for r in image.final.all("RUN") if "pip install" in r.args]
+    assert "rm -rf /tmp/wheels" in run and "pip check" in run and "podtrain --version" in run
     runs = " ".join(r.args for r in image.final.all("RUN"))
     assert "pip wheel" not in runs and "--no-install-recommends" in runs and "rm -rf /var/lib/apt/lists/*" in runs
     copies = [c.args.split() for c in image.final.all("COPY")]
-    assert ["--from=builder", "/opt/venv", "/opt/venv"] in copies
+    assert copies == [
+        ["--from=deps", "/opt/venv", "/opt/venv"],
+        ["--from=builder", "/wheels/podtrain-${VERSION}-py3-none-any.whl", "/tmp/wheels/"],
+    ]
     assert image.final.env()["PATH"].startswith("/opt/venv/bin:")
+    steps = [(i.keyword, i.args) for i in image.final.instructions]
+    venv_at = steps.index(("COPY", "--from=deps /opt/venv /opt/venv"))
+    assert venv_at < next(n for n, (k, a) in enumerate(steps) if k == "RUN" and "pip install" in a)
 
 
 def test_podtrain_is_installed_from_the_wheel_built_in_the_builder(image: Dockerfile, project: dict) -> None:
-    """The builder builds podtrain's wheel and installs exactly that version with [s3,gcs] and no index."""
+    """The builder builds podtrain's wheel and installs exactly that version with [s3,gcs] and no index over deps'
+    venv, then pip check: a dependency missing from image.txt fails the build there."""
     builder = image.stage("builder")
     runs = " ".join(r.args for r in builder.all("RUN"))
     assert re.search(r"pip wheel [^&]*--no-deps[^&]*--wheel-dir /wheels", runs)
     install = next(c for c in _pip_installs(builder) if "podtrain" in c)
     assert "--no-index" in install and "--find-links /wheels" in install
     assert '"podtrain[s3,gcs]==${VERSION}"' in install
-    assert builder.args()["VERSION"] == project["version"]
-    assert "-r requirements/image.txt" in runs and "pip check" in runs
+    assert builder.args()["VERSION"] == image.final.args()["VERSION"] == project["version"]
+    assert "-r requirements/image.txt" in " ".join(r.args for r in image.stage("deps").all("RUN"))
+    assert "pip check" in runs
 
 
 def test_image_has_oci_labels(image: Dockerfile, project: dict) -> None:

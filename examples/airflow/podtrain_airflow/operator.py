@@ -54,6 +54,9 @@ PREFLIGHT_HINT = (
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set by NVIDIA GPU feature discovery on every GPU node
 UID = 1000  # the image's user (USER 1000:1000)
+# With read_only_root: the emptyDirs a read-only image needs (docker/Dockerfile: PODTRAIN_OUTPUT_DIR, XDG_CACHE_HOME
+# and TRITON_CACHE_DIR, and /tmp). /workspace stays the image's: a training image may have put its code there.
+READ_ONLY_ROOT_WRITABLE = {"output": "/output", "cache": "/cache", "tmp": "/tmp"}  # noqa: S108
 _TRANSIENT_API = {429, 500, 502, 503, 504}
 
 
@@ -200,6 +203,7 @@ def pod_kwargs(
     data_cache_size: str = "100Gi",
     data_pvc: str | None = None,
     shm_size: str = "8Gi",
+    read_only_root: bool = False,
     namespace: str = "default",
     service_account: str | None = None,
     secrets: Sequence[Secret] = (),
@@ -258,6 +262,10 @@ def pod_kwargs(
         k8s.V1VolumeMount(name="data", mount_path="/data"),
         k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),  # noqa: S108  (the container's shared memory)
     ]
+    if read_only_root:  # what the image writes besides /data: the output, the caches, temporary files
+        for name, path in READ_ONLY_ROOT_WRITABLE.items():
+            volumes.append(k8s.V1Volume(name=name, empty_dir=k8s.V1EmptyDirVolumeSource()))
+            mounts.append(k8s.V1VolumeMount(name=name, mount_path=path))
     env_vars = [k8s.V1EnvVar(name=k, value=str(v)) for k, v in (env or {}).items()]
     env_vars += [
         k8s.V1EnvVar(name="PODTRAIN_GRACE_SECONDS", value=str(grace_seconds)),
@@ -295,6 +303,7 @@ def pod_kwargs(
         "container_security_context": k8s.V1SecurityContext(
             allow_privilege_escalation=False,
             capabilities=k8s.V1Capabilities(drop=["ALL"]),
+            read_only_root_filesystem=read_only_root or None,
             run_as_non_root=True,
             seccomp_profile=seccomp,
         ),

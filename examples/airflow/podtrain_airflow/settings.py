@@ -47,6 +47,7 @@ class Settings:
     max_restarts: int = 3  # JobSet restarts that are not preemptions (preemptions restart it free)
     master_port: int = 29500  # torchrun's rendezvous port on pod 0
     poll_seconds: int = 10  # how often a deferred multi-node task looks at its gang
+    read_only_root: bool = False  # the container's root filesystem read-only; /output, /cache and /tmp writable
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -74,6 +75,10 @@ class Settings:
                 "poll_seconds",
             ):
                 values[name] = int(raw)
+            elif name == "read_only_root":
+                if raw.strip().lower() not in ("1", "true", "yes", "0", "false", "no", ""):
+                    raise ValueError(f"PODTRAIN_DAG_READ_ONLY_ROOT must be 1/true/yes or 0/false/no, not {raw!r}")
+                values[name] = raw.strip().lower() in ("1", "true", "yes")
             else:
                 values[name] = raw or None if default.default is None else raw
         return cls(**values)
@@ -94,6 +99,7 @@ class Settings:
             "grace_seconds": self.grace_seconds,
             "retry_delay": timedelta(seconds=self.retry_delay_seconds),
             "startup_check_interval_seconds": self.startup_check_seconds,
+            "read_only_root": self.read_only_root,
         }
 
     def training_command(self) -> list[str]:
