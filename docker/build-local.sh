@@ -142,6 +142,36 @@ torch_index() {
     exit 1
 }
 
+# 3. The image's size, layer by layer: uncompressed (local storage) and gzip-compressed as a registry stores it
+# (buildah push to an OCI layout). Computed once per image ID, kept in .image-cache/.
+report_sizes() {
+    local id report layout
+    id=$(bh inspect --type image --format '{{.FromImageID}}' "$1")
+    report="$CACHE/sizes-${id:0:16}.txt"
+    if [[ ! -s $report ]]; then
+        layout=$(mktemp -d)
+        bh push --quiet --compression-format gzip "$1" "oci:$layout" >/dev/null
+        bh inspect --type image "$1" | python3 -c '
+import json, pathlib, sys
+local = json.loads(json.load(sys.stdin)["Manifest"])["layers"]
+layout = pathlib.Path(sys.argv[1])
+blob = lambda d: layout / "blobs" / d.replace(":", "/")
+(entry,) = json.loads((layout / "index.json").read_text())["manifests"]
+pushed = json.loads(blob(entry["digest"]).read_text())["layers"]
+mb = lambda n: f"{n / 1e6:8.1f} MB"
+for n, (a, b) in enumerate(zip(local, pushed)):
+    raw, gz = a["size"], b["size"]
+    print(f"  layer {n}: {mb(raw)} uncompressed, {mb(gz)} gzip")
+total = lambda ls: sum(x["size"] for x in ls)
+print(f"  image:   {mb(total(local))} uncompressed, {mb(total(pushed))} gzip")
+' "$layout" >"$report.part"
+        rm -rf "$layout"
+        mv "$report.part" "$report"
+    fi
+    log "$1 size:"
+    cat "$report" >&2
+}
+
 main() {
     local start=$SECONDS t
     [[ $(id -u) == 0 ]] || { log "run as root (buildah's chroot isolation and its storage need it)"; exit 1; }
@@ -157,7 +187,7 @@ main() {
         --build-arg "TORCH_INDEX_URL=http://127.0.0.1:$PORT/simple" \
         "$ROOT"
     log "built $IMAGE in $((SECONDS - t)) s"
-    bh images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$IMAGE" >&2 || true
+    report_sizes "$IMAGE"
 
     # The training image a user builds FROM this one (docker/Dockerfile.example), on the image just built.
     t=$SECONDS
