@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,10 +37,12 @@ __all__ = [
     "REPO",
     "Deployment",
     "MotoS3Server",
+    "PreemptedRun",
     "TrainingS3Server",
     "deployment",
     "free_port",
     "stub_bin",
+    "task_states",
     "training_env_missing",
     "upload_dataset",
 ]
@@ -126,6 +129,21 @@ def upload_dataset(s3: MotoS3Server, url: str, work: Path, *, mib: float = 0.25)
         fs.put_file(str(shard), f"{url.removeprefix('s3://')}/{shard.name}")
 
 
+def task_states(dag_run: Any) -> dict[tuple[str, int], tuple[str, int]]:
+    """``(task_id, map_index) -> (state, try_number)`` of every task instance of ``dag_run``."""
+    return {(ti.task_id, ti.map_index): (ti.state, ti.try_number) for ti in dag_run.get_task_instances()}
+
+
+@dataclasses.dataclass(frozen=True)
+class PreemptedRun:
+    """A DAG run during which one pod was preempted: the DAG, its run, the task states and the run's seconds."""
+
+    dag: Any
+    dag_run: Any
+    states: dict[tuple[str, int], tuple[str, int]]
+    seconds: float
+
+
 class Deployment:
     """One deployment of the DAG template: the API server, the connection and ``PODTRAIN_DAG_*`` in the
     environment (set through ``monkeypatch``), and DAGs parsed with them."""
@@ -140,6 +158,27 @@ class Deployment:
         bag = DagBag(dag_folder=str(DAGS), bundle_path=DAGS)
         assert not bag.import_errors, bag.import_errors
         return bag.dags[dag_id]
+
+    def run_preempting(
+        self,
+        dag_id: str,
+        run_conf: Mapping[str, Any] | None = None,
+        *,
+        pattern: str = "checkpoint.committed",
+        label_selector: str = "task_id=train",
+    ) -> PreemptedRun:
+        """``dag_id`` run by ``dag.test()`` (``run_conf`` default: 40 steps, a checkpoint every 10) while the first
+        pod matching ``label_selector`` (default: the training task's) is preempted once its log matches
+        ``pattern`` (default: a committed checkpoint); fails unless exactly that one preemption happened."""
+        run_conf = {"steps": 40, "checkpoint_every": 10} if run_conf is None else run_conf
+        preempter = self.kube.preempt_when(pattern, label_selector=label_selector, count=1)
+        dag = self.dag(dag_id)
+        started = time.monotonic()
+        dag_run = dag.test(run_conf=dict(run_conf))
+        seconds = time.monotonic() - started
+        preempter.join(timeout=30)
+        assert preempter.error is None and len(preempter.preempted) == 1, preempter.error
+        return PreemptedRun(dag, dag_run, task_states(dag_run), seconds)
 
     def fs(self) -> Any:
         return s3fs_for(self.s3)

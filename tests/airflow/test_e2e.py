@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import MotoS3Server, deployment
+from e2e_support import MotoS3Server, deployment, task_states
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("airflow_db")]
 
@@ -54,10 +54,6 @@ def verdicts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, Any, BaseE
     return seen
 
 
-def task_states(dag_run: Any) -> dict[tuple[str, int], tuple[str, int]]:
-    return {(ti.task_id, ti.map_index): (ti.state, ti.try_number) for ti in dag_run.get_task_instances()}
-
-
 def test_train_dag_preempted_retried_resumed_and_charged(
     s3: MotoS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verdicts: list[Any]
 ) -> None:
@@ -66,16 +62,10 @@ def test_train_dag_preempted_retried_resumed_and_charged(
     from podtrain_airflow import run_id
 
     with deployment(monkeypatch, s3, tmp_path, bucket="e2e-train") as dep:
-        preempter = dep.kube.preempt_when("checkpoint.committed", label_selector="task_id=train")
-        dag = dep.dag("podtrain_train")
-        started = time.monotonic()
-        dag_run = dag.test(run_conf={"steps": 40, "checkpoint_every": 10})
-        seconds = time.monotonic() - started
-        preempter.join(timeout=30)
+        run = dep.run_preempting("podtrain_train")
+        dag, dag_run, states, seconds = run.dag, run.dag_run, run.states, run.seconds
         pods = dep.kube.pods()
 
-        assert preempter.error is None and len(preempter.preempted) == 1, preempter.error
-        states = task_states(dag_run)
         assert dag_run.state == "success", (states, verdicts)
         assert states[("gpu_preflight", -1)] == ("success", 1)
         assert states[("train", -1)] == ("success", 2)

@@ -242,15 +242,8 @@ def test_train_dag_in_the_image_is_preempted_retried_resumed_and_charged(
 
     settings = {"READ_ONLY_ROOT": "1"}
     with deployment(monkeypatch, s3, tmp_path, bucket="e2e-image", runtime=podman, settings=settings) as dep:
-        preempter = dep.kube.preempt_when("checkpoint.committed", label_selector="task_id=train")
-        dag = dep.dag("podtrain_train")
-        started = time.monotonic()
-        dag_run = dag.test(run_conf={"steps": 40, "checkpoint_every": 10})
-        seconds = time.monotonic() - started
-        preempter.join(timeout=30)
-
-        states = {(ti.task_id, ti.map_index): (ti.state, ti.try_number) for ti in dag_run.get_task_instances()}
-        assert preempter.error is None and len(preempter.preempted) == 1, preempter.error
+        run = dep.run_preempting("podtrain_train")
+        dag, dag_run, states, seconds = run.dag, run.dag_run, run.states, run.seconds
         assert dag_run.state == "success", states
         assert states[("gpu_preflight", -1)] == ("success", 1)
         assert states[("train", -1)] == ("success", 2)

@@ -12,7 +12,6 @@ per pod per attempt and the chargeback sums all four.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +31,10 @@ def test_multinode_dag_one_pod_preempted_the_gang_restarts_in_the_cluster_resume
 
     settings = {"NODES": "2", "PROCS_PER_NODE": "1", "MASTER_PORT": str(free_port()), "POLL_SECONDS": "1"}
     with deployment(monkeypatch, s3, tmp_path, bucket="e2e-multinode", settings=settings) as dep:
-        preempter = dep.kube.preempt_when(
-            r"checkpoint\.started", label_selector=f"podtrain-trial=train,{INDEX}=1", count=1
+        run = dep.run_preempting(
+            "podtrain_multinode", pattern=r"checkpoint\.started", label_selector=f"podtrain-trial=train,{INDEX}=1"
         )
-        dag = dep.dag("podtrain_multinode")
-        started = time.monotonic()
-        dag_run = dag.test(run_conf={"steps": 40, "checkpoint_every": 10})
-        seconds = time.monotonic() - started
-        preempter.join(timeout=30)
-
-        states = {(ti.task_id, ti.map_index): (ti.state, ti.try_number) for ti in dag_run.get_task_instances()}
-        assert preempter.error is None and len(preempter.preempted) == 1, preempter.error
+        dag, dag_run, states, seconds = run.dag, run.dag_run, run.states, run.seconds
         assert dag_run.state == "success", (states, gang_ends)
         assert states[("gpu_preflight", -1)] == ("success", 1)
         assert states[("train", -1)] == ("success", 1), "the JobSet restarted in the cluster: no Airflow retry"
