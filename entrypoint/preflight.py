@@ -1,6 +1,9 @@
 """What ``podtrain run`` checks before pulling anything or starting the child, so a setting to fix costs seconds.
 
-- The output folder (``PODTRAIN_OUTPUT_DIR``) exists or is created now: the child can write there at once.
+- The output folder (``PODTRAIN_OUTPUT_DIR``) exists or is created now, and may be written: the child can write
+  there at once (a read-only root filesystem with no volume at ``/output`` says so here, not at the first save).
+- A temporary folder can be written (``TMPDIR``, else ``/tmp``, ``/var/tmp``, ...): the supervisor keeps the
+  child's progress report there, and Python's ``tempfile`` fails with a traceback without one.
 - The checkpoint store is reachable and writable: a small probe object (``.podtrain-probe-<random>``) is written
   and deleted at its root. A local (``file://``) store writes nothing: its nearest existing folder must be a folder
   this process may write. A missing bucket, a read-only store and missing credentials each say so.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +25,16 @@ from entrypoint._timebox import within
 from sdk.errors import TransientStorageError
 from sdk.outcomes import EXIT_CONFIG, EXIT_UNAVAILABLE
 
-__all__ = ["check", "check_checkpoint_store", "check_output_dir"]
+__all__ = ["check", "check_checkpoint_store", "check_output_dir", "check_temp_dir"]
 
 
 def check(config: Any, *, timeout: float) -> tuple[int, str] | None:
     """``(exit code, sentence)`` for the first check that fails, or None when all pass."""
-    return check_output_dir(config.output_dir) or check_checkpoint_store(config.checkpoint_uri, timeout=timeout)
+    return (
+        check_output_dir(config.output_dir)
+        or check_temp_dir()
+        or check_checkpoint_store(config.checkpoint_uri, timeout=timeout)
+    )
 
 
 def check_output_dir(path: str) -> tuple[int, str] | None:
@@ -40,6 +48,21 @@ def check_output_dir(path: str) -> tuple[int, str] | None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return EXIT_CONFIG, f"PODTRAIN_OUTPUT_DIR {path} cannot be created: {exc.strerror or exc}"
+    problem = _local_problem(folder)
+    return None if problem is None else (EXIT_CONFIG, f"PODTRAIN_OUTPUT_DIR {path} is not writable: {problem}")
+
+
+def check_temp_dir() -> tuple[int, str] | None:
+    """A temporary folder this process may write exists (what ``tempfile`` would pick)."""
+    try:
+        tempfile.gettempdir()
+    except (FileNotFoundError, OSError) as exc:
+        wanted = os.environ.get("TMPDIR") or "/tmp"  # noqa: S108  (the folder named in the advice)
+        return EXIT_CONFIG, (
+            f"no writable temporary folder ({wanted} and the usual others; "
+            f"{exc.strerror or 'none usable'}): mount a writable volume at /tmp (an emptyDir), or set TMPDIR to a "
+            "writable folder"
+        )
     return None
 
 

@@ -230,6 +230,39 @@ def test_file_bucket_sigterm_to_pid1_exits_75_in_the_grace_period_and_the_next_r
     print(f"SIGTERM to exit 75 in the image: {seconds:.2f} s")
 
 
+def test_a_read_only_root_without_its_volumes_is_exit_2_naming_the_volume_to_mount(
+    podman: Podman, tmp_path: Path
+) -> None:
+    """A pod spec that makes the root read-only but forgets a volume: no /output is exit 2 naming
+    PODTRAIN_OUTPUT_DIR; /output but no /tmp is exit 2 naming /tmp and TMPDIR. Each before the child starts, one
+    line in the log and in the termination message, never a traceback."""
+    bucket, output = tmp_path / "bucket", tmp_path / "output"
+    for folder in (bucket, output):
+        folder.mkdir()
+        folder.chmod(0o777)
+    term = tmp_path / "termination-log"
+    cases = {
+        "PODTRAIN_OUTPUT_DIR /output is not writable: /output is on a read-only file system": [],
+        "no writable temporary folder (/tmp": [f"--volume={output}:/output"],
+    }
+    for expected, volumes in cases.items():
+        term.write_text("")
+        term.chmod(0o666)
+        ran = podman.run(
+            *("run", "--rm", "--network", "host", "--read-only", "--read-only-tmpfs=false"),
+            *(f"--volume={bucket}:/bucket", f"--volume={term}:/dev/termination-log", *volumes),
+            *("--env=PODTRAIN_CHECKPOINT_URI=file:///bucket/c", "--env=PODTRAIN_ARTIFACT_URI=file:///bucket/a"),
+            *(EXAMPLE, "python", "/app/train.py", "--steps", "5"),
+            check=False,
+        )
+        out = ran.stdout + ran.stderr
+        assert ran.returncode == 2, out
+        assert "Traceback" not in out, out
+        message = json.loads(term.read_text())
+        assert (message["outcome"], message["exit_code"]) == ("config_error", 2)
+        assert message["message"].startswith(expected), message
+
+
 @pytest.mark.usefixtures("airflow_db")
 def test_train_dag_in_the_image_is_preempted_retried_resumed_and_charged(
     podman: Podman, s3: MotoS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -40,3 +40,35 @@ def test_an_endpoint_that_refuses_connections_is_69(s3_url: str, monkeypatch: py
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     code, why = preflight.check_checkpoint_store(f"{s3_url}/ckpt", timeout=3) or (0, "")
     assert code == 69 and "checkpoint store" in why
+
+
+def test_an_output_folder_on_a_read_only_file_system_is_exit_2_naming_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An existing output folder that cannot be written (a read-only root filesystem with no volume there) is
+    refused before the child starts, not at its first write. (The image tests run the real read-only root.)"""
+    real = preflight.os.statvfs
+
+    class ReadOnly:
+        def __init__(self, path: object) -> None:
+            self.f_flag = real(path).f_flag | preflight.os.ST_RDONLY
+
+    monkeypatch.setattr(preflight.os, "statvfs", ReadOnly)
+    code, why = preflight.check_output_dir(str(tmp_path)) or (0, "")
+    assert code == 2 and why.startswith(f"PODTRAIN_OUTPUT_DIR {tmp_path} is not writable")
+    assert "read-only file system: mount a writable volume there" in why
+
+
+def test_no_usable_temporary_folder_is_exit_2_naming_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When tempfile finds no writable temporary folder, the check says which to mount or set, not a traceback;
+    with one, it passes."""
+    assert preflight.check_temp_dir() is None
+
+    def none_usable() -> str:
+        raise FileNotFoundError(2, "No usable temporary directory found in ['/tmp', '/var/tmp', '/usr/tmp']")
+
+    monkeypatch.setattr(preflight.tempfile, "gettempdir", none_usable)
+    monkeypatch.setenv("TMPDIR", "/scratch")
+    code, why = preflight.check_temp_dir() or (0, "")
+    assert code == 2 and why.startswith("no writable temporary folder (/scratch")
+    assert why.endswith("mount a writable volume at /tmp (an emptyDir), or set TMPDIR to a writable folder")
