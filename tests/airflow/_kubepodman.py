@@ -19,6 +19,8 @@ What the kubelet gives the container, translated to ``podman run`` (the CRI's ``
 * env: the container's ``env``/``envFrom`` as ``_kubecontainer`` resolves them (Secrets, fieldRefs), handed to
   podman by name only (values never on a command line), over the image's own ENV; ``HOSTNAME`` by
   ``--hostname``.
+* names: the cluster's ``hosts`` (a JobSet's or headless Service's pod DNS names -> 127.0.0.1) as ``--add-host``,
+  so a gang's pods find pod 0 by the name the pod spec gives, as cluster DNS would resolve it.
 * the termination message: a local file bind-mounted at ``terminationMessagePath`` (default
   ``/dev/termination-log``), writable by the container's user, read by the kubelet when the container ends.
 * signals: :meth:`Podman.signal` is ``podman kill --signal``, delivered to the container's PID 1 as the CRI's
@@ -87,6 +89,7 @@ class Podman:
             )
         flags = ["run", "--name", self.name(pod), "--pull", "never", "--network", "host", "--rm"]
         flags += ["--hostname", spec.get("hostname") or pod.obj["metadata"]["name"]]
+        flags += [f"--add-host={name}:{address}" for name, address in sorted(cluster.hosts.items())]
         flags += self._security(spec, c, image)
         flags += self._volumes(cluster, pod)
         term_file = pod.dir / "termination-log"

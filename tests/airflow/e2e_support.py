@@ -39,6 +39,7 @@ __all__ = [
     "MotoS3Server",
     "PreemptedRun",
     "TrainingS3Server",
+    "check_gang_resumed",
     "deployment",
     "free_port",
     "stub_bin",
@@ -144,6 +145,22 @@ class PreemptedRun:
     seconds: float
 
 
+def check_gang_resumed(record: Any, attempts: tuple[int, int], steps: int = 40) -> None:
+    """A two-pod gang's run record: both pods of the first attempt exited 75 (the one never signalled stopped with
+    the gang), both of the second succeeded, resuming from the first's committed step, to ``steps``."""
+    entries = [(e["attempt"], e.get("pod"), e["outcome"], e["exit_code"]) for e in record["attempts"]]
+    first_try, second_try = attempts
+    assert entries == [
+        (first_try, 0, "preempted", 75),
+        (first_try, 1, "preempted", 75),
+        (second_try, 0, "succeeded", 0),
+        (second_try, 1, "succeeded", 0),
+    ], "both pods of the first attempt exit 75, both of the second succeed"
+    first, second = record["attempts"][0], record["attempts"][2]
+    assert first["checkpoint_step"] and second["resumed_from"] == first["checkpoint_step"]
+    assert second["last_step"] == steps
+
+
 class Deployment:
     """One deployment of the DAG template: the API server, the connection and ``PODTRAIN_DAG_*`` in the
     environment (set through ``monkeypatch``), and DAGs parsed with them."""
@@ -179,6 +196,12 @@ class Deployment:
         preempter.join(timeout=30)
         assert preempter.error is None and len(preempter.preempted) == 1, preempter.error
         return PreemptedRun(dag, dag_run, task_states(dag_run), seconds)
+
+    def run_record(self, dag: Any, dag_run: Any, trial: str = "train") -> Any:
+        """The run record (``run.json``) of ``trial`` in ``dag_run``, from the bucket."""
+        from podtrain_airflow import run_id
+
+        return self.read_json(f"{self.base_uri}/artifacts/{run_id(dag.dag_id, dag_run.run_id, trial)}/run.json")
 
     def fs(self) -> Any:
         return s3fs_for(self.s3)

@@ -9,7 +9,8 @@ container runtime would, and rebuild both to show what a change to ``train.py`` 
   termination message lands at ``/dev/termination-log``; a second run, its message at a configured path, resumes
   from that checkpoint and finishes;
 * ``podtrain_train`` from the DAGs folder with every pod in the image (``_kubepodman.Podman`` as the test kubelet's
-  runtime) against moto on 127.0.0.1: preempted once, retried, resumed, finished, charged;
+  runtime) against moto on 127.0.0.1: preempted once, retried, resumed, finished, charged; ``podtrain_multinode``
+  likewise, two pods of ``torchrun`` over gloo, one preempted, the gang restarted by its JobSet and resumed;
 * changing ``examples/train.py`` rebuilds only the example image's last layer; changing podtrain's code rebuilds
   only the base image's small podtrain layer, never the venv's.
 
@@ -32,7 +33,7 @@ from typing import Any
 
 import pytest
 from _kubepodman import Podman
-from e2e_support import IMAGE, REPO, TRAINING_PYTHON, MotoS3Server, deployment
+from e2e_support import IMAGE, REPO, TRAINING_PYTHON, MotoS3Server, check_gang_resumed, deployment, free_port
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(900)]
 
@@ -297,6 +298,27 @@ def test_train_dag_in_the_image_is_preempted_retried_resumed_and_charged(
         leftover = podman.run("ps", "--all", "--format", "{{.Names}}").stdout.split()
         assert not [n for n in leftover if n.startswith("k8s_")], leftover
     print(f"podtrain_train in the image: {seconds:.1f} s")
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_multinode_dag_in_the_image_one_pod_preempted_the_gang_restarts_resumes_and_finishes(
+    podman: Podman, s3: MotoS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """podtrain_multinode with both pods in the image (``podtrain run -- torchrun`` from the image's venv, gloo
+    between the containers, pod 0 found by its JobSet DNS name): pod 1 preempted as it saves, both pods exit 75,
+    the JobSet restarts the gang in the cluster (no Airflow retry), which resumes from the committed step."""
+    settings = {"NODES": "2", "PROCS_PER_NODE": "1", "MASTER_PORT": str(free_port()), "POLL_SECONDS": "1"}
+    with deployment(monkeypatch, s3, tmp_path, bucket="e2e-image-gang", runtime=podman, settings=settings) as dep:
+        index = "batch.kubernetes.io/job-completion-index"
+        run = dep.run_preempting(
+            "podtrain_multinode", pattern=r"checkpoint\.started", label_selector=f"podtrain-trial=train,{index}=1"
+        )
+        assert run.dag_run.state == "success", run.states
+        assert run.states[("train", -1)] == ("success", 1), "the JobSet restarted in the cluster: no Airflow retry"
+        check_gang_resumed(dep.run_record(run.dag, run.dag_run), (1000, 1001))
+        gang = [argv for argv in podman.launched if any(a.startswith("--add-host=") for a in argv)]
+        assert len(gang) >= 4, "both attempts' two pods ran in the image with the gang's names"
+    print(f"podtrain_multinode in the image: {run.seconds:.1f} s")
 
 
 def rebuild(podman: Podman, dockerfile: str, context: Path, tag: str, **build_args: str) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import REPO, MotoS3Server, deployment, free_port
+from e2e_support import REPO, MotoS3Server, check_gang_resumed, deployment, free_port
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("airflow_db")]
 
@@ -86,18 +86,8 @@ def test_indexed_job_one_pod_preempted_the_job_fails_airflow_retries_it_resumes_
         ], "no pod was replaced within a Job"
         assert not dep.kube.jobs() and not dep.kube.services() and not dep.kube.pods(), "all deleted at the end"
 
-        rid = run_id(dag.dag_id, dag_run.run_id, "train")
-        record = dep.read_json(f"{dep.base_uri}/artifacts/{rid}/run.json")
-        entries = [(e["attempt"], e.get("pod"), e["outcome"], e["exit_code"]) for e in record["attempts"]]
-        assert entries == [
-            (1, 0, "preempted", 75),
-            (1, 1, "preempted", 75),
-            (2, 0, "succeeded", 0),
-            (2, 1, "succeeded", 0),
-        ], "pod 0, stopped with the Job, exited 75 too"
-        first, second = record["attempts"][0], record["attempts"][2]
-        assert first["checkpoint_step"] and second["resumed_from"] == first["checkpoint_step"]
-        assert second["last_step"] == 40
+        record = dep.run_record(dag, dag_run)
+        check_gang_resumed(record, (1, 2))
 
         reports = f"{dep.base_uri}/reports/{run_id(dag.dag_id, dag_run.run_id)}"
         (row,) = dep.read_json(f"{reports}/chargeback.json")["rows"]

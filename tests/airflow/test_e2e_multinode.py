@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import MotoS3Server, deployment, free_port
+from e2e_support import MotoS3Server, check_gang_resumed, deployment, free_port
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("airflow_db")]
 
@@ -50,18 +50,8 @@ def test_multinode_dag_one_pod_preempted_the_gang_restarts_in_the_cluster_resume
         assert int(train["status"].get("restartsCountTowardsMax") or 0) == 0
         assert not dep.kube.pods(), "the JobSets are deleted with their pods when their tasks end"
 
-        rid = run_id(dag.dag_id, dag_run.run_id, "train")
-        record = dep.read_json(f"{dep.base_uri}/artifacts/{rid}/run.json")
-        entries = [(e["attempt"], e.get("pod"), e["outcome"], e["exit_code"]) for e in record["attempts"]]
-        assert entries == [
-            (1000, 0, "preempted", 75),
-            (1000, 1, "preempted", 75),
-            (1001, 0, "succeeded", 0),
-            (1001, 1, "succeeded", 0),
-        ], "pod 0, never signalled, stopped with the gang and exited 75 too"
-        first, second = record["attempts"][0], record["attempts"][2]
-        assert first["checkpoint_step"] and second["resumed_from"] == first["checkpoint_step"]
-        assert second["last_step"] == 40
+        record = dep.run_record(dag, dag_run)
+        check_gang_resumed(record, (1000, 1001))
         assert max(int(e.get("steps_lost") or 0) for e in record["attempts"][:2]) <= 1, "at most a step lost"
 
         reports = f"{dep.base_uri}/reports/{run_id(dag.dag_id, dag_run.run_id)}"
