@@ -1,6 +1,6 @@
 """The image, run for real: ``make image`` builds ``docker/Dockerfile`` and ``docker/Dockerfile.example`` with
 buildah (``docker/build-local.sh``); these tests run them with podman (root, ``--network host``), as a node's
-container runtime would, and rebuild both to show what a change to ``train.py`` or to podtrain costs.
+container runtime would.
 
 * the image's own contract: its non-root ``USER``, its ENTRYPOINT, ``podtrain --help`` and ``podtrain smoke``; an
   orphan the training command leaves is reaped;
@@ -11,8 +11,7 @@ container runtime would, and rebuild both to show what a change to ``train.py`` 
 * ``podtrain_train`` from the DAGs folder with every pod in the image (``_kubepodman.Podman`` as the test kubelet's
   runtime) against moto on 127.0.0.1: preempted once, retried, resumed, finished, charged; ``podtrain_multinode``
   likewise, two pods of ``torchrun`` over gloo, one preempted, the gang restarted by its JobSet and resumed;
-* changing ``examples/train.py`` rebuilds only the example image's last layer; changing podtrain's code rebuilds
-  only the base image's small podtrain layer, never the venv's.
+* what a change to ``train.py`` or to podtrain costs in layers: ``test_image_layers.py``.
 
 Marked ``image``: ``make image-test`` (as root) runs them after building the image, and CI calls it after
 ``make test``. Without the image or podman they fail, never skip: ``make image-test`` builds the image first.
@@ -21,9 +20,6 @@ Marked ``image``: ``make image-test`` (as root) runs them after building the ima
 from __future__ import annotations
 
 import json
-import os
-import resource
-import shutil
 import subprocess
 import threading
 import time
@@ -33,42 +29,13 @@ from typing import Any
 
 import pytest
 from _kubepodman import Podman
-from e2e_support import IMAGE, REPO, TRAINING_PYTHON, MotoS3Server, check_gang_resumed, deployment, free_port
+from e2e_support import REPO, TRAINING_PYTHON, MotoS3Server, check_gang_resumed, deployment, free_port
+from image_support import BASE, ENTRYPOINT, EXAMPLE, inspect, podman
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(900)]
+__all__ = ["podman"]  # the fixture, imported for pytest
 
-VERSION = next(
-    line.split('"')[1] for line in (REPO / "pyproject.toml").read_text().splitlines() if line.startswith("version")
-)
-BASE = os.environ.get("PODTRAIN_TEST_IMAGE", f"localhost/podtrain:{VERSION}-cpu")
-EXAMPLE = os.environ.get("PODTRAIN_TEST_EXAMPLE_IMAGE", f"localhost/podtrain-example:{VERSION}-cpu")
-ENTRYPOINT = ["tini", "-g", "--", "podtrain", "run", "--"]
 GRACE = 20  # seconds, the pod's terminationGracePeriodSeconds and PODTRAIN_GRACE_SECONDS
-
-
-@pytest.fixture(scope="module")
-def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
-    """podman on the storage ``make image`` built into (overlay, else vfs), with this machine's limits.
-
-    This machine gives root no CAP_SYS_RESOURCE, so a container may not raise a limit: its open files are this
-    process's limit and its processes 4096 (podman's defaults ask for more and the runtime is refused); and its
-    cgroups are a v1/v2 hybrid, which crun refuses, so runc runs the containers."""
-    assert os.geteuid() == 0, "the image tests run as root (buildah and podman's storage): make image-test"
-    assert shutil.which("podman") and shutil.which("runc"), "podman and runc are missing: make image-test installs them"
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    conf = tmp_path_factory.mktemp("podman") / "containers.conf"
-    conf.write_text(
-        f'[containers]\ndefault_ulimits = ["nofile={soft}:{hard}", "nproc=4096:4096"]\n[engine]\nruntime = "runc"\n'
-    )
-    for driver in ("overlay", "vfs"):
-        runtime = Podman(images={IMAGE: EXAMPLE}, storage_driver=driver, containers_conf=conf)
-        if all(runtime.run("image", "exists", ref, check=False).returncode == 0 for ref in (BASE, EXAMPLE)):
-            return runtime
-    pytest.fail(f"{BASE} and {EXAMPLE} are not built: run make image-test (or make image) as root")
-
-
-def inspect(podman: Podman, ref: str) -> dict[str, Any]:
-    return json.loads(podman.run("image", "inspect", ref).stdout)[0]
 
 
 def test_image_runs_as_its_non_root_user_with_tini_in_front_of_podtrain_run(podman: Podman) -> None:
@@ -319,95 +286,3 @@ def test_multinode_dag_in_the_image_one_pod_preempted_the_gang_restarts_resumes_
         gang = [argv for argv in podman.launched if any(a.startswith("--add-host=") for a in argv)]
         assert len(gang) >= 4, "both attempts' two pods ran in the image with the gang's names"
     print(f"podtrain_multinode in the image: {run.seconds:.1f} s")
-
-
-def rebuild(podman: Podman, dockerfile: str, context: Path, tag: str, **build_args: str) -> float:
-    """``buildah bud --layers`` of ``docker/<dockerfile>`` on ``context`` as ``tag``; the seconds it took."""
-    args = [x for k, v in build_args.items() for x in ("--build-arg", f"{k}={v}")]
-    started = time.monotonic()
-    built = subprocess.run(
-        [
-            *("buildah", "--storage-driver", podman.storage_driver, "bud", "--isolation", "chroot", "--layers"),
-            *("--pull=never", "-f", str(REPO / "docker" / dockerfile), *args, "-t", tag, str(context)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    return time.monotonic() - started
-
-
-def changed_layers(podman: Podman, old: str, new: str) -> list[int]:
-    """The indexes of ``new``'s layers that ``old`` does not have at the same place."""
-    a, b = inspect(podman, old)["RootFS"]["Layers"], inspect(podman, new)["RootFS"]["Layers"]
-    return [n for n in range(max(len(a), len(b))) if n >= len(a) or n >= len(b) or a[n] != b[n]]
-
-
-def layer_bytes(podman: Podman, tag: str) -> list[int]:
-    """The size of each of ``tag``'s layers, bottom first (its manifest's, uncompressed in local storage)."""
-    out = subprocess.run(
-        ["buildah", "--storage-driver", podman.storage_driver, "inspect", "--type", "image", tag],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return [int(layer["size"]) for layer in json.loads(json.loads(out.stdout)["Manifest"])["layers"]]
-
-
-def test_changing_train_py_rebuilds_only_the_last_layer(podman: Podman, tmp_path: Path) -> None:
-    """docker/Dockerfile.example rebuilt with a changed train.py: every layer of the base image is reused and
-    exactly one new layer, train.py's, is written. Prints the rebuild's seconds and the new layer's bytes."""
-    context = tmp_path / "context"
-    (context / "examples").mkdir(parents=True)
-    (context / "examples" / "train.py").write_text(
-        (REPO / "examples" / "train.py").read_text() + f"\n# changed at {time.time_ns()}\n"
-    )
-    tag = f"{EXAMPLE}-rebuild"
-    seconds = rebuild(podman, "Dockerfile.example", context, tag, BASE_IMAGE=BASE)
-    try:
-        base_layers = len(inspect(podman, BASE)["RootFS"]["Layers"])
-        assert changed_layers(podman, BASE, tag) == [base_layers], "the base image's layers are all reused"
-        assert changed_layers(podman, EXAMPLE, tag) == [base_layers], "one layer differs: train.py's"
-        size = layer_bytes(podman, tag)[base_layers]
-        assert 0 < size < 200_000, size
-    finally:
-        podman.run("rmi", "--force", tag, check=False)
-    print(f"train.py changed: rebuilt in {seconds:.1f} s, one new layer of {size} bytes")
-
-
-def test_changing_podtrain_rebuilds_a_small_layer_not_the_venv(podman: Podman, tmp_path: Path) -> None:
-    """docker/Dockerfile rebuilt with a change to podtrain's code (the build arguments make image used, so every
-    step before it is cached): the venv layer and everything under it are reused, and the two new layers, the
-    wheel copied and installed, are together far smaller than the venv."""
-    context = tmp_path / "context"
-    for name in ("pyproject.toml", "README.md", "requirements/image.txt", ".dockerignore"):
-        (context / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, context / name)
-    for package in ("sdk", "entrypoint"):
-        shutil.copytree(REPO / package, context / package, ignore=shutil.ignore_patterns("__pycache__"))
-    with (context / "sdk" / "__init__.py").open("a") as f:
-        f.write(f"\n# changed at {time.time_ns()}\n")
-    config = inspect(podman, BASE)["Config"]["Labels"]
-    tag = f"{BASE}-rebuild"
-    seconds = rebuild(
-        podman,
-        "Dockerfile",
-        context,
-        tag,
-        BASE_IMAGE=config["org.opencontainers.image.base.name"],
-        TORCH_VERSION=os.environ.get("TORCH_VERSION", "2.13.0+cpu"),  # docker/build-local.sh's defaults
-        TORCH_INDEX_URL=f"http://127.0.0.1:{os.environ.get('TORCH_INDEX_PORT', '8765')}/simple",
-    )
-    try:
-        changed = changed_layers(podman, BASE, tag)
-        top = len(inspect(podman, BASE)["RootFS"]["Layers"])  # the wheel's COPY and its install are the last two
-        assert changed == [top - 2, top - 1], f"layers {changed} differ, not only podtrain's two"
-        sizes = layer_bytes(podman, tag)
-        size, venv = sizes[top - 2] + sizes[top - 1], max(sizes)
-        assert 0 < size < 10_000_000 and size * 100 < venv, (sizes, changed)
-    finally:
-        podman.run("rmi", "--force", tag, check=False)
-    print(f"podtrain changed: rebuilt in {seconds:.1f} s, two new layers of {size} bytes (the venv: {venv} bytes)")
