@@ -13,15 +13,14 @@ export (``PODTRAIN_OUTPUT_DIR/export/model.safetensors``), or ``DIR/final.pt`` w
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+from tests.integrations import _worker
 
 SEQUENCES, LENGTH, VOCAB = 96, 16, 64
 
@@ -99,13 +98,8 @@ def build(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--save-steps", type=int, default=5, help="0: save_strategy='no'")
+    parser = _worker.parser("Transformers", "save_strategy='no'")
     parser.add_argument("--eval-steps", type=int, default=0, help="0: no evaluation")
-    parser.add_argument("--sleep", type=float, default=0.0)
-    parser.add_argument("--plain", action="store_true", help="Transformers alone, no podtrain")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     trainer = build(
@@ -113,9 +107,7 @@ def main() -> None:
     )
     if args.plain:
         trainer.train()
-        if trainer.args.process_index == 0:
-            torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, args.out / "final.pt")
-        _leave_the_group()
+        _worker.save_final(args.out, trainer.model.state_dict(), trainer.args.process_index)
         return
 
     import sdk
@@ -125,22 +117,7 @@ def main() -> None:
         podtrain_hf.train(run, trainer)
         done = trainer.state.global_step
         report = {"start": run.checkpointer.resumed_from or 0, "done": done, "stopped": done < args.steps}
-        _report(args.out, run.config.rank, report)
-
-
-def _report(out: Path, rank: int, report: dict[str, Any]) -> None:
-    path = out / f"rank-{rank}.json"
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report))
-    tmp.replace(path)
-
-
-def _leave_the_group() -> None:
-    """As a careful script ends: every rank past the save, then the process group torn down, not left to the
-    interpreter's exit (where gloo's threads may abort a rank: "terminate called without an active exception")."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        _worker.write_report(args.out, run.config.rank, report)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ before leaving the block. Final weights: the export (``PODTRAIN_OUTPUT_DIR/expor
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -26,6 +24,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from tests.integrations import _worker
 
 SAMPLES, FEATURES = 96, 8
 
@@ -126,20 +126,13 @@ def build(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--save-steps", type=int, default=5, help="0: no ModelCheckpoint")
-    parser.add_argument("--sleep", type=float, default=0.0)
-    parser.add_argument("--plain", action="store_true", help="Lightning alone, no podtrain")
+    parser = _worker.parser("Lightning", "no ModelCheckpoint")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     trainer, model, data = build(args.out, steps=args.steps, save_steps=args.save_steps, sleep=args.sleep)
     if args.plain:
         trainer.fit(model, datamodule=data)
-        if trainer.global_rank == 0:
-            torch.save({k: v.clone() for k, v in model.state_dict().items()}, args.out / "final.pt")
-        _leave_the_group()
+        _worker.save_final(args.out, model.state_dict(), trainer.global_rank)
         return
 
     import sdk
@@ -148,22 +141,7 @@ def main() -> None:
     with sdk.init() as run:
         fitted = podtrain_pl.fit(run, trainer, model, datamodule=data)
         report = {"start": fitted.start, "done": fitted.step, "stopped": fitted.stopped}
-        _report(args.out, run.config.rank, report)
-
-
-def _report(out: Path, rank: int, report: dict[str, Any]) -> None:
-    path = out / f"rank-{rank}.json"
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report))
-    tmp.replace(path)
-
-
-def _leave_the_group() -> None:
-    """As a careful script ends: every rank past the save, then the process group torn down, not left to the
-    interpreter's exit (where gloo's threads may abort a rank: "terminate called without an active exception")."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        _worker.write_report(args.out, run.config.rank, report)
 
 
 if __name__ == "__main__":
