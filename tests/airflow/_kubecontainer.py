@@ -65,7 +65,7 @@ def prepare(cluster: Cluster, pod: Pod) -> tuple[list[str], dict[str, str], str,
     def subst(text: str) -> str:
         return text.format(**fill) if "{" in text else text
 
-    mounts = _mounts(cluster, pod)  # container path -> local path
+    mounts = volume_dirs(cluster, pod)  # container path -> local path
     mounts.update({k: subst(v) for k, v in node.paths.items()})
     term_path = c.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH
     term_file = pod.dir / "termination-log"
@@ -80,9 +80,9 @@ def prepare(cluster: Cluster, pod: Pod) -> tuple[list[str], dict[str, str], str,
     env.update({k: _rewrite(subst(v), mounts) for k, v in node.extra_env.items()})
     if image is not None:
         env.update({k: _rewrite(subst(v), mounts) for k, v in (image.get("env") or {}).items()})
-    env.update(_env_from(cluster, c, ns))
+    env.update(env_from(cluster, c, ns))
     for var in c.get("env") or []:
-        value = _env_value(cluster, pod, var, env)
+        value = env_value(cluster, pod, var, env)
         if value is not None:
             env[var["name"]] = _resolve_hosts(_rewrite(value, mounts), cluster.hosts)
     if env.get("PODTRAIN_TERMINATION_LOG") in (None, term_path):
@@ -103,7 +103,7 @@ def prepare(cluster: Cluster, pod: Pod) -> tuple[list[str], dict[str, str], str,
             args = list(image.get("cmd") or [])
     if not command + args:
         raise ContainerWaiting("CreateContainerError", "no command specified")
-    argv = [_resolve_hosts(_rewrite(_expand(a, env), mounts), cluster.hosts) for a in command + args]
+    argv = [_resolve_hosts(_rewrite(expand(a, env), mounts), cluster.hosts) for a in command + args]
     cwd = str(node.cwd) if node.cwd is not None else str(pod.dir)
     workdir = c.get("workingDir") or (image or {}).get("workdir")
     if workdir and _rewrite(workdir, mounts) != workdir:  # a container directory that is mapped here
@@ -111,7 +111,7 @@ def prepare(cluster: Cluster, pod: Pod) -> tuple[list[str], dict[str, str], str,
     return argv, env, cwd, term_file
 
 
-def _env_from(cluster: Cluster, c: Mapping[str, Any], ns: str) -> dict[str, str]:
+def env_from(cluster: Cluster, c: Mapping[str, Any], ns: str) -> dict[str, str]:
     env: dict[str, str] = {}
     for source in c.get("envFrom") or []:
         prefix = source.get("prefix", "")
@@ -129,9 +129,9 @@ def _env_from(cluster: Cluster, c: Mapping[str, Any], ns: str) -> dict[str, str]
     return env
 
 
-def _env_value(cluster: Cluster, pod: Pod, var: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
+def env_value(cluster: Cluster, pod: Pod, var: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
     if "value" in var and var["value"] is not None:
-        return _expand(str(var["value"]), env)
+        return expand(str(var["value"]), env)
     source = var.get("valueFrom")
     if not source:
         return ""
@@ -179,7 +179,7 @@ def _env_value(cluster: Cluster, pod: Pod, var: Mapping[str, Any], env: Mapping[
     return ""
 
 
-def _mounts(cluster: Cluster, pod: Pod) -> dict[str, str]:
+def volume_dirs(cluster: Cluster, pod: Pod) -> dict[str, str]:
     """Create the local directory of every volume mount; container path -> local path."""
     ns = pod.obj["metadata"]["namespace"]
     volumes = {v.get("name"): v for v in pod.obj["spec"].get("volumes") or []}
@@ -212,7 +212,7 @@ def _mounts(cluster: Cluster, pod: Pod) -> dict[str, str]:
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
 
-def _expand(text: str, env: Mapping[str, str]) -> str:
+def expand(text: str, env: Mapping[str, str]) -> str:
     """Kubernetes' ``$(VAR)`` expansion: a defined variable is replaced, ``$$`` is ``$``, others stay."""
 
     def sub(m: re.Match[str]) -> str:

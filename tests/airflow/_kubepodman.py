@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _kubecontainer import ContainerWaiting, _env_from, _env_value, _expand, _mounts
+from _kubecontainer import ContainerWaiting, env_from, env_value, expand, volume_dirs
 from _kubeobjects import DEFAULT_TERMINATION_MESSAGE_PATH, Cluster, Pod
 
 _QUANTITY = re.compile(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?")
@@ -98,16 +98,16 @@ class Podman:
         flags += ["--volume", f"{term_file}:{c.get('terminationMessagePath') or DEFAULT_TERMINATION_MESSAGE_PATH}"]
 
         container_env: dict[str, str] = dict(self.env)
-        container_env.update(_env_from(cluster, c, pod.obj["metadata"]["namespace"]))
+        container_env.update(env_from(cluster, c, pod.obj["metadata"]["namespace"]))
         for var in c.get("env") or []:
-            value = _env_value(cluster, pod, var, container_env)
+            value = env_value(cluster, pod, var, container_env)
             if value is not None:
                 container_env[var["name"]] = value
         flags += [f"--env={name}" for name in container_env]  # by name: the value comes from podman's environment
         if c.get("workingDir"):
             flags += ["--workdir", c["workingDir"]]
-        command = [_expand(a, container_env) for a in c.get("command") or []]
-        args = [_expand(a, container_env) for a in c.get("args") or []]
+        command = [expand(a, container_env) for a in c.get("command") or []]
+        args = [expand(a, container_env) for a in c.get("args") or []]
         if command:
             flags += ["--entrypoint", command[0]]
             args = command[1:] + args
@@ -155,7 +155,7 @@ class Podman:
             if vm.get("mountPath") == "/dev/shm" and empty is not None and empty.get("medium") == "Memory":
                 flags += ["--shm-size", _podman_size(empty.get("sizeLimit") or "64Mi")]
         read_only = {vm["mountPath"].rstrip("/"): bool(vm.get("readOnly")) for vm in c.get("volumeMounts") or []}
-        for path, local in _mounts(cluster, pod).items():
+        for path, local in volume_dirs(cluster, pod).items():
             _volume_permissions(Path(local), fs_group)
             flags += ["--volume", f"{local}:{path}" + (":ro" if read_only.get(path) else "")]
         for path, host in self.inject.items():
